@@ -1,0 +1,502 @@
+"""Configuration: one TOML file → frozen dataclasses, validated in one pass.
+
+Every error is a :class:`ConfigError` naming the file, the line and the dotted key, so an admin
+can fix a config without reading code. ``tomllib`` does not report line numbers for values, so
+:func:`locate_keys` scans the text for table headers and ``key =`` lines to find them.
+
+Feature modules (cache, filter, shaping, limits) parse their own sections with :class:`Reader`
+and register the parser in :data:`SECTION_PARSERS`'s callers (see :func:`load`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the file, line and key a user needs to fix it."""
+
+    def __init__(self, path: str, key: str, reason: str, line: int | None = None) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
+
+
+class ConfigErrors(ConfigError):
+    """Several problems found in one pass; ``str`` lists one per line."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.path, first.key, first.reason, first.line)
+
+    def __str__(self) -> str:
+        return "\n".join(ConfigError.__str__(e) for e in self.errors)
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\.\"' ]+?)\s*=")
+
+
+def _norm_key(raw: str) -> str:
+    parts = [p.strip().strip("\"'") for p in raw.split(".")]
+    return ".".join(parts)
+
+
+def locate_keys(text: str) -> dict[str, int]:
+    """Map dotted keys (``table.key``, ``array[2].key``) to 1-based line numbers.
+
+    A line-oriented scan, good enough for the error messages it feeds: it understands table
+    headers, arrays of tables and ``key = value`` lines, and ignores multi-line values.
+    """
+    lines: dict[str, int] = {}
+    prefix = ""
+    array_counts: dict[str, int] = {}
+    in_multiline: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_multiline is not None:
+            if in_multiline in line:
+                in_multiline = None
+            continue
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        header = _HEADER.match(line)
+        if header:
+            name = _norm_key(header.group(2))
+            if header.group(1) == "[[":
+                index = array_counts.get(name, -1) + 1
+                array_counts[name] = index
+                prefix = f"{name}[{index}]"
+            else:
+                prefix = name
+            lines.setdefault(prefix, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            full = f"{prefix}.{_norm_key(key.group(1))}" if prefix else _norm_key(key.group(1))
+            lines.setdefault(full, number)
+            rest = line[key.end() :]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) == 1:
+                    in_multiline = quote
+    return lines
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+# Rates follow tc(8): "bit" units are bits per second, "bps" units are bytes per second.
+_RATE_UNITS = {
+    "bit": 1,
+    "kbit": 1000,
+    "mbit": 1000**2,
+    "gbit": 1000**3,
+    "bps": 8,
+    "kbps": 8000,
+    "mbps": 8 * 1000**2,
+    "gbps": 8 * 1000**3,
+}
+
+
+class Reader:
+    """Typed, error-reporting access to one TOML table.
+
+    Every getter records the key it read; :meth:`finish` then rejects unknown keys, so a typo
+    (``lan_interface`` for ``lan_interfaces``) is an error and not a silently ignored setting.
+    Errors are collected in a shared list so one pass reports all of them.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        prefix: str = "",
+        lines: Mapping[str, int] | None = None,
+        errors: list[ConfigError] | None = None,
+    ) -> None:
+        self.data = data
+        self.path = path
+        self.prefix = prefix
+        self.lines: Mapping[str, int] = lines if lines is not None else {}
+        self.errors: list[ConfigError] = errors if errors is not None else []
+        self._seen: set[str] = set()
+
+    # -- error plumbing -------------------------------------------------------------------
+
+    def dotted(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def line_of(self, key: str) -> int | None:
+        full = self.dotted(key)
+        if full in self.lines:
+            return self.lines[full]
+        return self.lines.get(self.prefix) if self.prefix else None
+
+    def error(self, key: str, reason: str) -> None:
+        self.errors.append(ConfigError(self.path, self.dotted(key), reason, self.line_of(key)))
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, default: T, kinds: tuple[type, ...], what: str) -> Any:
+        self._seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is an int subclass in Python; TOML keeps them apart, and so do we.
+        if isinstance(value, bool) and bool not in kinds:
+            self.error(key, f"expected {what}, got {value!r}")
+            return default
+        if not isinstance(value, kinds):
+            self.error(key, f"expected {what}, got {value!r}")
+            return default
+        return value
+
+    # -- scalar getters -------------------------------------------------------------------
+
+    def str(self, key: str, default: str, choices: Sequence[str] | None = None) -> str:
+        value: str = self._get(key, default, (str,), "a string")
+        if choices is not None and value not in choices:
+            self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value: bool = self._get(key, default, (bool,), "true or false")
+        return value
+
+    def int(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        value: int = self._get(key, default, (int,), "an integer")
+        if lo is not None and value < lo:
+            self.error(key, f"must be at least {lo}; got {value}")
+            return default
+        if hi is not None and value > hi:
+            self.error(key, f"must be at most {hi}; got {value}")
+            return default
+        return value
+
+    def float(
+        self, key: str, default: float, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = self._get(key, default, (int, float), "a number")
+        value = float(value)
+        if lo is not None and value < lo:
+            self.error(key, f"must be at least {lo}; got {value}")
+            return default
+        if hi is not None and value > hi:
+            self.error(key, f"must be at most {hi}; got {value}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        """Seconds, from a number or a string like ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
+        value = self._get(key, default, (int, float, str), 'a duration like 30 or "30s"')
+        if isinstance(value, str):
+            m = _DURATION.match(value)
+            if not m:
+                self.error(key, f'not a duration: {value!r} (use e.g. "500ms", "30s", "5m")')
+                return default
+            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+            value = float(m.group(1)) * scale
+        if value < 0:
+            self.error(key, f"must not be negative; got {value}")
+            return default
+        return float(value)
+
+    def size(self, key: str, default: int) -> int:
+        """Bytes, from an integer or a string like ``"64MiB"``, ``"1G"``, ``"512k"``."""
+        value = self._get(key, default, (int, str), 'a size like 1048576 or "1MiB"')
+        if isinstance(value, str):
+            m = _SIZE.match(value)
+            unit = (m.group(2) or "").lower() if m else ""
+            if not m or unit not in _SIZE_UNITS:
+                self.error(key, f'not a size: {value!r} (use e.g. "512KiB", "64MiB", "1GB")')
+                return default
+            value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        if value < 0:
+            self.error(key, f"must not be negative; got {value}")
+            return default
+        return int(value)
+
+    def rate(self, key: str, default: int) -> int:
+        """Bits per second, from a tc(8)-style string (``"2mbit"``, ``"500kbit"``, ``"1mbps"``)."""
+        value = self._get(key, default, (int, str), 'a rate like "2mbit"')
+        if isinstance(value, str):
+            m = _RATE.match(value)
+            if not m:
+                self.error(key, f'not a rate: {value!r} (use e.g. "2mbit", "500kbit", "1mbps")')
+                return default
+            value = int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
+        if value <= 0:
+            self.error(key, f"must be positive; got {value}")
+            return default
+        return int(value)
+
+    # -- compound getters -----------------------------------------------------------------
+
+    def list(self, key: str, default: Sequence[T], item: type[T], what: str) -> list[T]:
+        value = self._get(key, list(default), (list,), f"a list of {what}")
+        out: list[T] = []
+        for index, element in enumerate(value):
+            if isinstance(element, bool) and item is not bool:
+                self.error(f"{key}[{index}]", f"expected {what}, got {element!r}")
+            elif not isinstance(element, item):
+                self.error(f"{key}[{index}]", f"expected {what}, got {element!r}")
+            else:
+                out.append(element)
+        return out
+
+    def str_list(self, key: str, default: Sequence[str] = ()) -> list[str]:
+        return self.list(key, default, str, "strings")
+
+    def networks(self, key: str, default: Sequence[str] = ()) -> tuple[IPNetwork, ...]:
+        """CIDRs (v4 or v6); a bare address means a single host."""
+        out: list[IPNetwork] = []
+        for index, text in enumerate(self.str_list(key, default)):
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                self.error(f"{key}[{index}]", f"not an IP address or CIDR: {text!r}")
+        return tuple(out)
+
+    def ports(self, key: str, default: Sequence[int]) -> tuple[int, ...]:
+        out: list[int] = []
+        for index, port in enumerate(self.list(key, default, int, "port numbers")):
+            if not 1 <= port <= 65535:
+                self.error(f"{key}[{index}]", f"not a TCP port: {port}")
+            else:
+                out.append(port)
+        return tuple(out)
+
+    def table(self, key: str) -> Reader:
+        value = self._get(key, {}, (dict,), "a table")
+        return Reader(value, self.path, self.dotted(key), self.lines, self.errors)
+
+    def tables(self, key: str) -> list[Reader]:
+        """An array of tables (``[[key]]``); each element gets its own reader."""
+        value = self._get(key, [], (list,), "an array of tables")
+        out: list[Reader] = []
+        for index, element in enumerate(value):
+            if not isinstance(element, dict):
+                self.error(f"{key}[{index}]", f"expected a table, got {element!r}")
+                continue
+            out.append(
+                Reader(element, self.path, f"{self.dotted(key)}[{index}]", self.lines, self.errors)
+            )
+        return out
+
+    def keys(self) -> list[str]:
+        """All keys of this table (marks them as seen: for tables keyed by user names)."""
+        self._seen.update(self.data)
+        return list(self.data)
+
+    def finish(self) -> None:
+        """Report keys that no getter asked for: most likely typos."""
+        for key in self.data:
+            if key not in self._seen:
+                self.error(key, "unknown key")
+
+
+# -- the foundation's sections --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    lan_interfaces: tuple[str, ...] = ()
+    # Interception: destination ports diverted to the daemon from the LAN.
+    ports: tuple[int, ...] = (80,)
+    # The local port TPROXY delivers diverted connections to (never reachable directly).
+    listen_port: int = 3129
+    ipv6: bool = True
+    # Full transparency: upstream connections keep the client's source address.
+    transparent_upstream: bool = True
+    connect_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    # Marks and routing table owned by tproxy. The mark selects policy routing into a table
+    # whose only route is "local 0/0 dev lo", which delivers diverted packets to our socket.
+    fwmark: int = 0x1
+    fwmark_mask: int = 0x1
+    route_table: int = 100
+    rule_priority: int = 10000
+    bypass_clients: tuple[IPNetwork, ...] = ()
+    bypass_destinations: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # Squid native access.log format; "" disables the access log, "-" writes to stdout.
+    access_log: str = "/var/log/tproxy/access.log"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str = "<defaults>"
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Feature sections parsed by their own modules, keyed by section name.
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+
+# A feature module registers ``name -> parser(reader) -> frozen dataclass`` here; ``load``
+# hands each parser its table (empty when absent, so defaults apply).
+SectionParser = Callable[[Reader], Any]
+SECTION_PARSERS: dict[str, SectionParser] = {}
+
+
+def register_section(name: str, parser: SectionParser) -> None:
+    SECTION_PARSERS[name] = parser
+
+
+def _parse_proxy(r: Reader) -> ProxyConfig:
+    d = ProxyConfig()
+    lan = tuple(r.str_list("lan_interfaces", d.lan_interfaces))
+    for index, name in enumerate(lan):
+        if not re.fullmatch(r"[A-Za-z0-9_.:@\-+]{1,15}", name):
+            r.error(f"lan_interfaces[{index}]", f"not an interface name: {name!r}")
+    cfg = ProxyConfig(
+        lan_interfaces=lan,
+        ports=r.ports("ports", d.ports),
+        listen_port=r.int("listen_port", d.listen_port, 1, 65535),
+        ipv6=r.bool("ipv6", d.ipv6),
+        transparent_upstream=r.bool("transparent_upstream", d.transparent_upstream),
+        connect_timeout=r.duration("connect_timeout", d.connect_timeout),
+        idle_timeout=r.duration("idle_timeout", d.idle_timeout),
+        drain_timeout=r.duration("drain_timeout", d.drain_timeout),
+    )
+    r.finish()
+    return cfg
+
+
+def _parse_rules(r: Reader) -> RulesConfig:
+    d = RulesConfig()
+    cfg = RulesConfig(
+        fwmark=r.int("fwmark", d.fwmark, 1, 0xFFFFFFFF),
+        fwmark_mask=r.int("fwmark_mask", d.fwmark_mask, 1, 0xFFFFFFFF),
+        route_table=r.int("route_table", d.route_table, 1, 0xFFFFFFFE),
+        rule_priority=r.int("rule_priority", d.rule_priority, 1, 32765),
+        bypass_clients=r.networks("bypass_clients"),
+        bypass_destinations=r.networks("bypass_destinations"),
+    )
+    if cfg.fwmark & cfg.fwmark_mask != cfg.fwmark:
+        r.error("fwmark", f"mark {cfg.fwmark:#x} has bits outside fwmark_mask {cfg.fwmark_mask:#x}")
+    if cfg.route_table in (253, 254, 255):
+        r.error("route_table", "253-255 are the kernel's default/main/local tables; pick another")
+    r.finish()
+    return cfg
+
+
+def _parse_log(r: Reader) -> LogConfig:
+    d = LogConfig()
+    cfg = LogConfig(
+        access_log=r.str("access_log", d.access_log),
+        level=r.str("level", d.level, ("debug", "info", "warning", "error")),
+    )
+    r.finish()
+    return cfg
+
+
+def parse(data: Mapping[str, Any], path: str = "<defaults>", text: str = "") -> Config:
+    """Validate a decoded TOML document; raise :class:`ConfigErrors` listing every problem."""
+    root = Reader(data, path, "", locate_keys(text) if text else {})
+    proxy = _parse_proxy(root.table("proxy"))
+    rules = _parse_rules(root.table("rules"))
+    log = _parse_log(root.table("log"))
+    sections: dict[str, Any] = {}
+    for name, parser in SECTION_PARSERS.items():
+        sub = root.table(name)
+        sections[name] = parser(sub)
+        sub.finish()
+    root.finish()
+    if root.errors:
+        raise ConfigErrors(root.errors)
+    return Config(path=path, proxy=proxy, rules=rules, log=log, sections=sections)
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a config file (or the embedded defaults when ``path`` is None)."""
+    _register_builtin_sections()
+    if path is None:
+        return parse({})
+    name = str(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, "", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(name, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, "", f"not UTF-8 text: {exc.reason}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        line = int(m.group(1)) if m else None
+        raise ConfigError(name, "", f"TOML syntax error: {reason}", line) from None
+    return parse(data, name, text)
+
+
+def with_overrides(cfg: Config, **proxy_overrides: Any) -> Config:
+    """Apply command-line flags (which win over the file) to the proxy section."""
+    from dataclasses import replace
+
+    values = {k: v for k, v in proxy_overrides.items() if v is not None}
+    return replace(cfg, proxy=replace(cfg.proxy, **values)) if values else cfg
+
+
+def _register_builtin_sections() -> None:
+    """Import the feature modules that own config sections, so they register themselves."""
+    # Feature modules call register_section() at import; importing them here keeps the
+    # config loader the single entry point. Missing modules simply contribute no section.
+    import importlib
+
+    for module in FEATURE_MODULES:
+        importlib.import_module(module)
+
+
+FEATURE_MODULES: list[str] = []
