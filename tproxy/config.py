@@ -192,18 +192,18 @@ class Reader:
 
     # -- scalar getters -------------------------------------------------------------------
 
-    def str(self, key: str, default: str, choices: Sequence[str] | None = None) -> str:
+    def string(self, key: str, default: str, choices: Sequence[str] | None = None) -> str:
         value: str = self._get(key, default, (str,), "a string")
         if choices is not None and value not in choices:
             self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
             return default
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value: bool = self._get(key, default, (bool,), "true or false")
         return value
 
-    def int(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    def integer(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
         value: int = self._get(key, default, (int,), "an integer")
         if lo is not None and value < lo:
             self.error(key, f"must be at least {lo}; got {value}")
@@ -213,7 +213,7 @@ class Reader:
             return default
         return value
 
-    def float(
+    def number(
         self, key: str, default: float, lo: float | None = None, hi: float | None = None
     ) -> float:
         value = self._get(key, default, (int, float), "a number")
@@ -272,20 +272,18 @@ class Reader:
 
     # -- compound getters -----------------------------------------------------------------
 
-    def list(self, key: str, default: Sequence[T], item: type[T], what: str) -> list[T]:
+    def items(self, key: str, default: Sequence[T], item: type[T], what: str) -> list[T]:
         value = self._get(key, list(default), (list,), f"a list of {what}")
         out: list[T] = []
         for index, element in enumerate(value):
-            if isinstance(element, bool) and item is not bool:
-                self.error(f"{key}[{index}]", f"expected {what}, got {element!r}")
-            elif not isinstance(element, item):
+            if (isinstance(element, bool) and item is not bool) or not isinstance(element, item):
                 self.error(f"{key}[{index}]", f"expected {what}, got {element!r}")
             else:
                 out.append(element)
         return out
 
     def str_list(self, key: str, default: Sequence[str] = ()) -> list[str]:
-        return self.list(key, default, str, "strings")
+        return self.items(key, default, str, "strings")
 
     def networks(self, key: str, default: Sequence[str] = ()) -> tuple[IPNetwork, ...]:
         """CIDRs (v4 or v6); a bare address means a single host."""
@@ -299,7 +297,7 @@ class Reader:
 
     def ports(self, key: str, default: Sequence[int]) -> tuple[int, ...]:
         out: list[int] = []
-        for index, port in enumerate(self.list(key, default, int, "port numbers")):
+        for index, port in enumerate(self.items(key, default, int, "port numbers")):
             if not 1 <= port <= 65535:
                 self.error(f"{key}[{index}]", f"not a TCP port: {port}")
             else:
@@ -394,16 +392,16 @@ def register_section(name: str, parser: SectionParser) -> None:
 
 def _parse_proxy(r: Reader) -> ProxyConfig:
     d = ProxyConfig()
-    lan = tuple(r.str_list("lan_interfaces", d.lan_interfaces))
+    lan: tuple[str, ...] = tuple(r.str_list("lan_interfaces", d.lan_interfaces))
     for index, name in enumerate(lan):
         if not re.fullmatch(r"[A-Za-z0-9_.:@\-+]{1,15}", name):
             r.error(f"lan_interfaces[{index}]", f"not an interface name: {name!r}")
     cfg = ProxyConfig(
         lan_interfaces=lan,
         ports=r.ports("ports", d.ports),
-        listen_port=r.int("listen_port", d.listen_port, 1, 65535),
-        ipv6=r.bool("ipv6", d.ipv6),
-        transparent_upstream=r.bool("transparent_upstream", d.transparent_upstream),
+        listen_port=r.integer("listen_port", d.listen_port, 1, 65535),
+        ipv6=r.boolean("ipv6", d.ipv6),
+        transparent_upstream=r.boolean("transparent_upstream", d.transparent_upstream),
         connect_timeout=r.duration("connect_timeout", d.connect_timeout),
         idle_timeout=r.duration("idle_timeout", d.idle_timeout),
         drain_timeout=r.duration("drain_timeout", d.drain_timeout),
@@ -415,10 +413,10 @@ def _parse_proxy(r: Reader) -> ProxyConfig:
 def _parse_rules(r: Reader) -> RulesConfig:
     d = RulesConfig()
     cfg = RulesConfig(
-        fwmark=r.int("fwmark", d.fwmark, 1, 0xFFFFFFFF),
-        fwmark_mask=r.int("fwmark_mask", d.fwmark_mask, 1, 0xFFFFFFFF),
-        route_table=r.int("route_table", d.route_table, 1, 0xFFFFFFFE),
-        rule_priority=r.int("rule_priority", d.rule_priority, 1, 32765),
+        fwmark=r.integer("fwmark", d.fwmark, 1, 0xFFFFFFFF),
+        fwmark_mask=r.integer("fwmark_mask", d.fwmark_mask, 1, 0xFFFFFFFF),
+        route_table=r.integer("route_table", d.route_table, 1, 0xFFFFFFFE),
+        rule_priority=r.integer("rule_priority", d.rule_priority, 1, 32765),
         bypass_clients=r.networks("bypass_clients"),
         bypass_destinations=r.networks("bypass_destinations"),
     )
@@ -433,8 +431,8 @@ def _parse_rules(r: Reader) -> RulesConfig:
 def _parse_log(r: Reader) -> LogConfig:
     d = LogConfig()
     cfg = LogConfig(
-        access_log=r.str("access_log", d.access_log),
-        level=r.str("level", d.level, ("debug", "info", "warning", "error")),
+        access_log=r.string("access_log", d.access_log),
+        level=r.string("level", d.level, ("debug", "info", "warning", "error")),
     )
     r.finish()
     return cfg
