@@ -168,6 +168,10 @@ class Reader:
         full = self.dotted(key)
         if full in self.lines:
             return self.lines[full]
+        # "ports[1]" is on the line of "ports" (arrays of scalars are one key = value line).
+        base = re.sub(r"\[\d+\]$", "", full)
+        if base in self.lines:
+            return self.lines[base]
         return self.lines.get(self.prefix) if self.prefix else None
 
     def error(self, key: str, reason: str) -> None:
