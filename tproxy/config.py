@@ -23,6 +23,9 @@ T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+DEFAULTS_PATH = "<defaults>"
+
+
 class ConfigError(Exception):
     """A configuration problem, with the file, line and key a user needs to fix it."""
 

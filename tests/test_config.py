@@ -1,0 +1,130 @@
+"""Config errors name the file, the line and the key; defaults need no file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tproxy import config
+from tproxy.config import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "tproxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def errors_of(path: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    return str(info.value).splitlines()
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = config.load(None)
+    assert cfg.proxy.ports == (80,)
+    assert cfg.proxy.transparent_upstream is True
+    assert cfg.rules.route_table == 100
+
+
+def test_valid_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[proxy]
+lan_interfaces = ["eth1", "wlan0"]
+ports = [80, 8080]
+connect_timeout = "2500ms"
+idle_timeout = "2m"
+
+[rules]
+bypass_clients = ["10.0.0.5", "fd00::/64"]
+bypass_destinations = ["192.0.2.0/24"]
+
+[log]
+access_log = ""
+""",
+    )
+    cfg = config.load(path)
+    assert cfg.proxy.lan_interfaces == ("eth1", "wlan0")
+    assert cfg.proxy.ports == (80, 8080)
+    assert cfg.proxy.connect_timeout == 2.5
+    assert cfg.proxy.idle_timeout == 120.0
+    assert [str(n) for n in cfg.rules.bypass_clients] == ["10.0.0.5/32", "fd00::/64"]
+    assert cfg.log.access_log == ""
+
+
+def test_every_error_has_file_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """[proxy]
+lan_interfaces = ["eth1"]
+ports = [80, 70000]
+idle_timout = 5
+connect_timeout = "soon"
+
+[rules]
+bypass_clients = ["10.0.0.0/8", "not-a-net"]
+route_table = 254
+""",
+    )
+    errs = errors_of(path)
+    assert f"{path}:3: proxy.ports[1]: not a TCP port: 70000" in errs
+    assert f"{path}:4: proxy.idle_timout: unknown key" in errs
+    assert any(e.startswith(f"{path}:5: proxy.connect_timeout: not a duration") for e in errs)
+    assert f"{path}:8: rules.bypass_clients[1]: not an IP address or CIDR: 'not-a-net'" in errs
+    assert any(e.startswith(f"{path}:9: rules.route_table:") for e in errs)
+    assert len(errs) == 5
+
+
+def test_wrong_types_are_named(tmp_path: Path) -> None:
+    path = write(tmp_path, '[proxy]\nipv6 = "yes"\nlisten_port = true\n')
+    errs = errors_of(path)
+    assert f"{path}:2: proxy.ipv6: expected true or false, got 'yes'" in errs
+    assert f"{path}:3: proxy.listen_port: expected an integer, got True" in errs
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "[proxi]\nports = [80]\n")
+    assert errors_of(path) == [f"{path}:1: proxi: unknown key"]
+
+
+def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[proxy]\nports = [80,\nlisten_port = \n")
+    (err,) = errors_of(path)
+    assert err.startswith(f"{path}:3: TOML syntax error")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.toml")
+    assert errors_of(missing) == [f"{missing}: no such file"]
+
+
+def test_overrides_win_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[proxy]\nlan_interfaces = ["eth1"]\nlisten_port = 4000\n')
+    cfg = config.with_overrides(config.load(path), lan_interfaces=("lan9",), listen_port=None)
+    assert cfg.proxy.lan_interfaces == ("lan9",)
+    assert cfg.proxy.listen_port == 4000
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('"2mbit"', 2_000_000), ('"500kbit"', 500_000), ('"1mbps"', 8_000_000), ("64000", 64000)],
+)
+def test_rates(text: str, value: int) -> None:
+    r = config.Reader({"rate": tomllib.loads(f"x = {text}")["x"]}, "f")
+    assert r.rate("rate", 1) == value
+    assert not r.errors
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('"64MiB"', 64 * 1024**2), ('"1GB"', 10**9), ('"512k"', 512_000), ("4096", 4096)],
+)
+def test_sizes(text: str, value: int) -> None:
+    r = config.Reader({"size": tomllib.loads(f"x = {text}")["x"]}, "f")
+    assert r.size("size", 1) == value
+    assert not r.errors

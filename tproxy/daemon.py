@@ -1,0 +1,208 @@
+"""Daemon lifecycle: bind, apply kernel state, notify systemd, reload, drain, tear down.
+
+Order matters for an admin's network:
+
+* start: listeners are bound *before* the TPROXY rules exist, so no diverted SYN ever meets a
+  closed port; READY=1 goes to systemd only after both.
+* stop: first the rules that divert *new* connections are withdrawn (clients go direct at once —
+  fail open), while the ``-m socket`` divert rule stays so the return traffic of connections in
+  flight still reaches their sockets; then live connections drain; then everything of ours is
+  removed. The ``finally`` path removes rules even after an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tproxy import config as config_mod
+from tproxy import netfilter
+from tproxy.accesslog import AccessLog
+from tproxy.config import Config, ConfigError
+from tproxy.server import Server
+
+log = logging.getLogger("tproxy.daemon")
+
+# STATUS= lines for systemd are refreshed at this period (seconds).
+STATUS_INTERVAL = 5.0
+
+
+class Notifier:
+    """sd_notify(3) that never takes the daemon down.
+
+    systemd-python's ``notify`` returns False without NOTIFY_SOCKET but raises when the socket
+    path is stale (DESIGN.md §3); both mean "nobody is listening".
+    """
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_interval: float | None = None
+        if usec and (pid is None or pid == str(os.getpid())):
+            # Ping at half the timeout, as sd_watchdog_enabled(3) recommends.
+            self.watchdog_interval = int(usec) / 1_000_000 / 2
+
+    def notify(self, state: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            from systemd import daemon as sd_daemon
+
+            sd_daemon.notify(state)
+        except (OSError, ImportError) as exc:
+            log.debug("sd_notify(%s) failed: %s", state.split("=", 1)[0], exc)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
+        self.overrides = overrides or {}
+        self.cfg = cfg
+        self.plan = netfilter.plan_from_config(cfg)
+        self.access_log = AccessLog(cfg.log.access_log)
+        self.server = Server(cfg, self.access_log)
+        self.notifier = Notifier()
+        self.stopping = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.rules_applied = False
+        self.reload_hooks: list[Callable[[Config], None]] = []
+
+    # -- kernel state ---------------------------------------------------------------------
+
+    def apply_kernel_state(self, plan: netfilter.RulesPlan) -> None:
+        netfilter.apply_routing(plan)
+        netfilter.apply(plan)
+        self.rules_applied = True
+
+    def withdraw_interception(self) -> None:
+        """Stop diverting new connections but keep the divert for flows we still own."""
+        if not self.rules_applied:
+            return
+        try:
+            netfilter.apply(dataclasses.replace(self.plan, ports=(), https_ports=()))
+        except netfilter.RulesError as exc:
+            log.error("withdrawing interception rules failed: %s", exc)
+
+    def remove_kernel_state(self) -> None:
+        try:
+            netfilter.flush(self.plan)
+        except netfilter.RulesError as exc:
+            log.error("removing rules failed: %s", exc)
+        try:
+            netfilter.flush_routing(self.plan.route_table, self.plan.rule_priority)
+        except netfilter.RulesError as exc:
+            log.error("removing policy routing failed: %s", exc)
+        self.rules_applied = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
+        loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        try:
+            await self.server.start()
+            self.apply_kernel_state(self.plan)
+            log.info(
+                "intercepting tcp ports %s from %s on port %d",
+                ",".join(map(str, self.plan.ports)),
+                ",".join(self.plan.lan_interfaces),
+                self.plan.listen_port,
+            )
+            self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
+            if self.notifier.watchdog_interval:
+                self.spawn(self._watchdog(self.notifier.watchdog_interval), "watchdog")
+            if self.notifier.enabled:
+                self.spawn(self._status_loop(), "status")
+            await self.stopping.wait()
+            log.info("stopping: draining %d connections", len(self.server.connections))
+            self.notifier.notify("STOPPING=1")
+            self.server.close_listeners()
+            self.withdraw_interception()
+            await self.server.drain(self.cfg.proxy.drain_timeout)
+            return 0
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await self.server.stop()
+            self.remove_kernel_state()
+            self.access_log.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: if the loop hangs, the pings stop and systemd kills
+        # us; ExecStopPost then removes the rules, so the LAN fails open.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            self.notifier.notify("STATUS=" + self.status_line())
+
+    def status_line(self) -> str:
+        s = self.server.stats
+        return (
+            f"{s.connections_active} connections, {s.requests_total} requests, "
+            f"up {int(time.time() - s.started)}s"
+        )
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; a bad one is refused and the old one keeps running."""
+        self.notifier.notify("RELOADING=1")
+        try:
+            path = None if self.cfg.path == config_mod.DEFAULTS_PATH else self.cfg.path
+            new = config_mod.with_overrides(config_mod.load(path), **self.overrides)
+            if not new.proxy.lan_interfaces:
+                raise ConfigError(new.path, "proxy.lan_interfaces", "no LAN interface configured")
+            plan = netfilter.plan_from_config(new)
+            if plan != self.plan:
+                self.apply_kernel_state(plan)
+                old = self.plan
+                self.plan = plan
+                if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
+                    netfilter.flush_routing(old.route_table, old.rule_priority)
+                    netfilter.apply_routing(plan)
+            if new.log.access_log != self.cfg.log.access_log:
+                self.access_log.path = new.log.access_log
+            self.access_log.reopen()
+            self.cfg = new
+            self.server.cfg = new
+            for hook in self.reload_hooks:
+                hook(new)
+            log.info("reloaded %s", new.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+        except netfilter.RulesError as exc:
+            log.error("reload: applying rules failed, keeping the old ones: %s", exc)
+            with contextlib.suppress(netfilter.RulesError):
+                self.apply_kernel_state(self.plan)
+        finally:
+            self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
+
+
+def run(cfg: Config, overrides: dict[str, Any] | None = None) -> int:
+    try:
+        import uvloop
+
+        runner: Callable[..., int] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        runner = asyncio.run
+    daemon = Daemon(cfg, overrides)
+    return runner(daemon.run())

@@ -1,0 +1,81 @@
+"""Socket options the transparent proxy needs and the Python socket module does not name.
+
+Values from linux/in.h, linux/in6.h and asm-generic/socket.h; see also the kernel's
+Documentation/networking/tproxy.rst.
+"""
+
+from __future__ import annotations
+
+import socket
+
+IP_TRANSPARENT = 19  # linux/in.h: bind to / accept for non-local addresses
+IPV6_TRANSPARENT = 75  # linux/in6.h
+IP_BIND_ADDRESS_NO_PORT = 24  # defer the source-port choice to connect(): 4-tuple aware
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_MAX_PACING_RATE = 47  # asm-generic/socket.h: per-socket pacing, bytes per second
+IP_FREEBIND = 15
+
+LISTEN_BACKLOG = 4096
+
+
+def transparent_listener(family: socket.AddressFamily, port: int) -> socket.socket:
+    """A listening socket that TPROXY can deliver diverted connections to.
+
+    IP_TRANSPARENT must be set before bind (DESIGN.md §3); ``getsockname()`` on an accepted socket
+    then returns the client's original destination.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind(("::", port))
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind(("0.0.0.0", port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def upstream_socket(
+    family: socket.AddressFamily, source_ip: str | None, mark: int = 0
+) -> socket.socket:
+    """A non-blocking socket for connecting to the origin.
+
+    With ``source_ip`` (full transparency) it binds the client's address, which needs
+    IP_TRANSPARENT; the origin's replies come back to the gateway addressed to the client and the
+    ``-m socket --transparent`` rule diverts them to this socket.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source_ip is not None:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            # Without this, bind() picks a port unique for the address alone; with it the kernel
+            # picks at connect() time and may reuse ports toward different destinations.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def set_pacing_rate(sock: socket.socket, bytes_per_second: int) -> None:
+    """Cap one connection's send rate in the kernel (fq-less pacing works since Linux 4.13)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, bytes_per_second)
