@@ -1,0 +1,488 @@
+"""Kernel rules as data and text: what tproxy asks of netfilter and policy routing.
+
+Pure: a :class:`RulesPlan` goes in, ``iptables-restore --noflush`` text (and a routing
+description) comes out. Nothing here reads or changes the system; :mod:`.apply` and
+:mod:`.routing` do that.
+
+Ownership. Every chain tproxy creates is named ``TPROXY-…`` (:data:`CHAIN_PREFIX`); besides those
+chains we only add *hook jumps* (``-I PREROUTING 1 -j TPROXY-PRE``) to built-in chains. Nothing
+else is ever declared, flushed or deleted, so an operator's own rules are left alone.
+
+Packet mark layout (one 32-bit ``skb->mark`` / ``ct->mark``, shared with the daemon's NFQUEUE
+handler and the shaping code):
+
+=============  ==========================================================================
+bits           meaning
+=============  ==========================================================================
+``fwmark``     TPROXY divert (default 0x1, configurable as ``rules.fwmark``/``fwmark_mask``):
+               selects the policy-routing table whose only route is ``local default dev
+               lo``, which delivers diverted packets to our socket.
+``0x2``        NFQUEUE verdict "accept": the handler sets it (``pkt.set_mark(m);
+               pkt.repeat()``); saved in the connmark, later packets skip the queue.
+``0x4``        NFQUEUE verdict "reset": saved in the connmark; a filter FORWARD rule
+               answers every packet of the flow, in both directions, with a TCP reset.
+``0xff00``     shaping class number (``class << 8``); CLASSIFY rules in mangle POSTROUTING
+               map it to an HTB class per egress interface.
+=============  ==========================================================================
+
+Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
+
+1. destination of type LOCAL → RETURN: the gateway's own services are never intercepted. The
+   gateway's own outgoing traffic is never touched because we only hook PREROUTING.
+2. NFQUEUE verdict bookkeeping (only with ``nfqueue_num``): save a fresh verdict into the
+   connmark, restore a known one, RETURN for flows that have one.
+3. bypass clients/destinations, for packets from LAN interfaces → RETURN.
+4. ``--syn`` from the LAN to the intercepted ports → TPROXY. This must come *before* the socket
+   rule: a new SYN whose 4-tuple matches one of our TIME_WAIT sockets would otherwise be
+   diverted to that dead socket and the client retries only after 1 s.
+5. ``-m socket --transparent`` → TPROXY-DIVERT (mark + ACCEPT): packets of flows we already own,
+   including origin→client return traffic of transparent upstream sockets arriving on the WAN.
+6. non-SYN from the LAN to the intercepted ports → TPROXY (e.g. an ACK for a connection whose
+   socket is gone reaches the listener, which answers with a reset).
+7. the first packets of HTTPS flows from the LAN → NFQUEUE (SNI peek), ``--queue-bypass`` so
+   traffic flows when no daemon listens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# -- names -------------------------------------------------------------------------------------
+
+CHAIN_PREFIX = "TPROXY-"
+CHAIN_PRE = "TPROXY-PRE"  # mangle, hooked from PREROUTING
+CHAIN_DIVERT = "TPROXY-DIVERT"  # mangle, called from TPROXY-PRE
+CHAIN_POST = "TPROXY-POST"  # mangle, hooked from POSTROUTING (shaping classes)
+CHAIN_FWD = "TPROXY-FWD"  # filter, hooked from FORWARD (QUIC reject, verdict resets)
+
+# -- mark layout (see module docstring) ------------------------------------------------------
+
+MARK_DIVERT_DEFAULT = 0x1
+MARK_VERDICT_ACCEPT = 0x2
+MARK_VERDICT_RESET = 0x4
+MARK_VERDICT_MASK = MARK_VERDICT_ACCEPT | MARK_VERDICT_RESET
+MARK_CLASS_SHIFT = 8
+MARK_CLASS_MASK = 0xFF00
+MAX_CLASS_NUMBER = MARK_CLASS_MASK >> MARK_CLASS_SHIFT
+# Bits the divert mark must stay clear of.
+MARK_RESERVED = MARK_VERDICT_MASK | MARK_CLASS_MASK
+# What the connmark carries for a flow: its verdict and its shaping class.
+MARK_CONN_MASK = MARK_VERDICT_MASK | MARK_CLASS_MASK
+MARK_MAX = 0xFFFFFFFF
+
+# -- limits ------------------------------------------------------------------------------------
+
+# xt_multiport takes at most 15 ports per rule (XT_MULTI_PORTS in linux/netfilter/xt_multiport.h).
+MULTIPORT_MAX = 15
+# Queue the first 8 packets of an HTTPS flow: a post-quantum ClientHello spans two segments and
+# the handshake may carry retransmissions (DESIGN.md §3).
+NFQUEUE_PACKETS = 8
+NFQUEUE_NUM_MAX = 65535
+# Policy routing (linux/fib_rules.h): 0 is the "local" lookup, 32766/32767 main/default.
+RULE_PRIORITY_MAX = 32765
+# RT_TABLE_DEFAULT/MAIN/LOCAL; RT_TABLE_MAX is 2**32 - 1 and reserved.
+RESERVED_TABLES = (253, 254, 255)
+ROUTE_TABLE_MAX = 0xFFFFFFFE
+# HTB handles are 16-bit major:minor (tc(8)).
+CLASS_ID_MAX = 0xFFFF
+# IFNAMSIZ is 16 including the NUL; iptables accepts a trailing "+" wildcard.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@\-]{1,15}\+?$|^\+$")
+
+FAMILIES = (4, 6)
+# The address TPROXY hands diverted connections to; the daemon's IP_TRANSPARENT listener must be
+# bound to it or to the wildcard address. Loopback keeps the listener unreachable as an ordinary
+# service from the LAN (a direct connection to gateway:listen_port would make the daemon proxy to
+# itself).
+DEFAULT_ON_IP4 = "127.0.0.1"
+DEFAULT_ON_IP6 = "::1"
+
+
+@dataclass(frozen=True)
+class ClassifyRule:
+    """Packets leaving ``out_interface`` whose mark matches ``mark/mask`` go to HTB class
+    ``major:minor`` (``-j CLASSIFY --set-class``; u32 ``match mark`` does not work on this kernel,
+    DESIGN.md §3). An empty ``out_interface`` matches every egress interface. CLASSIFY does not
+    stop rule traversal: when several rules match, the last one wins, as in iptables."""
+
+    mark: int
+    out_interface: str
+    major: int
+    minor: int
+    mask: int = MARK_CLASS_MASK
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mask <= MARK_MAX or self.mask == 0:
+            raise ValueError(f"classify mask {self.mask:#x} is not a non-zero 32-bit mask")
+        if self.mark & ~self.mask:
+            raise ValueError(f"classify mark {self.mark:#x} has bits outside mask {self.mask:#x}")
+        if self.out_interface and not _IFNAME.match(self.out_interface):
+            raise ValueError(f"not an interface name: {self.out_interface!r}")
+        for name, value in (("major", self.major), ("minor", self.minor)):
+            if not 0 <= value <= CLASS_ID_MAX:
+                raise ValueError(f"classify {name} {value} is outside 0..{CLASS_ID_MAX:#x}")
+
+    @property
+    def class_id(self) -> str:
+        # tc handles are hexadecimal (tc(8) "HANDLES").
+        return f"{self.major:x}:{self.minor:x}"
+
+
+def class_mark(number: int) -> int:
+    """The mark bits carrying shaping class ``number`` (1..255)."""
+    if not 0 <= number <= MAX_CLASS_NUMBER:
+        raise ValueError(f"class number {number} is outside 0..{MAX_CLASS_NUMBER}")
+    return number << MARK_CLASS_SHIFT
+
+
+@dataclass(frozen=True)
+class RulesPlan:
+    """Everything the kernel rules depend on; frozen so it can be compared across reloads."""
+
+    lan_interfaces: tuple[str, ...]
+    ports: tuple[int, ...]
+    listen_port: int
+    fwmark: int = MARK_DIVERT_DEFAULT
+    fwmark_mask: int = MARK_DIVERT_DEFAULT
+    route_table: int = 100
+    rule_priority: int = 10000
+    bypass_clients: tuple[IPNetwork, ...] = ()
+    bypass_destinations: tuple[IPNetwork, ...] = ()
+    ipv6: bool = True
+    # TPROXY --on-ip: the listener's address (or the wildcard if it listens on 0.0.0.0 / ::).
+    on_ip4: str = DEFAULT_ON_IP4
+    on_ip6: str = DEFAULT_ON_IP6
+    # Optional extras: SNI peek for HTTPS, QUIC blocking, shaping classes.
+    https_ports: tuple[int, ...] = ()
+    nfqueue_num: int | None = None
+    quic_reject: bool = False
+    classify: tuple[ClassifyRule, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.lan_interfaces:
+            raise ValueError("no LAN interface: nothing would be intercepted")
+        for name in self.lan_interfaces:
+            if not _IFNAME.match(name):
+                raise ValueError(f"not an interface name: {name!r}")
+        if not self.ports:
+            raise ValueError("no port to intercept")
+        for port in (*self.ports, *self.https_ports, self.listen_port):
+            if not 1 <= port <= 65535:
+                raise ValueError(f"not a TCP port: {port}")
+        overlap = sorted(set(self.ports) & set(self.https_ports))
+        if overlap:
+            raise ValueError(f"ports {overlap} are both intercepted and queued for SNI")
+        if self.https_ports and self.nfqueue_num is None:
+            raise ValueError("https_ports need an nfqueue_num")
+        if self.nfqueue_num is not None and not 0 <= self.nfqueue_num <= NFQUEUE_NUM_MAX:
+            raise ValueError(f"queue number {self.nfqueue_num} is outside 0..{NFQUEUE_NUM_MAX}")
+        if not 0 < self.fwmark_mask <= MARK_MAX or self.fwmark == 0:
+            raise ValueError("fwmark and fwmark_mask must be non-zero 32-bit values")
+        if self.fwmark & ~self.fwmark_mask:
+            raise ValueError(
+                f"fwmark {self.fwmark:#x} has bits outside fwmark_mask {self.fwmark_mask:#x}"
+            )
+        if self.fwmark_mask & MARK_RESERVED:
+            raise ValueError(
+                f"fwmark_mask {self.fwmark_mask:#x} overlaps the verdict/class bits "
+                f"{MARK_RESERVED:#x}"
+            )
+        if not 1 <= self.rule_priority <= RULE_PRIORITY_MAX:
+            raise ValueError(f"rule priority {self.rule_priority} is outside 1..32765")
+        if not 1 <= self.route_table <= ROUTE_TABLE_MAX or self.route_table in RESERVED_TABLES:
+            raise ValueError(f"route table {self.route_table} is reserved or out of range")
+        ipaddress.IPv4Address(self.on_ip4)
+        ipaddress.IPv6Address(self.on_ip6)
+
+    def families(self) -> tuple[int, ...]:
+        return FAMILIES if self.ipv6 else (4,)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableRules:
+    """Our part of one netfilter table: chains (declared, hence flushed), their rules in order,
+    and hook jumps ``(builtin_chain, our_chain)`` inserted at position 1."""
+
+    name: str
+    chains: tuple[str, ...]
+    rules: tuple[str, ...]  # "-A CHAIN ..." lines
+    hooks: tuple[tuple[str, str], ...]
+
+
+def _port_groups(ports: Sequence[int]) -> list[str]:
+    """Port match fragments, split at the multiport limit."""
+    unique = sorted(set(ports))
+    groups = [unique[i : i + MULTIPORT_MAX] for i in range(0, len(unique), MULTIPORT_MAX)]
+    out: list[str] = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(f"--dport {group[0]}")
+        else:
+            out.append("-m multiport --dports " + ",".join(str(p) for p in group))
+    return out
+
+
+def _nets(nets: Iterable[IPNetwork], family: int) -> list[str]:
+    return [str(n) for n in nets if n.version == family]
+
+
+def _mangle(plan: RulesPlan, family: int) -> TableRules:
+    on_ip = plan.on_ip4 if family == 4 else plan.on_ip6
+    tproxy = (
+        f"-j TPROXY --on-port {plan.listen_port} --on-ip {on_ip} "
+        f"--tproxy-mark {plan.fwmark:#x}/{plan.fwmark_mask:#x}"
+    )
+    pre: list[str] = []
+
+    def add(rule: str) -> None:
+        pre.append(f"-A {CHAIN_PRE} {rule}")
+
+    add("-m addrtype --dst-type LOCAL -j RETURN")
+    if plan.nfqueue_num is not None:
+        verdict = f"0x0/{MARK_VERDICT_MASK:#x}"
+        conn = f"--nfmask {MARK_CONN_MASK:#x} --ctmask {MARK_CONN_MASK:#x}"
+        # A packet re-injected by the queue handler (NF_REPEAT) carries a fresh verdict that the
+        # connection does not have yet: remember it, with the class bits, in the connmark.
+        add(
+            f"-m connmark --mark {verdict} -m mark ! --mark {verdict} "
+            f"-j CONNMARK --save-mark {conn}"
+        )
+        # Later packets of a decided flow (both directions) get the verdict and class back ...
+        add(f"-m connmark ! --mark {verdict} -j CONNMARK --restore-mark {conn}")
+        # ... and skip the rest: the queue, and TPROXY (HTTPS ports are never intercepted ones).
+        add(f"-m mark ! --mark {verdict} -j RETURN")
+    for lan in plan.lan_interfaces:
+        for net in _nets(plan.bypass_clients, family):
+            add(f"-i {lan} -s {net} -j RETURN")
+        for net in _nets(plan.bypass_destinations, family):
+            add(f"-i {lan} -d {net} -j RETURN")
+    for lan in plan.lan_interfaces:
+        for ports in _port_groups(plan.ports):
+            add(f"-i {lan} -p tcp --syn {ports} {tproxy}")
+    add(f"-p tcp -m socket --transparent -j {CHAIN_DIVERT}")
+    for lan in plan.lan_interfaces:
+        for ports in _port_groups(plan.ports):
+            add(f"-i {lan} -p tcp ! --syn {ports} {tproxy}")
+    if plan.nfqueue_num is not None and plan.https_ports:
+        queue = (
+            f"-m connbytes --connbytes 0:{NFQUEUE_PACKETS} --connbytes-dir original "
+            f"--connbytes-mode packets -j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
+        )
+        for lan in plan.lan_interfaces:
+            for ports in _port_groups(plan.https_ports):
+                add(f"-i {lan} -p tcp {ports} {queue}")
+
+    divert = (
+        f"-A {CHAIN_DIVERT} -j MARK --set-xmark {plan.fwmark:#x}/{plan.fwmark_mask:#x}",
+        f"-A {CHAIN_DIVERT} -j ACCEPT",
+    )
+    chains = [CHAIN_PRE, CHAIN_DIVERT]
+    hooks = [("PREROUTING", CHAIN_PRE)]
+    post: list[str] = []
+    if plan.classify:
+        # The class lives in the connmark (saved with the verdict); packets the daemon sends
+        # carry it already via SO_MARK, so restore only into packets without class bits.
+        post.append(
+            f"-A {CHAIN_POST} -m mark --mark 0x0/{MARK_CLASS_MASK:#x} -j CONNMARK --restore-mark "
+            f"--nfmask {MARK_CLASS_MASK:#x} --ctmask {MARK_CLASS_MASK:#x}"
+        )
+        for rule in plan.classify:
+            out = f"-o {rule.out_interface} " if rule.out_interface else ""
+            post.append(
+                f"-A {CHAIN_POST} {out}-m mark --mark {rule.mark:#x}/{rule.mask:#x} "
+                f"-j CLASSIFY --set-class {rule.class_id}"
+            )
+        chains.append(CHAIN_POST)
+        hooks.append(("POSTROUTING", CHAIN_POST))
+    return TableRules("mangle", tuple(chains), (*pre, *divert, *post), tuple(hooks))
+
+
+def _filter(plan: RulesPlan, family: int) -> TableRules | None:
+    rules: list[str] = []
+    if plan.quic_reject:
+        # QUIC (RFC 9000) carries its handshake encrypted per connection ID and cannot be peeked
+        # cheaply; an ICMP port unreachable makes browsers fall back to TCP at once.
+        icmp = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+        for lan in plan.lan_interfaces:
+            for ports in _port_groups(plan.https_ports or (443,)):
+                rules.append(
+                    f"-A {CHAIN_FWD} -i {lan} -p udp {ports} -j REJECT --reject-with {icmp}"
+                )
+    if plan.nfqueue_num is not None:
+        # Both directions: the client gets a reset for its next packet, and so does the server
+        # when it sends, instead of staying half-open (DESIGN.md §3).
+        rules.append(
+            f"-A {CHAIN_FWD} -p tcp -m connmark --mark {MARK_VERDICT_RESET:#x}/"
+            f"{MARK_VERDICT_RESET:#x} -j REJECT --reject-with tcp-reset"
+        )
+    if not rules:
+        return None
+    return TableRules("filter", (CHAIN_FWD,), tuple(rules), (("FORWARD", CHAIN_FWD),))
+
+
+def render_tables(plan: RulesPlan, family: int) -> tuple[TableRules, ...]:
+    """Our chains, rules and hooks for one address family, table by table."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be 4 or 6, not {family}")
+    if family == 6 and not plan.ipv6:
+        raise ValueError("the plan has IPv6 disabled")
+    tables = [_mangle(plan, family)]
+    filt = _filter(plan, family)
+    if filt is not None:
+        tables.append(filt)
+    return tuple(tables)
+
+
+@dataclass(frozen=True)
+class LiveTable:
+    """What of ours exists in one live table: chain names and hook rules (``-A`` lines of a
+    built-in or foreign chain jumping to one of our chains, as ``iptables-save`` prints them)."""
+
+    name: str
+    chains: tuple[str, ...] = ()
+    hooks: tuple[str, ...] = ()
+
+
+def compose(tables: Sequence[TableRules], live: Sequence[LiveTable] = (), header: str = "") -> str:
+    """One ``iptables-restore --noflush`` input that replaces our state atomically.
+
+    Per table: delete the live hook jumps (exact ``-D`` of what iptables-save printed), declare
+    our chains (in ``--noflush`` mode declaring a user chain flushes it), delete our chains the
+    new rules no longer use, fill the chains and insert the hooks at position 1. iptables-restore
+    commits each table as one transaction (with the nf_tables backend the whole input is one
+    batch), so packets never see a half-built chain.
+    """
+    wanted = {t.name: t for t in tables}
+    seen = {t.name: t for t in live}
+    names = [t.name for t in tables] + [n for n in seen if n not in wanted]
+    lines: list[str] = [header] if header else []
+    for name in names:
+        new = wanted.get(name)
+        old = seen.get(name, LiveTable(name))
+        new_chains = new.chains if new else ()
+        stale = [c for c in old.chains if c not in new_chains]
+        if new is None and not old.chains and not old.hooks:
+            continue
+        lines.append(f"*{name}")
+        lines.extend("-D" + hook[2:] for hook in old.hooks)
+        lines.extend(f":{chain} - [0:0]" for chain in (*new_chains, *stale))
+        lines.extend(f"-X {chain}" for chain in stale)
+        if new is not None:
+            lines.extend(new.rules)
+            lines.extend(f"-I {builtin} 1 -j {chain}" for builtin, chain in new.hooks)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def render(plan: RulesPlan, family: int) -> str:
+    """The complete ``iptables-restore --noflush`` (or ``ip6tables-restore``) input for a
+    clean system: our chains, their rules, and the hook jumps."""
+    header = f"# tproxy netfilter rules, IPv{family}: only {CHAIN_PREFIX}* chains and their hooks"
+    return compose(render_tables(plan, family), (), header)
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """``ip rule add fwmark MARK/MASK lookup TABLE priority PRIORITY``."""
+
+    family: int
+    priority: int
+    fwmark: int
+    fwmask: int
+    table: int
+
+
+@dataclass(frozen=True)
+class LocalRoute:
+    """``ip route add local DST dev lo table TABLE``: every address is local in this table, so a
+    diverted packet is delivered up the stack to the socket TPROXY assigned
+    (Documentation/networking/tproxy.rst)."""
+
+    family: int
+    dst: str
+    table: int
+    dev: str = "lo"
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    rules: tuple[PolicyRule, ...]
+    routes: tuple[LocalRoute, ...]
+
+
+def render_routing(plan: RulesPlan) -> RoutingPlan:
+    rules: list[PolicyRule] = []
+    routes: list[LocalRoute] = []
+    for family in plan.families():
+        rules.append(
+            PolicyRule(family, plan.rule_priority, plan.fwmark, plan.fwmark_mask, plan.route_table)
+        )
+        routes.append(LocalRoute(family, "0.0.0.0/0" if family == 4 else "::/0", plan.route_table))
+    return RoutingPlan(tuple(rules), tuple(routes))
+
+
+# -- reading iptables-save ------------------------------------------------------------------------
+
+
+def is_ours(chain: str) -> bool:
+    return chain.startswith(CHAIN_PREFIX)
+
+
+_JUMP_OURS = re.compile(r"\s-[jg]\s+(" + re.escape(CHAIN_PREFIX) + r"\S+)")
+
+
+def parse_save(text: str) -> tuple[tuple[LiveTable, ...], str]:
+    """From ``iptables-save`` output: what of ours is live, and our rules as text.
+
+    Returns the live tables (for :func:`compose`) and an ``iptables-save``-style excerpt holding
+    only our chains, their rules and the hook jumps — counters and comments dropped, so two
+    excerpts compare equal exactly when the rules are the same.
+    """
+    tables: list[LiveTable] = []
+    excerpt: list[str] = []
+    table = ""
+    chains: list[str] = []
+    hooks: list[str] = []
+    rules: list[str] = []
+
+    def close() -> None:
+        if table and (chains or hooks):
+            tables.append(LiveTable(table, tuple(chains), tuple(hooks)))
+            excerpt.append(f"*{table}")
+            excerpt.extend(f":{c} - [0:0]" for c in chains)
+            excerpt.extend(hooks)
+            excerpt.extend(rules)
+            excerpt.append("COMMIT")
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            close()
+            table, chains, hooks, rules = line[1:], [], [], []
+        elif line.startswith(":"):
+            name = line[1:].split()[0]
+            if is_ours(name):
+                chains.append(name)
+        elif line.startswith("-A "):
+            chain = line.split()[1]
+            if is_ours(chain):
+                rules.append(line)
+            elif _JUMP_OURS.search(line):
+                hooks.append(line)
+        elif line == "COMMIT":
+            close()
+            table = ""
+    close()
+    return tuple(tables), "\n".join(excerpt) + "\n" if excerpt else ""
