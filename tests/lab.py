@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -365,7 +366,7 @@ class Lab:
         self._popens: dict[int, subprocess.Popen[Any]] = {}
         self._nginx: subprocess.Popen[Any] | None = None
         self._up = False
-        self._seq = 0
+        self._seq = itertools.count(1)  # next() is atomic under the GIL: curl() from threads
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -476,12 +477,35 @@ class Lab:
         )
         _ip_batch(root)
 
+        # Before any link is up. accept_dad=0: a tentative link-local address cannot source the
+        # Neighbor Solicitations the kernel sends for forwarded packets (ndisc_solicit), which
+        # stalled the first forwarded v6 connection for ~2 s (RFC 4862 §5.4: DAD takes ~1 s
+        # plus a random delay). The effective value is max(all, interface) (kernel
+        # Documentation/networking/ip-sysctl.rst), so all, default and each interface are set.
+        no_dad = {f"net.ipv6.conf.{i}.accept_dad": "0" for i in ("all", "default")}
+        for ns in [*self.ns_clients, self.ns_origin]:
+            self._sysctl_ns(ns, {**no_dad, f"net.ipv6.conf.{HOST_IF}.accept_dad": "0"})
+        gw_ifs = [*self.gw_lan_ports, self.gw_wan_if]
+        # rp_filter is max(all, interface) as well; the bridge created below takes `default`.
+        self._sysctl_ns(
+            self.ns_gateway,
+            {
+                **no_dad,
+                **{f"net.ipv6.conf.{i}.accept_dad": "0" for i in gw_ifs},
+                "net.ipv4.ip_forward": "1",
+                "net.ipv6.conf.all.forwarding": "1",
+                "net.ipv4.conf.all.rp_filter": "0",
+                "net.ipv4.conf.default.rp_filter": "0",
+                **{f"net.ipv4.conf.{i}.rp_filter": "0" for i in gw_ifs},
+            },
+        )
+
         gw = [
             "link set lo up",
             # stp off and no forward delay: ports forward as soon as they are up.
             f"link add {self.gw_lan_if} type bridge stp_state 0 forward_delay 0",
             *(f"link set {p} master {self.gw_lan_if} up" for p in self.gw_lan_ports),
-            # `nodad`: usable at once instead of tentative for ~1 s (RFC 4862 §5.4).
+            # `nodad`: usable at once instead of tentative (RFC 4862 §5.4).
             f"addr add {GW_LAN_V4}/24 dev {self.gw_lan_if}",
             f"addr add {GW_LAN_V6}/64 dev {self.gw_lan_if} nodad",
             f"addr add {GW_WAN_V4}/24 dev {self.gw_wan_if}",
@@ -494,17 +518,13 @@ class Lab:
             _ip_batch(self._host_lines(v4, v6, GW_LAN_V4, GW_LAN_V6), ns=ns)
         _ip_batch(self._host_lines(ORIGIN_V4, ORIGIN_V6, GW_WAN_V4, GW_WAN_V6), ns=self.ns_origin)
 
-        # rp_filter: the effective value is max(all, interface) (kernel
-        # Documentation/networking/ip-sysctl.rst), so both are cleared.
-        gw_sysctls = {
-            "net.ipv4.ip_forward": "1",
-            "net.ipv6.conf.all.forwarding": "1",
-            "net.ipv4.conf.all.rp_filter": "0",
-            "net.ipv4.conf.default.rp_filter": "0",
-            f"net.ipv4.conf.{self.gw_lan_if}.rp_filter": "0",
-            f"net.ipv4.conf.{self.gw_wan_if}.rp_filter": "0",
-        }
-        self.sysctl("gateway", gw_sysctls)
+    @staticmethod
+    def _sysctl_ns(ns: str, values: Mapping[str, str]) -> None:
+        argv = [tool("ip"), "netns", "exec", ns, tool("sysctl"), "-q", "-w"]
+        argv += [f"{k}={v}" for k, v in values.items()]
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, env=clean_env())
+        if res.returncode != 0:
+            raise LabError(f"sysctl in {ns} failed: {res.stderr.strip()}")
 
     @staticmethod
     def _host_lines(v4: str, v6: str, gw4: str, gw6: str) -> list[str]:
@@ -684,8 +704,7 @@ class Lab:
     def curl(self, host: str, url: str, *args: str, timeout: float = CURL_MAX_TIME) -> CurlResult:
         """Real curl in `host`. Later `args` override the defaults (e.g. "--max-time", "2")."""
         assert self.tmpdir is not None, "lab is not up"
-        self._seq += 1
-        body_path = self.tmpdir / f"curl-{os.getpid()}-{self._seq}.body"
+        body_path = self.tmpdir / f"curl-{os.getpid()}-{next(self._seq)}.body"
         argv = [
             "curl", "-sS", "--noproxy", "*", "--max-time", f"{timeout:g}",
             "-o", str(body_path), "-w", "%{http_code}", *args, url,
@@ -700,7 +719,9 @@ class Lab:
         return CurlResult(int(code) if code.isdigit() else 0, body, res.stderr)
 
     def sysctl(self, host: str, values: Mapping[str, str]) -> None:
-        self.run(host, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items())])
+        """Set sysctls inside `host` (net.* keys are per namespace)."""
+        self._require_up()
+        self._sysctl_ns(self.ns(host), values)
 
     def set_forwarding(self, on: bool) -> None:
         """IP forwarding on the gateway, v4 and v6 (DESIGN.md §4: off proves interception)."""
