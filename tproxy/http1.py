@@ -1,0 +1,1040 @@
+"""HTTP/1.1 message framing: bytes in, events out (RFC 9112). No sockets, no asyncio.
+
+The proxy shell owns two parsers per client connection:
+
+* ``RequestParser`` reads what the client sends.  ``feed(data)`` returns events
+  ``RequestHead``, ``Body``\\*, ``EndOfMessage``.  After every ``EndOfMessage`` the parser
+  **pauses**: later bytes (pipelined requests, or what follows an Upgrade/CONNECT request) are
+  buffered, and ``feed`` returns nothing more until the shell calls ``resume()`` (when the
+  response to that request is done), which parses the buffered bytes.  This is the h11 model: one
+  request in flight per connection, pipelined requests wait in order (RFC 9112 §9.3.2).  If the
+  response was a ``101`` (or a 2xx to CONNECT), the shell calls ``into_tunnel()`` instead and
+  gets the buffered bytes to relay opaquely.
+* ``ResponseParser`` reads what the origin sends.  Before writing each request upstream the
+  shell calls ``expect(method, upgrade=...)`` (a FIFO, so pipelining works); a response to HEAD and
+  1xx/204/304 responses have no body (RFC 9112 §6.3 items 1-2).  Interim 1xx responses are
+  ``Informational`` events; the final one is ``ResponseHead``.  A ``101`` to an upgrade request,
+  or a 2xx to CONNECT, is followed by ``Tunnel(rest)``: everything after it is opaque and the
+  parser is finished.  ``feed_eof()`` ends a close-delimited body (§6.3 item 8).
+
+Errors are ``ProtocolError(status, reason)`` events; after one the parser is dead (further feeds
+return ``[]``) and the shell must close the connection.  Request-side statuses are what the proxy
+answers (400, 413, 414, 431, 501, 505); every response-side error has status 502.  A
+``ProtocolError`` from the response parser after the ``EndOfMessage`` of the last expected
+response (bytes nobody asked for, RFC 9112 §6.3 last paragraph) means the upstream connection is
+unusable, not that the delivered response was bad.
+
+Strictness (RFC 9112 §6.3, §11.2 request smuggling).  httptools 0.9 (llhttp 9) is strict by
+default, and we feed it one complete head at a time, so it rejects: bare CR/LF in the head,
+obs-fold (§5.2), whitespace before the colon (§5.1), CTLs in field names/values, invalid field-name
+tokens, malformed or duplicate Content-Length (also ``5, 5`` and two identical lines: RFC 9110 §8.6
+lets a recipient reject them, and we do), Content-Length together with Transfer-Encoding, bad URL
+characters.  Measured gaps that this module closes itself: extra spaces and HTTP/0.9/2.0 request
+lines, unknown methods (llhttp cannot tell them from invalid tokens), CTLs in the reason phrase,
+status codes outside 100-599, ``Transfer-Encoding`` other than exactly one ``chunked`` in a
+response, duplicate ``chunked`` split over two field lines, TE in HTTP/1.0 (§6.1), missing or
+repeated Host (§3.2), request-target forms (§3.2), head size limits (httptools has none), responses
+to HEAD (httptools does not know them), and body framing: we decode Content-Length and chunked
+bodies ourselves so that message boundaries are exact (pausing, upgrades, pipelining).  Chunk-size
+lines are 1-16 hex digits (longer, even with leading zeros, is rejected) with RFC 9112 §7.1.1
+extensions, each line ending in CRLF.
+
+Decisions: Transfer-Encoding in a request must be exactly ``chunked`` (case-insensitive): if
+chunked is not the final coding the length is unknowable → 400 (§6.3 item 4); other codings
+before chunked (``gzip, chunked``) → 501 (§6.1).  A request-line longer than
+``Limits.max_request_line`` → 414 (RFC 9112 §3); a head larger than ``max_head_size`` or with more
+than ``max_header_count`` fields → 431 (RFC 6585 §5); a body above ``max_body_size`` → 413.
+Targets: origin-form, absolute-form (``scheme://``), ``*`` only with OPTIONS; authority-form only
+with CONNECT, and CONNECT itself → 501 unless ``Limits.allow_connect`` (then it is reported with
+``upgrade=True`` and tunnels if the origin answers 2xx).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from httptools import (
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+    HttpResponseParser,
+)
+
+__all__ = [
+    "LAST_CHUNK",
+    "MAX_BODY_SIZE",
+    "MAX_CHUNK_LINE",
+    "MAX_HEADER_COUNT",
+    "MAX_HEAD_SIZE",
+    "MAX_REQUEST_LINE",
+    "Body",
+    "BodyKind",
+    "EndOfMessage",
+    "Event",
+    "Framing",
+    "Headers",
+    "Informational",
+    "Limits",
+    "ProtocolError",
+    "RequestHead",
+    "RequestParser",
+    "ResponseHead",
+    "ResponseParser",
+    "Sniff",
+    "Tunnel",
+    "encode_chunk",
+    "encode_last_chunk",
+    "forward_framing",
+    "header_value",
+    "is_opaque",
+    "serialize_request_head",
+    "serialize_response_head",
+    "sniff",
+]
+
+# --------------------------------------------------------------------------- limits
+
+#: Longest request-line / status-line in bytes, without CRLF (RFC 9112 §3 suggests at least
+#: 8000 octets); longer request-lines get 414.
+MAX_REQUEST_LINE = 8190
+#: Largest head (start line + field lines + final CRLF), and also the largest trailer section.
+MAX_HEAD_SIZE = 65536
+#: Most field lines in a head or trailer section (431).
+MAX_HEADER_COUNT = 100
+#: Longest chunk-size line including extensions (RFC 9112 §7.1.1 lets us limit them).
+MAX_CHUNK_LINE = 4096
+#: Default body limit: none.  The shell may configure one for requests (413).
+MAX_BODY_SIZE: int | None = None
+#: Longest method token still considered plausible when sniffing a connection's first bytes.
+MAX_SNIFF_METHOD = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_line: int = MAX_REQUEST_LINE
+    max_head_size: int = MAX_HEAD_SIZE
+    max_header_count: int = MAX_HEADER_COUNT
+    max_chunk_line: int = MAX_CHUNK_LINE
+    max_body_size: int | None = MAX_BODY_SIZE
+    #: Accept CONNECT (authority-form) and let the shell tunnel on a 2xx; otherwise 501.
+    allow_connect: bool = False
+
+
+# --------------------------------------------------------------------------- events
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class BodyKind(enum.Enum):
+    NONE = "none"  # no body (GET, HEAD response, 1xx/204/304)
+    LENGTH = "length"  # Content-Length bytes
+    CHUNKED = "chunked"  # chunked transfer coding
+    CLOSE = "close"  # response delimited by connection close (RFC 9112 §6.3 item 8)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1" or b"1.0"
+    headers: Headers  # names as received, values without surrounding OWS
+    keep_alive: bool
+    body_kind: BodyKind
+    content_length: int | None
+    upgrade: bool  # Upgrade + "Connection: upgrade" in HTTP/1.1, or CONNECT
+    expect_continue: bool  # "Expect: 100-continue" in HTTP/1.1 (RFC 9110 §10.1.1)
+    host: bytes | None  # the Host field value (None only for HTTP/1.0 without one)
+    connection: frozenset[bytes]  # lower-cased Connection options
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Headers
+    keep_alive: bool
+    body_kind: BodyKind
+    content_length: int | None
+    connection: frozenset[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Informational:
+    """An interim 1xx response (RFC 9110 §15.2); 101 is followed by ``Tunnel``."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    connection: frozenset[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    trailers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """The protocol switched (101, or 2xx to CONNECT): ``rest`` and all later bytes are opaque."""
+
+    rest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    status: int
+    reason: str
+
+
+Event = RequestHead | ResponseHead | Informational | Body | EndOfMessage | Tunnel | ProtocolError
+
+_EOM = EndOfMessage()
+
+# --------------------------------------------------------------------------- grammar
+
+# RFC 9110 §5.6.2 token characters, as a regex class body.
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = rb"[" + _TCHAR + rb"]+"
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version, single spaces.
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
+_ANY_VERSION = re.compile(rb"[^ ]+ [^ ]+ HTTP/[0-9]\.[0-9]")
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]; the second SP is
+# often missing in the wild and harmless to accept.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[\x21-\x7e]*")
+_AUTHORITY_FORM = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]{1,5}")
+# RFC 9110 §7.2: Host = uri-host [ ":" port ]; may be empty.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.vV]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# RFC 9112 §7.1 chunk-size / §7.1.1 chunk-ext; at most 16 hex digits (64-bit sizes).
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*"
+    + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + _TOKEN
+    + rb"|"
+    + _QUOTED
+    + rb"))?)*"
+)
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS (used for trailers).
+_FIELD_LINE = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t \x21-\x7e\x80-\xff]*"
+    rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*"
+)
+_SNIFF_METHOD = re.compile(rb"[" + _TCHAR + rb"]{1,%d}" % MAX_SNIFF_METHOD)
+_SNIFF_TARGET_START = frozenset(b"/*ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+# Field names the parser must interpret (lower-case).
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+_HOST_NAME = b"host"
+_EXPECT = b"expect"
+_UPGRADE = b"upgrade"
+_SPECIAL = frozenset({_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HOST_NAME, _EXPECT})
+
+# Parser states.
+_S_HEAD = 0
+_S_LENGTH = 1
+_S_CHUNK_SIZE = 2
+_S_CHUNK_DATA = 3
+_S_CHUNK_CRLF = 4
+_S_TRAILERS = 5
+_S_CLOSE_BODY = 6  # responses only: until EOF
+_S_PAUSED = 7  # requests only: after EndOfMessage, until resume()
+_S_DEAD = 8  # after ProtocolError or Tunnel
+
+_CR = 0x0D
+
+
+def _split_tokens(values: Iterable[bytes]) -> list[bytes]:
+    """Comma-separated list elements (RFC 9110 §5.6.1), lower-cased, empty ones dropped."""
+    out: list[bytes] = []
+    for v in values:
+        for t in v.split(b","):
+            t = t.strip(b" \t").lower()
+            if t:
+                out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+class _Parser:
+    """Shared buffering, body framing (Content-Length / chunked / close) and head collection."""
+
+    __slots__ = (
+        "_body_seen",
+        "_buf",
+        "_eof",
+        "_err",
+        "_fields",
+        "_limits",
+        "_remaining",
+        "_scan",
+        "_special",
+        "_state",
+        "_trailer_bytes",
+        "_trailers",
+    )
+
+    def __init__(self, limits: Limits, err: int) -> None:
+        self._limits = limits
+        self._err = err  # status used for errors: 0 → the specific one (requests), else 502
+        self._buf = b""
+        self._state = _S_HEAD
+        self._remaining = 0
+        self._body_seen = 0
+        self._scan = 0  # bytes at the head start already searched for CRLFCRLF
+        self._fields: Headers = []
+        self._special: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._trailer_bytes = 0
+        self._eof = False
+
+    # httptools callback: the only one we register (the head is all httptools sees).
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not part of the value).
+        if value and value[-1] in b" \t":
+            value = value.rstrip(b" \t")
+        self._fields.append((name, value))
+        lname = name.lower()
+        if lname in _SPECIAL:
+            self._special.append((lname, value))
+
+    def _error(self, status: int, reason: str) -> ProtocolError:
+        self._state = _S_DEAD
+        self._buf = b""
+        return ProtocolError(self._err or status, reason)
+
+    # -- head boundary ------------------------------------------------------------------
+    def _find_head(self, buf: bytes, pos: int, events: list[Event]) -> int:
+        """Index just past CRLFCRLF of the head starting at ``pos``; -1 if incomplete (or error
+        appended to ``events``)."""
+        lim = self._limits
+        start = pos + self._scan
+        end = buf.find(b"\r\n\r\n", start, pos + lim.max_head_size)
+        if end >= 0:
+            self._scan = 0
+            line_end = buf.find(b"\r\n", pos)
+            if line_end - pos > lim.max_request_line:
+                events.append(self._error(414, "request-line too long"))
+                return -1
+            return end + 4
+        size = len(buf) - pos
+        if size >= lim.max_head_size:
+            if buf.find(b"\n", pos, pos + lim.max_request_line + 2) < 0:
+                events.append(self._error(414, "request-line too long"))
+            else:
+                events.append(self._error(431, "header section too large"))
+            return -1
+        if buf.find(b"\n", pos, pos + lim.max_request_line + 2) < 0 and (
+            size > lim.max_request_line + 1
+        ):
+            events.append(self._error(414, "request-line too long"))
+            return -1
+        # Fail fast on a bare LF instead of waiting for a CRLFCRLF that never comes (§2.2).
+        lf = buf.find(b"\n", max(start, pos))
+        while lf >= 0:
+            if lf == pos or buf[lf - 1] != _CR:
+                events.append(self._error(400, "bare LF in header section"))
+                return -1
+            lf = buf.find(b"\n", lf + 1)
+        self._scan = max(0, size - 3)
+        return -1
+
+    # -- body framing -------------------------------------------------------------------
+    def _start_body(self, kind: BodyKind, length: int | None) -> bool:
+        """Enter the body state; True if the message is already complete."""
+        self._body_seen = 0
+        if kind is BodyKind.LENGTH:
+            assert length is not None
+            if length == 0:
+                return True
+            self._remaining = length
+            self._state = _S_LENGTH
+        elif kind is BodyKind.CHUNKED:
+            self._state = _S_CHUNK_SIZE
+            self._trailers = []
+            self._trailer_bytes = 0
+        elif kind is BodyKind.CLOSE:
+            self._state = _S_CLOSE_BODY
+        else:
+            return True
+        return False
+
+    def _body(self, buf: bytes, pos: int, events: list[Event]) -> tuple[int, bool]:
+        """Decode body bytes from ``buf[pos:]``; returns (new pos, message complete)."""
+        lim = self._limits
+        n = len(buf)
+        while True:
+            st = self._state
+            if st in (_S_LENGTH, _S_CHUNK_DATA):
+                avail = n - pos
+                if avail == 0:
+                    return pos, False
+                take = self._remaining if self._remaining < avail else avail
+                events.append(Body(buf if take == n else buf[pos : pos + take]))
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    return pos, False
+                if st == _S_LENGTH:
+                    events.append(_EOM)
+                    return pos, True
+                self._state = _S_CHUNK_CRLF
+            elif st == _S_CHUNK_SIZE:
+                lf = buf.find(b"\n", pos, pos + lim.max_chunk_line + 1)
+                if lf < 0:
+                    if n - pos > lim.max_chunk_line:
+                        events.append(self._error(400, "chunk-size line too long"))
+                    return pos, False
+                if lf == pos or buf[lf - 1] != _CR:
+                    events.append(self._error(400, "bare LF in chunk-size line"))
+                    return pos, False
+                m = _CHUNK_LINE.fullmatch(buf, pos, lf - 1)
+                if m is None:
+                    events.append(self._error(400, "invalid chunk-size line"))
+                    return pos, False
+                size = int(m.group(1), 16)
+                pos = lf + 1
+                if size == 0:
+                    self._state = _S_TRAILERS
+                    continue
+                self._body_seen += size
+                if lim.max_body_size is not None and self._body_seen > lim.max_body_size:
+                    events.append(self._error(413, "body too large"))
+                    return pos, False
+                self._remaining = size
+                self._state = _S_CHUNK_DATA
+            elif st == _S_CHUNK_CRLF:
+                if n - pos < 2:
+                    if n > pos and buf[pos] != _CR:
+                        events.append(self._error(400, "chunk data not followed by CRLF"))
+                    return pos, False
+                if not buf.startswith(b"\r\n", pos):
+                    events.append(self._error(400, "chunk data not followed by CRLF"))
+                    return pos, False
+                pos += 2
+                self._state = _S_CHUNK_SIZE
+            elif st == _S_TRAILERS:
+                room = lim.max_head_size - self._trailer_bytes
+                lf = buf.find(b"\n", pos, pos + room + 1)
+                if lf < 0:
+                    if n - pos > room:
+                        events.append(self._error(431, "trailer section too large"))
+                    return pos, False
+                if lf == pos or buf[lf - 1] != _CR:
+                    events.append(self._error(400, "bare LF in trailer section"))
+                    return pos, False
+                self._trailer_bytes += lf + 1 - pos
+                if lf - 1 == pos:
+                    pos = lf + 1
+                    trailers = self._trailers
+                    events.append(EndOfMessage(tuple(trailers)) if trailers else _EOM)
+                    return pos, True
+                m = _FIELD_LINE.fullmatch(buf, pos, lf - 1)
+                if m is None:
+                    # Also catches obs-fold (a line starting with SP/HTAB, RFC 9112 §5.2).
+                    events.append(self._error(400, "invalid trailer field"))
+                    return pos, False
+                self._trailers.append((m.group(1), m.group(2)))
+                if len(self._trailers) > lim.max_header_count:
+                    events.append(self._error(431, "too many trailer fields"))
+                    return pos, False
+                pos = lf + 1
+            elif st == _S_CLOSE_BODY:
+                if n > pos:
+                    self._body_seen += n - pos
+                    events.append(Body(buf if pos == 0 else buf[pos:]))
+                    if lim.max_body_size is not None and self._body_seen > lim.max_body_size:
+                        events.append(self._error(413, "body too large"))
+                return n, False
+            else:  # pragma: no cover - callers only enter with a body state
+                raise AssertionError(st)
+
+    def _framing_values(self, version_minor: bytes) -> tuple[int | None, list[bytes] | None, str]:
+        """Content-Length and Transfer-Encoding from the special fields; reason on error."""
+        cl: int | None = None
+        te: list[bytes] | None = None
+        for lname, value in self._special:
+            if lname == _CONTENT_LENGTH:
+                # llhttp already rejected lists, signs and duplicates; re-check to be sure.
+                if cl is not None or not value.isdigit():
+                    return None, None, "invalid Content-Length"
+                cl = int(value)
+            elif lname == _TRANSFER_ENCODING:
+                if te is None:
+                    te = []
+                te.extend(_split_tokens((value,)) or [b""])
+        if te is not None:
+            if cl is not None:
+                return None, None, "both Content-Length and Transfer-Encoding"
+            if version_minor == b"0":
+                # RFC 9112 §6.1: TE in HTTP/1.0 means faulty framing.
+                return None, None, "Transfer-Encoding in HTTP/1.0"
+        return cl, te, ""
+
+    def _connection(self) -> frozenset[bytes]:
+        vals = [v for n, v in self._special if n == _CONNECTION]
+        return frozenset(_split_tokens(vals)) if vals else frozenset()
+
+
+class RequestParser(_Parser):
+    """Parses the client side; pauses after each request (see module docstring)."""
+
+    __slots__ = ()
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        super().__init__(limits, 0)
+
+    @property
+    def paused(self) -> bool:
+        """True after an ``EndOfMessage`` until ``resume()``."""
+        return self._state == _S_PAUSED
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back (while paused); the shell stops reading when this grows."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Event]:
+        st = self._state
+        if st == _S_DEAD:
+            return []
+        if st == _S_PAUSED:
+            self._buf += data
+            return []
+        if self._eof:
+            raise RuntimeError("feed() after feed_eof()")
+        self._buf = self._buf + data if self._buf else data
+        return self._run()
+
+    def resume(self) -> list[Event]:
+        """Continue after an ``EndOfMessage`` with the buffered (pipelined) bytes."""
+        if self._state != _S_PAUSED:
+            return []
+        self._state = _S_HEAD
+        events = self._run()
+        if self._eof and self._state != _S_DEAD:
+            events.extend(self._eof_events())
+        return events
+
+    def into_tunnel(self) -> bytes:
+        """The origin switched protocols: return the buffered bytes; the parser is finished."""
+        rest = self._buf
+        self._buf = b""
+        self._state = _S_DEAD
+        return rest
+
+    def feed_eof(self) -> list[Event]:
+        """The client closed its sending side."""
+        if self._eof:
+            return []
+        self._eof = True
+        if self._state in (_S_DEAD, _S_PAUSED):
+            return []
+        return self._eof_events()
+
+    def _eof_events(self) -> list[Event]:
+        if self._state == _S_HEAD and not self._buf.strip(b"\r\n"):
+            return []
+        what = "request head" if self._state == _S_HEAD else "request body"
+        return [self._error(400, f"connection closed in {what}")]
+
+    def _run(self) -> list[Event]:
+        events: list[Event] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            if self._state == _S_HEAD:
+                # RFC 9112 §2.2: ignore empty lines before a request-line.
+                while buf.startswith(b"\r\n", pos):
+                    pos += 2
+                if pos == len(buf):
+                    break
+                end = self._find_head(buf, pos, events)
+                if end < 0:
+                    break
+                head = self._parse_head(buf, pos, end)
+                pos = end
+                events.append(head)
+                if isinstance(head, ProtocolError):
+                    return events
+                if not self._start_body(head.body_kind, head.content_length):
+                    continue
+                events.append(_EOM)
+                self._state = _S_PAUSED
+                break
+            pos, done = self._body(buf, pos, events)
+            if self._state == _S_DEAD:
+                return events
+            if not done:
+                break
+            self._state = _S_PAUSED
+            break
+        self._buf = buf[pos:] if pos else buf
+        return events
+
+    def _parse_head(self, buf: bytes, pos: int, end: int) -> RequestHead | ProtocolError:
+        lim = self._limits
+        line_end = buf.find(b"\r\n", pos)
+        m = _REQUEST_LINE.fullmatch(buf, pos, line_end)
+        if m is None:
+            if _ANY_VERSION.fullmatch(buf, pos, line_end) and b"  " not in buf[pos:line_end]:
+                return self._error(505, "HTTP version not supported")
+            return self._error(400, "invalid request-line")
+        method, target, minor = m.group(1, 2, 3)
+        # Request-target forms, RFC 9112 §3.2.
+        if method == b"CONNECT":
+            if not lim.allow_connect:
+                return self._error(501, "CONNECT not supported")
+            if not _AUTHORITY_FORM.fullmatch(target):
+                return self._error(400, "CONNECT needs authority-form target")
+        elif target[0] != 0x2F:  # not "/"
+            if target == b"*":
+                if method != b"OPTIONS":
+                    return self._error(400, "asterisk-form only with OPTIONS")
+            elif not _ABSOLUTE_FORM.fullmatch(target):
+                return self._error(400, "invalid request-target")
+        fields: Headers = []
+        self._fields = fields
+        self._special = []
+        try:
+            HttpRequestParser(self).feed_data(memoryview(buf)[pos:end])
+        except HttpParserUpgrade:
+            pass  # Upgrade/CONNECT: decided below, not by llhttp
+        except HttpParserInvalidMethodError:
+            # Our regex accepted the token, so llhttp just does not know it (RFC 9110 §9.1).
+            return self._error(501, "method not implemented")
+        except HttpParserError as exc:
+            return self._error(400, f"invalid request head: {exc}")
+        if len(fields) > lim.max_header_count:
+            return self._error(431, "too many header fields")
+        cl, te, why = self._framing_values(minor)
+        if why:
+            return self._error(400, why)
+        if te is not None:
+            if te[-1] != b"chunked" or te.count(b"chunked") != 1:
+                # RFC 9112 §6.3 item 4: length cannot be determined.
+                return self._error(400, "chunked must be the final transfer coding, once")
+            if len(te) != 1:
+                return self._error(501, "transfer coding not implemented")  # RFC 9112 §6.1
+            kind = BodyKind.CHUNKED
+        elif cl is not None:
+            kind = BodyKind.LENGTH
+            if lim.max_body_size is not None and cl > lim.max_body_size:
+                return self._error(413, "body too large")
+        else:
+            kind = BodyKind.NONE
+        host: bytes | None = None
+        n_host = 0
+        expect = False
+        for lname, value in self._special:
+            if lname == _HOST_NAME:
+                n_host += 1
+                host = value
+            elif lname == _EXPECT:
+                expect = value.lower() == b"100-continue"
+        # RFC 9112 §3.2: exactly one valid Host in HTTP/1.1, at most one in HTTP/1.0.
+        if n_host > 1 or (n_host == 0 and minor == b"1"):
+            return self._error(400, "missing or repeated Host")
+        if host is not None and not _HOST.fullmatch(host):
+            return self._error(400, "invalid Host")
+        conn = self._connection()
+        if minor == b"1":
+            keep_alive = b"close" not in conn
+            upgrade = b"upgrade" in conn and any(n.lower() == _UPGRADE for n, _ in fields)
+        else:
+            keep_alive = b"keep-alive" in conn and b"close" not in conn
+            upgrade = False  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
+            expect = False  # RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0
+        if method == b"CONNECT":
+            upgrade = True
+        return RequestHead(
+            method,
+            target,
+            b"1.1" if minor == b"1" else b"1.0",
+            fields,
+            keep_alive,
+            kind,
+            cl,
+            upgrade,
+            expect,
+            host,
+            conn,
+        )
+
+
+class ResponseParser(_Parser):
+    """Parses the origin side; call ``expect()`` before each request is sent."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        super().__init__(limits, 502)
+        self._pending: deque[tuple[bytes, bool]] = deque()
+
+    def expect(self, method: bytes, *, upgrade: bool = False) -> None:
+        """A request with ``method`` was sent; ``upgrade`` if it asked to switch protocols."""
+        self._pending.append((method, upgrade))
+
+    @property
+    def pending(self) -> int:
+        """Responses still expected (including the one being parsed)."""
+        return len(self._pending)
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._state == _S_DEAD:
+            return []
+        if self._eof:
+            raise RuntimeError("feed() after feed_eof()")
+        self._buf = self._buf + data if self._buf else data
+        return self._run()
+
+    def feed_eof(self) -> list[Event]:
+        """The origin closed: ends a close-delimited body (RFC 9112 §6.3 item 8)."""
+        if self._eof or self._state == _S_DEAD:
+            return []
+        self._eof = True
+        st = self._state
+        if st == _S_CLOSE_BODY:
+            self._state = _S_DEAD
+            self._pending.popleft()
+            return [_EOM]
+        if st == _S_HEAD:
+            if not self._buf and not self._pending:
+                return []
+            if not self._buf:
+                return [self._error(502, "connection closed before response")]
+            return [self._error(502, "connection closed in response head")]
+        return [self._error(502, "connection closed in response body")]
+
+    def _run(self) -> list[Event]:
+        events: list[Event] = []
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            if self._state == _S_HEAD:
+                if not self._pending:
+                    # RFC 9112 §6.3: never forward data as a response nobody asked for.
+                    events.append(self._error(502, "unsolicited data from origin"))
+                    return events
+                end = self._find_head(buf, pos, events)
+                if end < 0:
+                    break
+                tunnel = self._parse_head(buf, pos, end, events)
+                pos = end
+                if self._state == _S_DEAD:
+                    if tunnel:
+                        events.append(Tunnel(buf[pos:]))
+                    return events
+                head = events[-1]
+                if isinstance(head, Informational):
+                    continue
+                assert isinstance(head, ResponseHead)
+                if self._start_body(head.body_kind, head.content_length):
+                    events.append(_EOM)
+                    self._pending.popleft()
+                continue
+            pos, done = self._body(buf, pos, events)
+            if self._state == _S_DEAD:
+                return events
+            if not done:
+                break
+            self._pending.popleft()
+            self._state = _S_HEAD
+        self._buf = buf[pos:] if pos else buf
+        return events
+
+    def _parse_head(self, buf: bytes, pos: int, end: int, events: list[Event]) -> bool:
+        """Append the head event (or error); True if a tunnel starts after it."""
+        line_end = buf.find(b"\r\n", pos)
+        m = _STATUS_LINE.fullmatch(buf, pos, line_end)
+        if m is None:
+            events.append(self._error(502, "invalid status-line"))
+            return False
+        minor, code, reason = m.group(1, 2, 3)
+        status = int(code)
+        fields: Headers = []
+        self._fields = fields
+        self._special = []
+        try:
+            HttpResponseParser(self).feed_data(memoryview(buf)[pos:end])
+        except HttpParserUpgrade:
+            pass
+        except HttpParserError as exc:
+            # llhttp pauses (as an "error") on a 101 it considers an upgrade; we decide.
+            if not (status == 101 and str(exc).startswith("Pause")):
+                events.append(self._error(502, f"invalid response head: {exc}"))
+                return False
+        if len(fields) > self._limits.max_header_count:
+            events.append(self._error(502, "too many header fields"))
+            return False
+        reason = reason or b""
+        conn = self._connection()
+        method, upgrade_requested = self._pending[0]
+        if status < 200:
+            if status == 101:
+                if not upgrade_requested or method == b"CONNECT":
+                    events.append(self._error(502, "101 without an upgrade request"))
+                    return False
+                self._pending.popleft()
+                events.append(Informational(status, reason, fields, conn))
+                self._state = _S_DEAD
+                return True
+            events.append(Informational(status, reason, fields, conn))
+            return False
+        cl, te, why = self._framing_values(minor)
+        if why:
+            events.append(self._error(502, why))
+            return False
+        if te is not None and te != [b"chunked"]:
+            # A close-delimited TE body (§6.3 item 4) could not be re-framed faithfully.
+            events.append(self._error(502, "unsupported Transfer-Encoding"))
+            return False
+        keep_alive = (
+            (b"close" not in conn)
+            if minor == b"1"
+            else (b"keep-alive" in conn and b"close" not in conn)
+        )
+        version = b"1.1" if minor == b"1" else b"1.0"
+        if method == b"CONNECT" and status < 300:
+            # RFC 9110 §9.3.6: the connection becomes a tunnel right after this head.
+            self._pending.popleft()
+            events.append(
+                ResponseHead(status, reason, version, fields, keep_alive, BodyKind.NONE, cl, conn)
+            )
+            self._state = _S_DEAD
+            return True
+        if method == b"HEAD" or status == 204 or status == 304:
+            kind = BodyKind.NONE  # RFC 9112 §6.3 items 1-2; CL describes the would-be body
+        elif te is not None:
+            kind = BodyKind.CHUNKED
+        elif cl is not None:
+            kind = BodyKind.LENGTH
+            if self._limits.max_body_size is not None and cl > self._limits.max_body_size:
+                events.append(self._error(413, "body too large"))
+                return False
+        else:
+            kind = BodyKind.CLOSE
+            keep_alive = False
+        events.append(ResponseHead(status, reason, version, fields, keep_alive, kind, cl, conn))
+        return False
+
+
+# --------------------------------------------------------------------------- forwarding
+
+
+class Framing(enum.Enum):
+    """How a body is sent to the next hop."""
+
+    NONE = "none"  # no body; Content-Length (e.g. of a HEAD response) is kept as metadata
+    LENGTH = "length"  # keep Content-Length, copy body bytes
+    CHUNKED = "chunked"  # Transfer-Encoding: chunked, encode_chunk() + encode_last_chunk()
+    CLOSE = "close"  # raw body bytes, then close the connection ("Connection: close")
+
+
+def forward_framing(head: RequestHead | ResponseHead, peer_version: bytes = b"1.1") -> Framing:
+    """Framing for forwarding ``head``'s body to a peer speaking ``peer_version``.
+
+    Requests go upstream in HTTP/1.1, so their framing is kept.  A close-delimited response is
+    re-chunked for an HTTP/1.1 client so its connection can stay persistent; an HTTP/1.0 client
+    does not understand chunked (RFC 9112 §7: never send TE to it), so it gets the raw body and
+    the connection is closed after it.
+    """
+    kind = head.body_kind
+    if kind is BodyKind.NONE:
+        return Framing.NONE
+    if kind is BodyKind.LENGTH:
+        return Framing.LENGTH
+    return Framing.CHUNKED if peer_version == b"1.1" else Framing.CLOSE
+
+
+# RFC 9110 §7.6.1 hop-by-hop fields (plus the de-facto Proxy-Connection); Transfer-Encoding is
+# re-framed by us and TE is meaningful only for this hop.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
+
+
+def _serialize_fields(
+    out: list[bytes],
+    headers: Headers,
+    connection: frozenset[bytes],
+    framing: Framing,
+    relay_upgrade: bool,
+    drop: Collection[bytes],
+) -> None:
+    for name, value in headers:
+        lname = name.lower()
+        if (lname in _HOP_BY_HOP or lname in connection or lname in drop) and not (
+            relay_upgrade and lname == _UPGRADE
+        ):
+            continue
+        if lname == _CONTENT_LENGTH and (framing is Framing.CHUNKED or framing is Framing.CLOSE):
+            continue
+        # The Trailer field announces trailers, which only survive chunked framing.
+        if lname == b"trailer" and framing is not Framing.CHUNKED:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+
+
+def _connection_field(
+    out: list[bytes], keep_alive: bool, relay_upgrade: bool, peer_version: bytes
+) -> None:
+    opts: list[bytes] = []
+    if relay_upgrade:
+        opts.append(b"upgrade")
+    if not keep_alive:
+        opts.append(b"close")
+    elif peer_version == b"1.0":
+        opts.append(b"keep-alive")  # RFC 9112 §9.3: HTTP/1.0 persistence is opt-in
+    if opts:
+        out.append(b"Connection: " + b", ".join(opts) + b"\r\n")
+
+
+def serialize_request_head(
+    head: RequestHead,
+    *,
+    target: bytes | None = None,
+    framing: Framing | None = None,
+    keep_alive: bool = True,
+    relay_upgrade: bool = False,
+    drop: Collection[bytes] = (),
+    add: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """The head to send upstream, in HTTP/1.1 (RFC 9110 §2.5: we send our own version).
+
+    Hop-by-hop fields and those named in Connection are removed (RFC 9110 §7.6.1); ``Upgrade``
+    survives with ``relay_upgrade``.  ``drop`` names (lower-case) more fields to remove, ``add``
+    appends fields (e.g. Host for an HTTP/1.0 request without one).  ``framing`` defaults to
+    ``forward_framing(head)``; Transfer-Encoding / Connection fields are written to match.
+    """
+    if framing is None:
+        framing = forward_framing(head)
+    out = [head.method, b" ", head.target if target is None else target, b" HTTP/1.1\r\n"]
+    _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
+    for name, value in add:
+        out.append(name + b": " + value + b"\r\n")
+    if framing is Framing.CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    _connection_field(
+        out, keep_alive and framing is not Framing.CLOSE, relay_upgrade, peer_version=b"1.1"
+    )
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def serialize_response_head(
+    head: ResponseHead | Informational,
+    *,
+    peer_version: bytes = b"1.1",
+    framing: Framing | None = None,
+    keep_alive: bool = True,
+    relay_upgrade: bool = False,
+    drop: Collection[bytes] = (),
+    add: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """The head to send to the client (``peer_version`` is the client request's version).
+
+    ``framing`` defaults to ``forward_framing(head, peer_version)``; ``keep_alive`` is the
+    shell's decision for the client connection (forced off by ``Framing.CLOSE``).  For a
+    ``101`` pass ``relay_upgrade=True`` to keep Upgrade and send ``Connection: upgrade``.
+    """
+    if isinstance(head, Informational):
+        framing = Framing.NONE
+        keep_alive = True
+    elif framing is None:
+        framing = forward_framing(head, peer_version)
+    out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+    _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
+    for name, value in add:
+        out.append(name + b": " + value + b"\r\n")
+    if framing is Framing.CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if not isinstance(head, Informational):
+        _connection_field(
+            out, keep_alive and framing is not Framing.CLOSE, relay_upgrade, peer_version
+        )
+    elif relay_upgrade:
+        out.append(b"Connection: upgrade\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+#: The last chunk with no trailers (RFC 9112 §7.1).
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk; empty data gives b"" (a zero-size chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """The last chunk and trailer section (RFC 9112 §7.1.2)."""
+    lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
+    return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """First value of field ``name`` (lower-case), or None."""
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+class Sniff(enum.Enum):
+    HTTP = "http"  # starts like a request-line: hand it to RequestParser
+    OPAQUE = "opaque"  # not HTTP/1.x: relay as an opaque tunnel
+    UNDECIDED = "undecided"  # too few bytes yet (the shell should time-box waiting)
+
+
+def sniff(data: bytes) -> Sniff:
+    """Classify the first bytes of an intercepted connection.
+
+    Plausible HTTP is ``token SP`` followed by the start of a request-target (``/``, ``*`` or a
+    letter for absolute/authority form), after optional empty lines (RFC 9112 §2.2).  Anything
+    else (TLS records, SSH banners, binary) is opaque as soon as it differs.  The RequestParser
+    still validates strictly, so a plausible-but-bad request gets a 400, not a tunnel.
+    """
+    pos = 0
+    n = len(data)
+    while data.startswith(b"\r\n", pos):
+        pos += 2
+    if pos == n or data[pos:] == b"\r":
+        return Sniff.UNDECIDED
+    m = _SNIFF_METHOD.match(data, pos)
+    if m is None:
+        return Sniff.OPAQUE
+    end = m.end()
+    if end == n:
+        return Sniff.UNDECIDED
+    if data[end] != 0x20 or (end + 1 < n and data[end + 1] not in _SNIFF_TARGET_START):
+        return Sniff.OPAQUE
+    return Sniff.UNDECIDED if end + 1 == n else Sniff.HTTP
+
+
+def is_opaque(first_bytes: bytes) -> bool:
+    """True when ``first_bytes`` cannot be the start of an HTTP/1.x request."""
+    return sniff(first_bytes) is Sniff.OPAQUE
