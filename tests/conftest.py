@@ -8,26 +8,11 @@ Ask for more clients with indirect parametrization::
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import Lab, clean_env
-
-LAB_TOOLS = ("ip", "nginx", "curl", "sysctl")
-
-
-def lab_skip_reason() -> str | None:
-    """Why lab tests cannot run here, or None when they can."""
-    if os.geteuid() != 0:
-        return "lab tests need root (network namespaces, veth, sysctl)"
-    path = clean_env()["PATH"]
-    missing = [t for t in LAB_TOOLS if shutil.which(t, path=path) is None]
-    if missing:
-        return f"lab tests need {', '.join(missing)} installed"
-    return None
+from tests.lab import Lab, skip_reason
 
 
 def _clients(request: pytest.FixtureRequest) -> int:
@@ -36,7 +21,7 @@ def _clients(request: pytest.FixtureRequest) -> int:
 
 
 def _lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    reason = lab_skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     lab = Lab(clients=_clients(request))

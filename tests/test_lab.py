@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import lab_skip_reason
-from tests.lab import NETNS_ETC, NETNS_RUN, ORIGIN_FILES, STATE_DIR, Lab, origin_file_bytes
+from tests.lab import (
+    NETNS_ETC,
+    NETNS_RUN,
+    ORIGIN_FILES,
+    STATE_DIR,
+    Lab,
+    LabCommandError,
+    origin_file_bytes,
+    skip_reason,
+    tool,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -35,7 +44,7 @@ def _assert_gone(tag: str, namespaces: list[str], pids: list[int], tmpdir: str |
     for ns in namespaces:
         assert not (NETNS_RUN / ns).exists(), ns
         assert not (NETNS_ETC / ns).exists(), ns
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    listed = subprocess.run([tool("ip"), "netns", "list"], capture_output=True, text=True).stdout
     assert f"tpl-{tag}-" not in listed
     for pid in pids:
         assert not _pid_alive(pid), pid
@@ -102,8 +111,8 @@ def test_forwarding_off_stops_routed_traffic(lab: Lab) -> None:
     assert lab.curl("client", lab.url("/ip", v6=True), *FAIL_FAST).status == 200
 
 
-def test_python_origin_and_tracked_processes_die_on_down() -> None:
-    if reason := lab_skip_reason():
+def test_python_origin_and_tracked_processes_die_on_down(tmp_path: Path) -> None:
+    if reason := skip_reason():
         pytest.skip(reason)
     server = textwrap.dedent(
         """
@@ -127,13 +136,22 @@ def test_python_origin_and_tracked_processes_die_on_down() -> None:
         py = lab.start_origin_python(server, 8081)
         r = lab.curl("client", lab.url("/x", v6=True, port=8081), "-i")
         assert r.status == 203 and b"X-Lab: python" in r.body and r.body.endswith(b"custom\n")
+        # The same server from a file; the port also arrives as argv[1].
+        script = tmp_path / "origin.py"
+        script.write_text(
+            server.replace('int(os.environ["LAB_PORT"])', "int(__import__('sys').argv[1])")
+        )
+        py2 = lab.start_origin_python(script, 8082)
+        assert lab.curl("client", lab.url("/y", v6=True, port=8082)).status == 203
+        with pytest.raises(LabCommandError, match=r"stderr: .*No such file"):
+            lab.run("client", ["ls", "/nonexistent-lab-path"])
         sleeper = lab.popen("client", ["sleep", "60"])
         # A process started in a namespace behind the lab's back is swept up too.
-        stray = subprocess.Popen(["ip", "netns", "exec", lab.ns_gateway, "sleep", "60"])
+        stray = subprocess.Popen([tool("ip"), "netns", "exec", lab.ns_gateway, "sleep", "60"])
         lab.wait_port("origin", 80)
         state = json.loads(lab.state_path.read_text())
         pids = [p["pid"] for p in state["procs"]]
-        assert py.pid in pids and sleeper.pid in pids
+        assert {py.pid, py2.pid, sleeper.pid} <= set(pids)
         namespaces, tmpdir = list(lab.namespaces), str(lab.tmpdir)
     finally:
         lab.down()
@@ -143,7 +161,7 @@ def test_python_origin_and_tracked_processes_die_on_down() -> None:
 
 
 def test_two_labs_at_once_do_not_collide() -> None:
-    if reason := lab_skip_reason():
+    if reason := skip_reason():
         pytest.skip(reason)
     with Lab() as a, Lab(clients=2) as b:
         assert set(a.namespaces).isdisjoint(b.namespaces)
@@ -160,7 +178,7 @@ def test_two_labs_at_once_do_not_collide() -> None:
 
 
 def test_cleanup_stale_removes_crashed_owner() -> None:
-    if reason := lab_skip_reason():
+    if reason := skip_reason():
         pytest.skip(reason)
     tag = os.urandom(3).hex()
     code = (
@@ -190,7 +208,7 @@ def test_cleanup_stale_removes_crashed_owner() -> None:
 
 
 def test_cli_up_exec_down() -> None:
-    if reason := lab_skip_reason():
+    if reason := skip_reason():
         pytest.skip(reason)
     tag = "cli" + os.urandom(3).hex()
     script = f"""
@@ -217,3 +235,11 @@ def test_cli_up_exec_down() -> None:
         )
     finally:
         Lab.down_tag(tag)
+
+
+@pytest.mark.parametrize("lab", [2], indirect=True)
+def test_fixture_takes_client_count(lab: Lab) -> None:
+    assert lab.ns("client2") == lab.namespaces[1]
+    assert lab.curl("client2", lab.url("/ip", v6=True)).body == b"fd77:1::11\n"
+    with pytest.raises(Exception, match="unknown lab host"):
+        lab.ns("client3")
