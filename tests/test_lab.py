@@ -243,3 +243,35 @@ def test_fixture_takes_client_count(lab: Lab) -> None:
     assert lab.curl("client2", lab.url("/ip", v6=True)).body == b"fd77:1::11\n"
     with pytest.raises(Exception, match="unknown lab host"):
         lab.ns("client3")
+
+
+def test_fixtures_tear_down_after_a_failing_test(tmp_path: Path) -> None:
+    if reason := skip_reason():
+        pytest.skip(reason)
+    record = tmp_path / "tags"
+    (tmp_path / "test_fails.py").write_text(
+        textwrap.dedent(
+            f"""
+            from tests.conftest import lab, lab_module
+
+            def test_a(lab, lab_module):
+                with open({str(record)!r}, "a") as f:
+                    f.write(lab.tag + " " + lab_module.tag + "\\n")
+                assert False, "deliberate"
+            """
+        )
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "deliberate" in res.stdout and res.returncode == 1, res.stdout + res.stderr
+    tags = record.read_text().split()
+    assert len(tags) == 2 and tags[0] != tags[1]
+    for tag in tags:
+        ns = [f"tpl-{tag}-{h}" for h in ("c1", "gw", "or")]
+        _assert_gone(tag, ns, [], None)
