@@ -278,7 +278,8 @@ def _parse_group(r: Reader) -> GroupConfig | None:
         else:
             macs.add(norm)
     default: Action | None = _action(r, "default", "allow") if r.has("default") else None
-    if name and name != DEFAULT_GROUP and not cidrs and not macs:
+    # Judge the raw lists: an invalid entry is already reported on its own key.
+    if name and name != DEFAULT_GROUP and not r.data.get("cidrs") and not r.data.get("macs"):
         r.error("cidrs", f"group {name!r} has no cidrs and no macs: no client can be in it")
     r.finish()
     return GroupConfig(name, cidrs, frozenset(macs), default, r.prefix) if name else None
@@ -466,6 +467,9 @@ def parse_filter(r: Reader) -> FilterConfig:
 
     rules = [_parse_rule(sub, seen, wseen, categories_dir) for sub in r.tables("rule")]
     r.finish()
+    # config.parse() calls finish() on this table again; mark every key seen so an unknown
+    # key is reported once, not twice.
+    r.keys()
     return FilterConfig(
         default=default,
         categories_dir=categories_dir,
