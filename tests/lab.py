@@ -15,7 +15,8 @@ so ``down`` works from another process and a crashed owner's debris is found by
 
 Only the standard library is used: the file also runs as a script behind ``scripts/lab``::
 
-    lab.py up [--tag T] [--clients N]      # prints the tag; the lab persists until `down`
+    lab.py up [--tag T] [--clients N] [--origin-workers N] [--json]
+                                           # prints the tag; the lab persists until `down`
     lab.py down TAG | --all
     lab.py exec TAG client|client2|gateway|origin -- CMD...
     lab.py list
@@ -80,11 +81,10 @@ CURL_MAX_TIME = 5.0
 START_TIMEOUT = 5.0  # for a server in the lab to start listening
 STOP_GRACE = 2.0  # SIGTERM → SIGKILL
 POLL = 0.02
+UNWRITTEN_STATE_AGE = 60.0  # an empty state file older than this is debris
 
 # Proxy variables from the caller's environment must never redirect lab traffic elsewhere.
 PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
-
-HOSTS = ("client", "client2", "gateway", "origin")
 
 
 class LabError(RuntimeError):
@@ -391,6 +391,7 @@ class Lab:
         self._popens: dict[int, subprocess.Popen[Any]] = {}
         self._nginx: subprocess.Popen[Any] | None = None
         self._up = False
+        self._owner = os.getpid()
         self._seq = itertools.count(1)  # next() is atomic under the GIL: curl() from threads
 
     # ----------------------------------------------------------------- lifecycle
@@ -438,14 +439,19 @@ class Lab:
             return self
         Lab.cleanup_stale()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        if self.state_path.exists() or any((NETNS_RUN / ns).exists() for ns in self.namespaces):
+        if any((NETNS_RUN / ns).exists() for ns in self.namespaces):
             raise LabError(f"a lab with tag {self.tag!r} already exists")
+        try:  # O_EXCL claims the tag atomically against a concurrent up() with the same tag
+            self.state_path.open("x").close()
+        except FileExistsError:
+            raise LabError(f"a lab with tag {self.tag!r} already exists") from None
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{self.tag}-"))
         # Record first, create second: a crash at any later point leaves debris `down` can find.
         self._save_state()
         self._up = True
+        self._owner = os.getpid()
         if not self.persistent:
-            atexit.register(self.down)
+            atexit.register(self._atexit)
         try:
             self._build_network()
             self._write_names()
@@ -459,12 +465,17 @@ class Lab:
         if not self._up:
             return
         self._up = False
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.down)
+        atexit.unregister(self._atexit)
         _teardown(self._state(), self._popens)
         self._procs.clear()
         self._popens.clear()
         self._nginx = None
+
+    def _atexit(self) -> None:
+        # A forked child inherits atexit handlers; only the process that built the lab may
+        # tear it down at exit.
+        if os.getpid() == self._owner:
+            self.down()
 
     @staticmethod
     def cleanup_stale() -> list[str]:
@@ -473,6 +484,11 @@ class Lab:
         for tag in _state_tags():
             state = _read_state(tag)
             if state is None or "tag" not in state:
+                # Claimed by up() but never written: its owner died within microseconds.
+                path = STATE_DIR / f"{tag}.json"
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > UNWRITTEN_STATE_AGE:
+                        path.unlink()
                 continue
             if not _owner_alive(state):
                 _teardown(state, {})
