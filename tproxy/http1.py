@@ -242,7 +242,10 @@ _CONNECTION = b"connection"
 _HOST_NAME = b"host"
 _EXPECT = b"expect"
 _UPGRADE = b"upgrade"
-_SPECIAL = frozenset({_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HOST_NAME, _EXPECT})
+_SPECIAL = frozenset(
+    {_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HOST_NAME, _EXPECT, _UPGRADE}
+)
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 # Parser states.
 _S_HEAD = 0
@@ -284,7 +287,6 @@ class _Parser:
         "_limits",
         "_remaining",
         "_scan",
-        "_special",
         "_state",
         "_trailer_bytes",
         "_trailers",
@@ -299,20 +301,38 @@ class _Parser:
         self._body_seen = 0
         self._scan = 0  # bytes at the head start already searched for CRLFCRLF
         self._fields: Headers = []
-        self._special: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] = []
         self._trailer_bytes = 0
         self._eof = False
 
-    # httptools callback: the only one we register (the head is all httptools sees).
+    # httptools callback: the only one we register (the head is all httptools sees).  Kept
+    # minimal: it runs once per field line on the hot path.
     def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not part of the value).
-        if value and value[-1] in b" \t":
-            value = value.rstrip(b" \t")
         self._fields.append((name, value))
-        lname = name.lower()
-        if lname in _SPECIAL:
-            self._special.append((lname, value))
+
+    def _parse_fields(
+        self, parser: HttpRequestParser | HttpResponseParser, buf: bytes, pos: int, end: int
+    ) -> tuple[Headers, str]:
+        """Run llhttp over the complete head ``buf[pos:end]``; (fields, error reason or "")."""
+        fields: Headers = []
+        self._fields = fields
+        try:
+            parser.feed_data(buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end])
+        except HttpParserUpgrade:
+            pass  # Upgrade/CONNECT/101: decided by the caller, not by llhttp
+        except HttpParserInvalidMethodError:
+            return fields, "method"
+        except HttpParserError as exc:
+            # llhttp pauses (reported as an error) on a 101 without Upgrade; the caller decides.
+            reason = str(exc)
+            if not reason.startswith("Pause on"):
+                return fields, reason or "invalid head"
+        if buf.find(b" \r\n", pos, end) >= 0 or buf.find(b"\t\r\n", pos, end) >= 0:
+            # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not in the value).
+            fields[:] = [(n, v.rstrip(b" \t")) for n, v in fields]
+        if len(fields) > self._limits.max_header_count:
+            return fields, "too many header fields"
+        return fields, ""
 
     def _error(self, status: int, reason: str) -> ProtocolError:
         self._state = _S_DEAD
@@ -465,31 +485,58 @@ class _Parser:
             else:  # pragma: no cover - callers only enter with a body state
                 raise AssertionError(st)
 
-    def _framing_values(self, version_minor: bytes) -> tuple[int | None, list[bytes] | None, str]:
-        """Content-Length and Transfer-Encoding from the special fields; reason on error."""
-        cl: int | None = None
-        te: list[bytes] | None = None
-        for lname, value in self._special:
-            if lname == _CONTENT_LENGTH:
-                # llhttp already rejected lists, signs and duplicates; re-check to be sure.
-                if cl is not None or not value.isdigit():
-                    return None, None, "invalid Content-Length"
-                cl = int(value)
-            elif lname == _TRANSFER_ENCODING:
-                if te is None:
-                    te = []
-                te.extend(_split_tokens((value,)) or [b""])
-        if te is not None:
-            if cl is not None:
-                return None, None, "both Content-Length and Transfer-Encoding"
-            if version_minor == b"0":
-                # RFC 9112 §6.1: TE in HTTP/1.0 means faulty framing.
-                return None, None, "Transfer-Encoding in HTTP/1.0"
-        return cl, te, ""
 
-    def _connection(self) -> frozenset[bytes]:
-        vals = [v for n, v in self._special if n == _CONNECTION]
-        return frozenset(_split_tokens(vals)) if vals else frozenset()
+class _Meta:
+    """What the parser needs from a head's fields, gathered in one pass."""
+
+    __slots__ = ("cl", "conn", "error", "expect", "host", "n_host", "te", "upgrade")
+
+    def __init__(self, fields: Headers, minor: bytes) -> None:
+        self.cl: int | None = None
+        self.te: list[bytes] | None = None
+        self.host: bytes | None = None
+        self.n_host = 0
+        self.expect = False
+        self.upgrade = False  # an Upgrade field is present
+        self.error = ""
+        conn: list[bytes] | None = None
+        for name, value in fields:
+            lname = name.lower()
+            if lname not in _SPECIAL:
+                continue
+            if lname == _CONNECTION:
+                if conn is None:
+                    conn = []
+                conn.append(value)
+            elif lname == _HOST_NAME:
+                self.n_host += 1
+                self.host = value
+            elif lname == _CONTENT_LENGTH:
+                # llhttp already rejected lists, signs and duplicates; re-check to be sure.
+                if self.cl is not None or not value.isdigit():
+                    self.error = "invalid Content-Length"
+                else:
+                    self.cl = int(value)
+            elif lname == _TRANSFER_ENCODING:
+                if self.te is None:
+                    self.te = []
+                self.te.extend(_split_tokens((value,)) or [b""])
+            elif lname == _EXPECT:
+                self.expect = value.lower() == b"100-continue"
+            else:
+                self.upgrade = True
+        if conn is None:
+            self.conn: frozenset[bytes] = _NO_TOKENS
+        elif len(conn) == 1 and b"," not in conn[0]:
+            self.conn = frozenset((conn[0].strip(b" \t").lower(),))
+        else:
+            self.conn = frozenset(_split_tokens(conn))
+        if self.te is not None:
+            if self.cl is not None:
+                self.error = "both Content-Length and Transfer-Encoding"
+            elif minor == b"0":
+                # RFC 9112 §6.1: TE in HTTP/1.0 means faulty framing.
+                self.error = "Transfer-Encoding in HTTP/1.0"
 
 
 class RequestParser(_Parser):
@@ -609,23 +656,19 @@ class RequestParser(_Parser):
                     return self._error(400, "asterisk-form only with OPTIONS")
             elif not _ABSOLUTE_FORM.fullmatch(target):
                 return self._error(400, "invalid request-target")
-        fields: Headers = []
-        self._fields = fields
-        self._special = []
-        try:
-            HttpRequestParser(self).feed_data(memoryview(buf)[pos:end])
-        except HttpParserUpgrade:
-            pass  # Upgrade/CONNECT: decided below, not by llhttp
-        except HttpParserInvalidMethodError:
-            # Our regex accepted the token, so llhttp just does not know it (RFC 9110 §9.1).
-            return self._error(501, "method not implemented")
-        except HttpParserError as exc:
-            return self._error(400, f"invalid request head: {exc}")
-        if len(fields) > lim.max_header_count:
-            return self._error(431, "too many header fields")
-        cl, te, why = self._framing_values(minor)
+        fields, why = self._parse_fields(HttpRequestParser(self), buf, pos, end)
         if why:
-            return self._error(400, why)
+            if why == "method":
+                # Our regex accepted the token, so llhttp just does not know it (RFC 9110 §9.1).
+                return self._error(501, "method not implemented")
+            if why == "too many header fields":
+                return self._error(431, why)
+            return self._error(400, f"invalid request head: {why}")
+        meta = _Meta(fields, minor)
+        if meta.error:
+            return self._error(400, meta.error)
+        cl = meta.cl
+        te = meta.te
         if te is not None:
             if te[-1] != b"chunked" or te.count(b"chunked") != 1:
                 # RFC 9112 §6.3 item 4: length cannot be determined.
@@ -639,24 +682,17 @@ class RequestParser(_Parser):
                 return self._error(413, "body too large")
         else:
             kind = BodyKind.NONE
-        host: bytes | None = None
-        n_host = 0
-        expect = False
-        for lname, value in self._special:
-            if lname == _HOST_NAME:
-                n_host += 1
-                host = value
-            elif lname == _EXPECT:
-                expect = value.lower() == b"100-continue"
+        host = meta.host
         # RFC 9112 §3.2: exactly one valid Host in HTTP/1.1, at most one in HTTP/1.0.
-        if n_host > 1 or (n_host == 0 and minor == b"1"):
+        if meta.n_host > 1 or (meta.n_host == 0 and minor == b"1"):
             return self._error(400, "missing or repeated Host")
         if host is not None and not _HOST.fullmatch(host):
             return self._error(400, "invalid Host")
-        conn = self._connection()
+        conn = meta.conn
+        expect = meta.expect
         if minor == b"1":
             keep_alive = b"close" not in conn
-            upgrade = b"upgrade" in conn and any(n.lower() == _UPGRADE for n, _ in fields)
+            upgrade = meta.upgrade and b"upgrade" in conn  # RFC 9110 §7.8
         else:
             keep_alive = b"keep-alive" in conn and b"close" not in conn
             upgrade = False  # RFC 9110 §7.8: ignore Upgrade in HTTP/1.0
@@ -769,23 +805,13 @@ class ResponseParser(_Parser):
             return False
         minor, code, reason = m.group(1, 2, 3)
         status = int(code)
-        fields: Headers = []
-        self._fields = fields
-        self._special = []
-        try:
-            HttpResponseParser(self).feed_data(memoryview(buf)[pos:end])
-        except HttpParserUpgrade:
-            pass
-        except HttpParserError as exc:
-            # llhttp pauses (as an "error") on a 101 it considers an upgrade; we decide.
-            if not (status == 101 and str(exc).startswith("Pause")):
-                events.append(self._error(502, f"invalid response head: {exc}"))
-                return False
-        if len(fields) > self._limits.max_header_count:
-            events.append(self._error(502, "too many header fields"))
+        fields, why = self._parse_fields(HttpResponseParser(self), buf, pos, end)
+        if why:
+            events.append(self._error(502, f"invalid response head: {why}"))
             return False
         reason = reason or b""
-        conn = self._connection()
+        meta = _Meta(fields, minor)
+        conn = meta.conn
         method, upgrade_requested = self._pending[0]
         if status < 200:
             if status == 101:
@@ -798,10 +824,11 @@ class ResponseParser(_Parser):
                 return True
             events.append(Informational(status, reason, fields, conn))
             return False
-        cl, te, why = self._framing_values(minor)
-        if why:
-            events.append(self._error(502, why))
+        if meta.error:
+            events.append(self._error(502, meta.error))
             return False
+        cl = meta.cl
+        te = meta.te
         if te is not None and te != [b"chunked"]:
             # A close-delimited TE body (§6.3 item 4) could not be re-framed faithfully.
             events.append(self._error(502, "unsupported Transfer-Encoding"))
