@@ -285,7 +285,7 @@ def _validate(r: Reader, cfg: ShapingConfig) -> None:
                 f"ceil {format_rate(c.ceil)} exceeds the ceil of {whose}"
                 f" ({format_rate(parent_ceil)})",
             )
-        if c.rate > ceils[c.name]:
+        if c.rate > ceils[c.name] and c.ceil is None:  # an explicit ceil was checked in parsing
             r.error(
                 f"class[{i}].rate",
                 f"rate {format_rate(c.rate)} exceeds the class ceil {format_rate(ceils[c.name])}",
@@ -298,6 +298,8 @@ def _validate(r: Reader, cfg: ShapingConfig) -> None:
     # Guaranteed rates that add up to more than the parent can pass are no guarantee: an error,
     # not a warning. (HTB itself would accept it and silently under-deliver.)
     for parent, kids in children.items():
+        if any(cfg.classes[k].rate > ceils[cfg.classes[k].name] for k in kids):
+            continue  # already reported for the child
         total = sum(cfg.classes[k].rate for k in kids)
         if parent is None:
             limit, key = cfg.lan_interface_rate, "lan_interface_rate"
@@ -506,7 +508,8 @@ def _quantum(rate_bits: int) -> int:
 def _record(
     classid: int, parent: int, name: str, rate: int, ceil: int, prio: int, mark: int | None
 ) -> ClassRecord:
-    ceil = max(ceil, rate)
+    # Only a WAN link slower than a class's ceil can push a rate above its (clamped) ceil.
+    rate = min(rate, ceil)
     return ClassRecord(
         classid=classid,
         parent=parent,
