@@ -13,18 +13,22 @@ import ipaddress
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from tproxy.netfilter import (
+    MARK_VERDICT_ACCEPT,
+    MARK_VERDICT_RESET,
     ClassifyRule,
     RulesError,
     RulesPlan,
@@ -251,17 +255,20 @@ def test_routing_is_idempotent_and_flush_removes_only_ours(ns: str) -> None:
 class Pair:
     client: str
     gateway: str
+    origin: str
 
 
 V4 = {"client": "10.99.0.2", "gw": "10.99.0.1", "far": "198.18.0.9", "far_net": "198.18.0.0/24"}
+ORIGIN = {"gw": "198.18.1.1", "origin": "198.18.1.9"}
 V6 = {"client": "fd99::2", "gw": "fd99::1", "far": "2001:db8:18::9", "far_net": "2001:db8:18::/64"}
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    """client ── veth ── gateway; the far networks are "prohibit" routes on the gateway, so
-    anything merely forwarded fails at once with an ICMP error instead of timing out."""
-    with scratch_ns("c") as client, scratch_ns("g") as gateway:
+    """client ── veth ── gateway ── veth ── origin (198.18.1.9). The far networks 198.18.0.0/24
+    and 2001:db8:18::/64 are "prohibit" routes on the gateway, so anything merely forwarded
+    there fails at once with an ICMP error instead of timing out."""
+    with scratch_ns("c") as client, scratch_ns("g") as gateway, scratch_ns("o") as origin:
         sh("ip", "-n", gateway, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0",
            "netns", client)  # fmt: skip
         for name, me, other in ((client, "client", "gw"), (gateway, "gw", "client")):
@@ -272,13 +279,20 @@ def pair() -> Iterator[Pair]:
             del other
         sh("ip", "-n", client, "route", "add", "default", "via", V4["gw"])
         sh("ip", "-n", client, "-6", "route", "add", "default", "via", V6["gw"])
+        sh("ip", "-n", gateway, "link", "add", "wan0", "type", "veth", "peer", "name", "eth0",
+           "netns", origin)  # fmt: skip
+        sh("ip", "-n", gateway, "addr", "add", f"{ORIGIN['gw']}/24", "dev", "wan0")
+        sh("ip", "-n", gateway, "link", "set", "wan0", "up")
+        sh("ip", "-n", origin, "addr", "add", f"{ORIGIN['origin']}/24", "dev", "eth0")
+        sh("ip", "-n", origin, "link", "set", "eth0", "up")
+        sh("ip", "-n", origin, "route", "add", "default", "via", ORIGIN["gw"])
         sh("ip", "-n", gateway, "route", "add", "prohibit", V4["far_net"])
         sh("ip", "-n", gateway, "-6", "route", "add", "prohibit", V6["far_net"])
         sh(
             "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
             "net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0", ns=gateway,
         )  # fmt: skip
-        yield Pair(client, gateway)
+        yield Pair(client, gateway, origin)
 
 
 def listener(family: int, address: str) -> socket.socket:
@@ -384,3 +398,111 @@ def test_new_syn_on_a_time_wait_tuple_is_not_delayed(pair: Pair) -> None:
         lsock.close()
         flush(None, netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
+
+
+QUEUE_NUM = 7
+HTTPS = 443
+
+
+class VerdictQueue:
+    """A minimal SNI-peek stand-in: the first packet with payload gets ``verdict_mark`` and is
+    re-injected (``set_mark; repeat``), every other queued packet is accepted as is."""
+
+    def __init__(self, ns: str, verdict_mark: int) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        self.verdict_mark = verdict_mark
+        self.seen: list[int] = []  # payload lengths of queued packets
+        # The nfnetlink socket is opened by the constructor: in the gateway namespace.
+        self.nfq = in_netns(ns, NetfilterQueue)
+        self.nfq.bind(QUEUE_NUM, self._packet)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="nfq-test", daemon=True)
+        self.thread.start()
+
+    def _packet(self, pkt: Any) -> None:
+        payload = pkt.get_payload()
+        header = (payload[0] & 0x0F) * 4
+        data_len = len(payload) - header - (payload[header + 12] >> 4) * 4
+        self.seen.append(data_len)
+        if data_len > 0 and pkt.get_mark() == 0:
+            pkt.set_mark(self.verdict_mark)
+            pkt.repeat()
+        else:
+            pkt.accept()
+
+    def _loop(self) -> None:
+        fd = self.nfq.get_fd()
+        while not self.stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                self.nfq.run(block=False)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(TIMEOUT)
+        self.nfq.unbind()
+
+
+def origin_listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((ORIGIN["origin"], port))
+    sock.listen(8)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+@pytest.mark.parametrize("verdict", ["accept", "reset"])
+def test_nfqueue_verdicts_stick_to_the_flow(pair: Pair, verdict: str) -> None:
+    plan = RulesPlan(
+        lan_interfaces=("lan0",),
+        ports=(80,),
+        listen_port=LISTEN_PORT,
+        ipv6=False,
+        https_ports=(HTTPS,),
+        nfqueue_num=QUEUE_NUM,
+        quic_reject=True,
+    )
+    mark = (MARK_VERDICT_ACCEPT if verdict == "accept" else MARK_VERDICT_RESET) | class_mark(3)
+    osock = in_netns(pair.origin, lambda: origin_listener(HTTPS))
+    queue: VerdictQueue | None = None
+    try:
+        apply(plan, netns=pair.gateway)
+        queue = VerdictQueue(pair.gateway, mark)
+        csock = in_netns(pair.client, lambda: client_socket(4))
+        with csock:
+            csock.connect((ORIGIN["origin"], HTTPS))
+            conn, _ = osock.accept()
+            conn.settimeout(TIMEOUT)
+            with conn:
+                csock.sendall(b"hello")  # the "ClientHello": gets the verdict
+                if verdict == "reset":
+                    # The re-injected packet itself is rejected with a reset in FORWARD.
+                    with pytest.raises(ConnectionResetError):
+                        csock.recv(16)
+                    return
+                assert conn.recv(16) == b"hello"
+                for _ in range(10):
+                    csock.sendall(b"x" * 100)
+                    assert len(conn.recv(1000)) >= 1
+                    conn.sendall(b"y")
+                    assert csock.recv(16) == b"y"
+            # Only the handshake and the verdict packet were queued: the saved connmark sends
+            # later packets past the queue, although connbytes would still allow 8.
+            assert queue.seen == [0, 0, 5]
+            ct = sh("conntrack", "-L", "-p", "tcp", "--dport", str(HTTPS), ns=pair.gateway)
+            assert f"mark={mark}" in ct
+        # QUIC from the LAN is refused with an ICMP port unreachable.
+        usock = in_netns(pair.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        with usock:
+            usock.settimeout(TIMEOUT)
+            usock.connect((ORIGIN["origin"], HTTPS))
+            usock.send(b"quic")
+            with pytest.raises(ConnectionRefusedError):
+                usock.recv(16)
+    finally:
+        if queue is not None:
+            queue.close()
+        osock.close()
+        flush(None, netns=pair.gateway)
