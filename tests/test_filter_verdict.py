@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tproxy.config import Reader
 from tproxy.filter import (
     Policy,
     RequestInfo,
+    explain_sni,
     load_categories,
     parse_filter,
     render_block_page,
@@ -334,6 +338,7 @@ def test_pending_allow_overrides_later_deny() -> None:
     info = req("http://mixed.example/page")
     tentative = p.request_verdict(info)
     assert tentative.action == "allow" and not tentative.final
+    assert tentative.rule == "filter.rule[0]" and "filter.rule[1] would deny" in tentative.reason
     v = p.response_verdict(info, 200, "text/html; charset=utf-8", 100)
     assert (v.action, v.rule) == ("allow", "filter.rule[0]")
     v = p.response_verdict(info, 200, "image/png", 100)
@@ -431,3 +436,44 @@ def test_explain() -> None:
     assert "group default [fallback (no group matched the client)]" in text
     assert "filter.rule[0]" not in text  # kids' rules are not the fallback group's
     assert "not final" in text
+    text = explain_sni(p, "10.0.0.5", "games.example", day(0, 9))
+    assert "filter.rule[0] (deny): MATCH" in text and "filter.rule[2]" not in text
+    assert text.endswith("verdict: DENY by filter.rule[0]: domain games.example")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    url=st.text(max_size=60),
+    host=st.text(max_size=30),
+    client=st.one_of(st.ip_addresses().map(str), st.text(max_size=20)),
+    sni=st.one_of(st.none(), st.text(max_size=40)),
+    ctype=st.one_of(st.none(), st.text(max_size=30)),
+)
+def test_odd_input_never_raises(
+    url: str, host: str, client: str, sni: str | None, ctype: str | None
+) -> None:
+    p = _FUZZ_POLICY
+    info = RequestInfo(client, None, "GET", host, url, None, MON_10)
+    assert p.request_verdict(info).action in ("allow", "deny")
+    assert p.response_verdict(info, 200, ctype, 10).action in ("allow", "deny")
+    assert p.sni_verdict(client, sni, MON_10).action in ("allow", "deny")
+    render_block_page(p.block_template, p.request_verdict(info), url)
+
+
+_FUZZ_POLICY = policy(GROUPS + WINDOWS + RESPONSE_RULES)
+
+
+def test_loading_in_a_worker_thread_while_serving(tmp_path: Path) -> None:
+    """SIGHUP reload: lists load in a thread; the old policy keeps answering meanwhile."""
+    (tmp_path / "adult").mkdir()
+    (tmp_path / "adult" / "domains").write_text("".join(f"d{i}.example\n" for i in range(50000)))
+    old = policy(GROUPS)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(load_categories, tmp_path)
+        served = 0
+        while not future.done():
+            assert old.request_verdict(req("http://d1.example/")).action == "allow"
+            served += 1
+        result = future.result()
+    assert result.categories.domain_categories("x.d49999.example") == {"adult": "d49999.example"}
+    assert served > 0

@@ -24,6 +24,7 @@ from tproxy.filter.verdict import (
     RequestInfo,
     Verdict,
     explain,
+    explain_sni,
     render_block_page,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "Verdict",
     "WindowConfig",
     "explain",
+    "explain_sni",
     "load_categories",
     "normalize_domain",
     "normalize_host",

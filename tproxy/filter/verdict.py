@@ -427,11 +427,10 @@ class Policy:
             verdict = Verdict(group.default, group.name, group.default_key, "no rule matched")
             if trace:
                 trace(f"  no rule matched: {group.default_key} = {group.default}")
-        if any(p.action != verdict.action for p in pending):
-            keys = ", ".join(p.key for p in pending)
-            return Verdict(
-                "allow", group.name, verdict.rule, f"pending response: {keys}", None, False
-            )
+        differing = [p for p in pending if p.action != verdict.action]
+        if differing:
+            why = f"the response head decides; else {verdict.rule} would {verdict.action}"
+            return Verdict("allow", group.name, differing[0].key, why, None, False)
         return verdict
 
     def request_verdict(self, info: RequestInfo, trace: Trace | None = None) -> Verdict:
@@ -524,6 +523,26 @@ class Policy:
                 "(not final: a response-side rule decides once the response head is known)"
             )
         return "\n".join(lines)
+
+
+def explain_sni(
+    policy: Policy,
+    client_ip: str,
+    sni: str | None,
+    now: datetime,
+    *,
+    ech: bool = False,
+    client_mac: str | None = None,
+) -> str:
+    """Like :meth:`Policy.explain`, for a TLS flow known only by its SNI."""
+    group = policy.select_group(client_ip, client_mac)
+    lines = [f"client {client_ip}: group {group.name}", f"TLS server name {sni or '(none)'}"]
+    if ech:
+        lines.append("encrypted ClientHello (ECH): the server name is the provider's public name")
+    lines.append(f"rules of group {group.name} that apply to SNI (domains, categories, window):")
+    v = policy.sni_verdict(client_ip, sni, now, ech=ech, client_mac=client_mac, trace=lines.append)
+    lines.append(f"verdict: {v.action.upper()} by {v.rule}: {v.reason}")
+    return "\n".join(lines)
 
 
 def explain(
