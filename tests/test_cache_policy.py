@@ -162,6 +162,7 @@ def test_fields_case_insensitive() -> None:
         "Sunday, 06-Nov-94 08:49:37 GMT",
         "Sun Nov  6 08:49:37 1994",
         "sun, 06 nov 1994 08:49:37 GMT",
+        "Sun, 6 Nov 1994 08:49:37 GMT",  # tolerated: single-digit day
     ],
 )
 def test_http_date_formats(text: str) -> None:

@@ -1,1 +1,4 @@
-"""HTTP cache: RFC 9111 policy (pure) and the memory/disk object store."""
+"""HTTP cache: RFC 9111 policy (``policy``, pure) and the memory/disk object store (``store``).
+
+``tproxy.cache.store`` registers the ``[cache]`` config section when imported.
+"""

@@ -234,7 +234,7 @@ def field_names(arg: str | None) -> frozenset[bytes]:
 _MONTHS = {m: i for i, m in enumerate(calendar.month_abbr) if m}
 _MONTHS_LOWER = {k.lower(): v for k, v in _MONTHS.items()}
 _IMF = re.compile(
-    r"^[A-Za-z]{3}, (\d{2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT$"
+    r"^[A-Za-z]{3}, (\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT$"
 )  # Sun, 06 Nov 1994 08:49:37 GMT
 _RFC850 = re.compile(
     r"^[A-Za-z]{6,9}, (\d{2})-([A-Za-z]{3})-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT$"
