@@ -37,7 +37,6 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -482,11 +481,6 @@ def parse_filter(r: Reader) -> FilterConfig:
         windows=tuple(windows),
         rules=tuple(rules),
     )
-
-
-def window_time(t: time) -> int:
-    """Minutes since midnight of a local time of day."""
-    return t.hour * 60 + t.minute
 
 
 register_section("filter", parse_filter)

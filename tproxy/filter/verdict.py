@@ -456,9 +456,13 @@ class Policy:
         host = normalize_host(info.host) if info.host else url_host
         req = _Req(self.categories, host, full, path, info.method, info.user_agent)
         no_body = status < 200 or status in (204, 304) or info.method.upper() == "HEAD"
-        resp = _Response(None if no_body else media_type(content_type), content_length)
-        if no_body:
-            resp = _Response(None, None)
+        # No body (RFC 9110 §6.4.1: 1xx, 204, 304, and any response to HEAD): nothing for
+        # MIME or size rules to judge.
+        resp = (
+            _Response(None, None)
+            if no_body
+            else _Response(media_type(content_type), content_length)
+        )
         return self._decide(group, group.rules, req, resp, info.now, trace)
 
     def sni_verdict(
