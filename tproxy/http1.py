@@ -208,7 +208,7 @@ _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN = rb"[" + _TCHAR + rb"]+"
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version, single spaces.
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
-_ANY_VERSION = re.compile(rb"[^ ]+ [^ ]+ HTTP/[0-9]\.[0-9]")
+_ANY_VERSION = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/[0-9]\.[0-9]")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]; the second SP is
 # often missing in the wild and harmless to accept.
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
@@ -640,7 +640,7 @@ class RequestParser(_Parser):
         line_end = buf.find(b"\r\n", pos)
         m = _REQUEST_LINE.fullmatch(buf, pos, line_end)
         if m is None:
-            if _ANY_VERSION.fullmatch(buf, pos, line_end) and b"  " not in buf[pos:line_end]:
+            if _ANY_VERSION.fullmatch(buf, pos, line_end):
                 return self._error(505, "HTTP version not supported")
             return self._error(400, "invalid request-line")
         method, target, minor = m.group(1, 2, 3)
