@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import re
@@ -40,6 +41,7 @@ from tproxy.netfilter import (
     render,
     run_restore,
     show,
+    show_by_family,
 )
 
 pytestmark = [
@@ -130,10 +132,11 @@ def ns() -> Iterator[str]:
 def test_full_render_loads_and_apply_is_idempotent(ns: str) -> None:
     plan = extras_plan()
     apply(plan, netns=ns)
-    first = show(netns=ns)
+    first = show_by_family(netns=ns)
     apply(plan, netns=ns)
-    second = show(netns=ns)
+    second = show_by_family(netns=ns)
     assert first == second
+    assert show(netns=ns).startswith("# IPv4: iptables-save excerpt\n*mangle\n")
     for family in (4, 6):
         # Every rule we rendered is live (iptables-save spells them canonically, so count them).
         rendered = [x for x in render(plan, family).splitlines() if x.startswith("-A TPROXY-")]
@@ -167,14 +170,15 @@ def test_foreign_rules_survive_apply_and_flush(ns: str) -> None:
     assert "TPROXY-" not in sh("ip6tables-save", ns=ns)
     strip = re.compile(r"^#.*$", re.M)
     assert strip.sub("", after) == strip.sub("", before)
-    assert show(netns=ns) == {4: "", 6: ""}
+    assert show_by_family(netns=ns) == {4: "", 6: ""}
+    assert show(netns=ns) == ""
 
 
 def test_smaller_plan_removes_stale_chains(ns: str) -> None:
     apply(extras_plan(), netns=ns)
     small = RulesPlan(lan_interfaces=("lan0",), ports=(80,), listen_port=LISTEN_PORT, ipv6=False)
     apply(small, netns=ns)
-    live = show(netns=ns)
+    live = show_by_family(netns=ns)
     assert "TPROXY-FWD" not in live[4] and "TPROXY-POST" not in live[4]
     assert hook_lines(live[4]) == ["-A PREROUTING -j TPROXY-PRE"]
     assert "--dport 80" in live[4] and "8080" not in live[4]
@@ -201,14 +205,14 @@ def test_missing_kernel_feature_gives_one_line(ns: str) -> None:
 
 def test_failed_restore_changes_nothing(ns: str) -> None:
     apply(extras_plan(), netns=ns)
-    before = show(netns=ns)
+    before = show_by_family(netns=ns)
     broken = render(extras_plan(("lanX",)), 4).replace(
         "COMMIT", "-A TPROXY-PRE -j TPROXY-NOPE\nCOMMIT", 1
     )
     with pytest.raises(RulesError) as info:
         run_restore(broken, 4, netns=ns)
     assert "\n" not in str(info.value) and "iptables-restore failed" in str(info.value)
-    assert show(netns=ns) == before
+    assert show_by_family(netns=ns) == before
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -341,6 +345,17 @@ def test_tproxy_delivers_to_the_listener(pair: Pair, family: int, listen_on: str
             assert conn.recv(16) == b"ping"
             conn.sendall(b"pong")
             assert csock.recv(16) == b"pong"
+
+            # Drain (the daemon before a stop): no ports, so new connections are no longer
+            # diverted, but the flow we own keeps working through the socket divert.
+            apply(dataclasses.replace(plan, ports=()), netns=pair.gateway)
+            newcomer = in_netns(pair.client, lambda: client_socket(family))
+            with newcomer, pytest.raises(OSError):
+                newcomer.connect((addr["far"], 80))
+            csock.sendall(b"still")
+            assert conn.recv(16) == b"still"
+            conn.sendall(b"here")
+            assert csock.recv(16) == b"here"
         csock.close()
 
         flush(None, netns=pair.gateway)

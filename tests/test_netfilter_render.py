@@ -6,6 +6,7 @@ Golden files live in tests/golden/netfilter/; after an intended change run
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -182,9 +183,7 @@ def test_routing_description() -> None:
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"lan_interfaces": ()}, "no LAN interface"),
         ({"lan_interfaces": ("bad name",)}, "not an interface name"),
-        ({"ports": ()}, "no port"),
         ({"ports": (0,)}, "not a TCP port"),
         ({"https_ports": (80,), "nfqueue_num": 1}, "both intercepted and queued"),
         ({"https_ports": (443,)}, "need an nfqueue_num"),
@@ -349,8 +348,20 @@ def test_plan_from_config() -> None:
 
 
 def test_plan_from_config_errors() -> None:
-    with pytest.raises(config.ConfigError, match="no LAN interface"):
-        plan_from_config(config.parse({}))
+    # Without LAN interfaces the plan is valid (flush needs its table and priority) but
+    # intercepts nothing.
+    assert not plan_from_config(config.parse({})).intercepts()
     cfg = config.parse({"proxy": {"lan_interfaces": ["eth1"]}, "rules": {"fwmark_mask": 0xFF}})
     with pytest.raises(config.ConfigError, match="overlaps the verdict/class bits"):
         plan_from_config(cfg)
+
+
+def test_drain_plan_keeps_only_the_divert() -> None:
+    """No ports: new connections are no longer diverted, flows we own still are."""
+    plan = dataclasses.replace(full_plan(), ports=(), https_ports=())
+    assert not plan.intercepts() and full_plan().intercepts()
+    pre = rules_of(render(plan, 4), "TPROXY-PRE")
+    assert not [r for r in pre if "-j TPROXY " in r or "-j NFQUEUE" in r]
+    assert "-A TPROXY-PRE -p tcp -m socket --transparent -j TPROXY-DIVERT" in pre
+    # Decided HTTPS flows keep their verdict (resets keep resetting).
+    assert any("--restore-mark" in r for r in pre)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import Config, ConfigError
-from .apply import RulesError, apply, flush, run_restore, show
+from .apply import RulesError, apply, flush, run_restore, show, show_by_family
 from .render import (
     MARK_CLASS_MASK,
     MARK_CLASS_SHIFT,
@@ -45,6 +45,7 @@ __all__ = [
     "render_routing",
     "run_restore",
     "show",
+    "show_by_family",
 ]
 
 
@@ -61,12 +62,9 @@ def plan_from_config(
 ) -> RulesPlan:
     """The rules plan for a loaded config. ``lan_interfaces`` (e.g. from the command line)
     overrides ``proxy.lan_interfaces``; the extras come from the feature sections that own them
-    (SNI peek, shaping). A plan the kernel cannot express is a :class:`ConfigError`."""
+    (SNI peek, shaping). A plan the kernel cannot express is a :class:`ConfigError`; a plan
+    without LAN interfaces is valid but intercepts nothing (check ``plan.intercepts()``)."""
     lan = tuple(lan_interfaces) if lan_interfaces else cfg.proxy.lan_interfaces
-    if not lan:
-        raise ConfigError(
-            cfg.path, "proxy.lan_interfaces", "no LAN interface given: nothing would be intercepted"
-        )
     rules = cfg.rules
     extra: dict[str, str] = {}
     if on_ip4 is not None:

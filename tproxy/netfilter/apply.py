@@ -168,10 +168,20 @@ def flush(plan: RulesPlan | None = None, netns: str | None = None) -> None:
             run_restore(text, family, netns)
 
 
-def show(netns: str | None = None) -> dict[int, str]:
+def show_by_family(netns: str | None = None) -> dict[int, str]:
     """Our live rules per family, as an ``iptables-save`` excerpt ("" when none)."""
     out: dict[int, str] = {}
     for family in FAMILIES:
         saved = _save(family, netns)
         out[family] = parse_save(saved)[1] if saved else ""
     return out
+
+
+def show(netns: str | None = None) -> str:
+    """Our live rules of both families for people: "" when nothing of ours is installed."""
+    parts = [
+        f"# IPv{family}: {_TOOLS[family][1]} excerpt\n{text}"
+        for family, text in show_by_family(netns).items()
+        if text
+    ]
+    return "".join(parts)

@@ -163,13 +163,12 @@ class RulesPlan:
     classify: tuple[ClassifyRule, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not self.lan_interfaces:
-            raise ValueError("no LAN interface: nothing would be intercepted")
+        # No LAN interface or no port is allowed: the plan then keeps only the divert for flows
+        # the daemon already owns (used to drain before a stop); callers that mean to intercept
+        # check ``intercepts()``.
         for name in self.lan_interfaces:
             if not _IFNAME.match(name):
                 raise ValueError(f"not an interface name: {name!r}")
-        if not self.ports:
-            raise ValueError("no port to intercept")
         for port in (*self.ports, *self.https_ports, self.listen_port):
             if not 1 <= port <= 65535:
                 raise ValueError(f"not a TCP port: {port}")
@@ -197,6 +196,10 @@ class RulesPlan:
             raise ValueError(f"route table {self.route_table} is reserved or out of range")
         ipaddress.IPv4Address(self.on_ip4)
         ipaddress.IPv6Address(self.on_ip6)
+
+    def intercepts(self) -> bool:
+        """Whether any new connection would be diverted or queued."""
+        return bool(self.lan_interfaces) and bool(self.ports or self.https_ports)
 
     def families(self) -> tuple[int, ...]:
         return FAMILIES if self.ipv6 else (4,)
