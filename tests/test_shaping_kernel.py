@@ -38,12 +38,14 @@ from tproxy.shaping.model import (
     ShapingPlan,
     build_plan,
     classify_rules,
+    client_slot,
     format_show,
     mark_for,
 )
 
 pytestmark = [
     pytest.mark.lab,
+    pytest.mark.timeout(30),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
@@ -58,7 +60,7 @@ TOLERANCE = 0.10
 # HTB counts whole frames (qdisc_pkt_len: Ethernet + IP + TCP headers) while the receiver counts
 # payload: 1448 of every 1514 bytes with timestamps on (measured 3.84 Mbit/s for a 4mbit class).
 GOODPUT = 1448 / 1514
-LINK = "1gbit"
+CONNECT_TIMEOUT = 5.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -189,6 +191,7 @@ def flows(pair: Pair, marks: list[int], pacing: int | None = None) -> Iterator[l
     """Start one transfer per mark (SO_MARK on the sender socket) and stop them all after."""
     with in_netns(pair.ns_b):
         listener = socket.create_server((ADDR_B, PORT), backlog=len(marks))
+    listener.settimeout(CONNECT_TIMEOUT)
     started: list[Flow] = []
     try:
         for mark in marks:
@@ -197,7 +200,9 @@ def flows(pair: Pair, marks: list[int], pacing: int | None = None) -> Iterator[l
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             if pacing is not None:
                 s.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, pacing)
+            s.settimeout(CONNECT_TIMEOUT)
             s.connect((ADDR_B, PORT))
+            s.settimeout(None)
             conn, _ = listener.accept()
             f = Flow(s, conn)
             started.append(f)
@@ -357,3 +362,39 @@ def test_so_max_pacing_rate_caps_one_connection(pair: Pair) -> None:
     # (net/core/sock.c sets sk_pacing_status = SK_PACING_NEEDED).
     with flows(pair, [0], pacing=250_000) as (flow,):
         assert_rate(flow.rate_bps(), 2_000_000)
+
+
+def test_per_client_fair_slots_share_the_class_equally(pair: Pair) -> None:
+    plan = plan_for(
+        pair,
+        ShapingClass("fair", rate=4_000_000, ceil=4_000_000, per_client_fair=True, fair_slots=2),
+    )
+    apply_plan(plan, pair.ns_a)
+    pair.add_classify(plan)
+    # Two clients that hash to different slots (the slot is part of the mark). Client A opens
+    # two connections, client B one: fairness is per client, so each client gets half.
+    clients = {client_slot(f"10.9.0.{i}", 2): f"10.9.0.{i}" for i in range(1, 10)}
+    mark_a, mark_b = (mark_for(plan, "fair", clients[s]) for s in (0, 1))
+    assert mark_a != mark_b
+    with flows(pair, [mark_a, mark_a, mark_b]) as (a1, a2, b):
+        before = [f.received for f in (a1, a2, b)]
+        t0 = time.monotonic()
+        time.sleep(WINDOW)
+        dt = time.monotonic() - t0
+        got = [(f.received - n) * 8 / dt for f, n in zip((a1, a2, b), before, strict=True)]
+        assert_class_rate(got[0] + got[1], 2_000_000)
+        assert_class_rate(got[2], 2_000_000)
+
+
+def test_unmarked_goes_to_default_and_unshaped_mark_bypasses(pair: Pair) -> None:
+    plan = plan_for(pair, ShapingClass("slow", rate=2_000_000, ceil=2_000_000), default="slow")
+    apply_plan(plan, pair.ns_a)
+    pair.add_classify(plan)
+    with flows(pair, [0, mark_for(plan, None)]) as (unmarked, unshaped):
+        b0a, b0b, t0 = unmarked.received, unshaped.received, time.monotonic()
+        time.sleep(1.5)
+        dt = time.monotonic() - t0
+        assert_class_rate((unmarked.received - b0a) * 8 / dt, 2_000_000)
+        assert (unshaped.received - b0b) * 8 / dt > 50_000_000  # HTB's direct queue: no limit
+    counters = read_counters([pair.if_a], pair.ns_a)
+    assert counters[(pair.if_a, 0x10000)].packets > 1000  # direct_pkts
