@@ -27,6 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from tproxy.shaping.apply import (
     ShapingError,
     apply_plan,
+    mark_socket,
     read_counters,
     remove_plan,
     translate_error,
@@ -49,7 +50,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h
 CLONE_NEWNET = 0x40000000
 ADDR_A, ADDR_B = "10.213.0.1", "10.213.0.2"
 PORT = 5201
@@ -187,7 +187,9 @@ class Flow:
 
 
 @contextlib.contextmanager
-def flows(pair: Pair, marks: list[int], pacing: int | None = None) -> Iterator[list[Flow]]:
+def flows(
+    pair: Pair, marks: list[int], sender_class: tuple[ShapingPlan, str] | None = None
+) -> Iterator[list[Flow]]:
     """Start one transfer per mark (SO_MARK on the sender socket) and stop them all after."""
     with in_netns(pair.ns_b):
         listener = socket.create_server((ADDR_B, PORT), backlog=len(marks))
@@ -198,8 +200,8 @@ def flows(pair: Pair, marks: list[int], pacing: int | None = None) -> Iterator[l
             with in_netns(pair.ns_a):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            if pacing is not None:
-                s.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, pacing)
+            if sender_class is not None:
+                mark_socket(s, *sender_class)
             s.settimeout(CONNECT_TIMEOUT)
             s.connect((ADDR_B, PORT))
             s.settimeout(None)
@@ -316,7 +318,20 @@ def test_apply_twice_is_idempotent_and_remove_leaves_nothing(pair: Pair) -> None
     assert f"{pair.if_a}: add class 1:300 hd" in actions
     assert apply_plan(smaller, pair.ns_a) == []
     assert root_qdisc(pair) == ("htb", 0x10000)
-    assert remove_plan(smaller, pair.ns_a) == [pair.if_a]
+    # HTB cannot change its default class in place: the tree is rebuilt.
+    other_default = plan_for(
+        pair,
+        ShapingClass("web", rate=20_000_000, ceil=80_000_000, prio=1),
+        ShapingClass("video", rate=30_000_000),
+        ShapingClass("hd", rate=10_000_000),
+        ShapingClass("bulk", rate=5_000_000),
+        default="web",
+    )
+    actions = update_plan(smaller, other_default, pair.ns_a)
+    assert actions[:2] == [f"{pair.if_a}: del qdisc 1:", f"{pair.if_a}: qdisc htb 1: default 100"]
+    assert len(actions) == 2 + len(other_default.interfaces[0].classes)
+    assert apply_plan(other_default, pair.ns_a) == []
+    assert remove_plan(other_default, pair.ns_a) == [pair.if_a]
     kind, handle = root_qdisc(pair)
     assert handle == 0 and kind != "htb"  # back to the kernel's default (noqueue on veth)
     assert remove_plan([pair.if_a], pair.ns_a) == []
@@ -360,8 +375,17 @@ def test_missing_qdisc_kind_names_the_kernel_option(pair: Pair) -> None:
 def test_so_max_pacing_rate_caps_one_connection(pair: Pair) -> None:
     # No qdisc at all (veth's noqueue): TCP paces internally once SO_MAX_PACING_RATE is set
     # (net/core/sock.c sets sk_pacing_status = SK_PACING_NEEDED).
-    with flows(pair, [0], pacing=250_000) as (flow,):
-        assert_rate(flow.rate_bps(), 2_000_000)
+    plan = plan_for(
+        pair,
+        ShapingClass("capped", rate=8_000, per_connection_cap=2_000_000),
+        ShapingClass("free", rate=8_000),
+    )
+    with flows(pair, [0], sender_class=(plan, "capped")) as (flow,):
+        assert_rate(flow.rate_bps(2.0), 2_000_000)
+        # Moving the socket to an uncapped class lifts the cap on the running connection.
+        mark_socket(flow.sender, plan, "free")
+        time.sleep(0.3)
+        assert flow.rate_bps(1.0) > 20_000_000
 
 
 def test_per_client_fair_slots_share_the_class_equally(pair: Pair) -> None:

@@ -1,7 +1,8 @@
 """Bandwidth shaping enforced by the kernel: an HTB tree per interface, fed by socket marks.
 
-``model`` is pure (config, plan, rendering); ``apply`` talks to the kernel with pyroute2.
-Importing the package registers the ``[shaping]`` config section.
+``model`` is pure (config, plan, rendering); ``apply`` talks to the kernel with pyroute2 and is
+imported on demand (``from tproxy.shaping.apply import apply_plan``) so that config checking
+does not load pyroute2. Importing the package registers the ``[shaping]`` config section.
 """
 
 from tproxy.shaping.model import (

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -46,9 +48,13 @@ from tproxy.shaping.model import (
     InterfacePlan,
     ShapingPlan,
     classid_str,
+    mark_for,
 )
 
 TC_H_ROOT = 0xFFFFFFFF
+SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h; not in Python's socket module
+# ~0U: "no cap" (net/core/sock.c maps it to ~0UL), for a socket moved to an uncapped class.
+PACING_UNLIMITED = 0xFFFFFFFF
 NETNS_DIR = "/run/netns"
 # Kernel config symbols for the qdisc kinds we may ask for, for the "kernel lacks" message.
 KERNEL_OPTIONS = {
@@ -208,6 +214,10 @@ def _sync_interface(ipr: Any, ip: InterfacePlan) -> list[str]:
                 f" {classid_str(root['handle'])} not created by tproxy; remove it or disable"
                 " shaping on this interface"
             )
+        if _is_ours(root):
+            # Only the default class changed, and HTB cannot change it in place: start over.
+            _tc(ipr, "del", ip.iface, index=index, handle=QDISC_HANDLE, parent=TC_H_ROOT)
+            actions.append(f"{ip.iface}: del qdisc 1:")
         _tc(
             ipr,
             "replace",
@@ -348,3 +358,23 @@ def read_counters(
         rate = (c.bytes - before.bytes) * 8 / elapsed if before is not None else None
         out[key] = ClassCounters(c.bytes, c.packets, c.drops, c.overlimits, rate)
     return out
+
+
+def mark_socket(
+    sock: socket.socket, plan: ShapingPlan, class_name: str | None, client: str | None = None
+) -> int:
+    """Put a socket the daemon owns into a class: SO_MARK for the class (and the client's slot
+    in a fair class), SO_MAX_PACING_RATE for the class's per-connection cap (socket(7)).
+
+    Called again when the class changes (the response head selected another one); a socket
+    that leaves a capped class gets its cap lifted. TCP paces by itself once the option is set,
+    no fq qdisc needed (measured: 250000 B/s gives 2.0 Mbit/s). Returns the mark. Needs
+    CAP_NET_ADMIN for SO_MARK.
+    """
+    mark = mark_for(plan, class_name, client)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    cap = plan.pacing.get(class_name) if class_name is not None else None
+    # As a u32 buffer: Python's int form is a signed C int and cannot carry ~0U.
+    rate = min(cap, PACING_UNLIMITED) if cap else PACING_UNLIMITED
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("=I", rate))
+    return mark
