@@ -540,6 +540,18 @@ class Lab:
                 **{f"net.ipv4.conf.{i}.rp_filter": "0" for i in gw_ifs},
             },
         )
+        if Path("/proc/sys/net/bridge").exists():
+            # br_netfilter (loaded on hosts that run Docker, for one) runs the iptables hooks at
+            # the bridge layer, and ip_rcv then orphans the socket TPROXY assigned: diverted
+            # SYNs are answered with RST. The setting is per namespace (tproxy's preflight
+            # names it); the lab gateway runs as a gateway with it off.
+            self._sysctl_ns(
+                self.ns_gateway,
+                {
+                    "net.bridge.bridge-nf-call-iptables": "0",
+                    "net.bridge.bridge-nf-call-ip6tables": "0",
+                },
+            )
 
         gw = [
             "link set lo up",

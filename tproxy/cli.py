@@ -149,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tproxy: config error:\n{exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line for the admin; details with --debug later
-        from tproxy import netfilter
+        from tproxy import netfilter, preflight
 
-        if isinstance(exc, netfilter.RulesError):
+        if isinstance(exc, (netfilter.RulesError, preflight.PreflightError, OSError)):
             print(f"tproxy: {exc}", file=sys.stderr)
             return 3
         raise

@@ -354,7 +354,15 @@ class ProxyConfig:
     # Full transparency: upstream connections keep the client's source address.
     transparent_upstream: bool = True
     connect_timeout: float = 10.0
-    idle_timeout: float = 60.0
+    # Whole request head (slow-header clients) and stalled request bodies.
+    request_timeout: float = 30.0
+    # From the request being sent to the origin's response head (then 504).
+    response_timeout: float = 60.0
+    # A client's idle keep-alive connection between requests.
+    keepalive_timeout: float = 60.0
+    # Any connection with no bytes moving in either direction (tunnels, stalled transfers),
+    # and idle pooled upstream connections.
+    idle_timeout: float = 300.0
     drain_timeout: float = 10.0
 
 
@@ -410,6 +418,9 @@ def _parse_proxy(r: Reader) -> ProxyConfig:
         ipv6=r.boolean("ipv6", d.ipv6),
         transparent_upstream=r.boolean("transparent_upstream", d.transparent_upstream),
         connect_timeout=r.duration("connect_timeout", d.connect_timeout),
+        request_timeout=r.duration("request_timeout", d.request_timeout),
+        response_timeout=r.duration("response_timeout", d.response_timeout),
+        keepalive_timeout=r.duration("keepalive_timeout", d.keepalive_timeout),
         idle_timeout=r.duration("idle_timeout", d.idle_timeout),
         drain_timeout=r.duration("drain_timeout", d.drain_timeout),
     )
@@ -454,8 +465,7 @@ def parse(data: Mapping[str, Any], path: str = "<defaults>", text: str = "") -> 
     sections: dict[str, Any] = {}
     for name, parser in SECTION_PARSERS.items():
         sub = root.table(name)
-        sections[name] = parser(sub)
-        sub.finish()
+        sections[name] = parser(sub)  # each parser calls finish() on its own tables
     root.finish()
     if root.errors:
         raise ConfigErrors(root.errors)
@@ -504,4 +514,4 @@ def _register_builtin_sections() -> None:
         importlib.import_module(module)
 
 
-FEATURE_MODULES: list[str] = []
+FEATURE_MODULES: list[str] = ["tproxy.cache.store"]

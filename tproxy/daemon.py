@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tproxy import config as config_mod
-from tproxy import netfilter
+from tproxy import netfilter, preflight
 from tproxy.accesslog import AccessLog
 from tproxy.config import Config, ConfigError
 from tproxy.server import Server
@@ -76,21 +76,31 @@ class Daemon:
 
     # -- kernel state ---------------------------------------------------------------------
 
-    def apply_kernel_state(self, plan: netfilter.RulesPlan) -> None:
+    # pyroute2 drives its own asyncio loop internally and cannot run inside ours, and
+    # iptables-restore is a subprocess: kernel changes run in a worker thread.
+
+    async def apply_kernel_state(self, plan: netfilter.RulesPlan) -> None:
+        await asyncio.to_thread(self._apply_kernel_state, plan)
+
+    def _apply_kernel_state(self, plan: netfilter.RulesPlan) -> None:
         netfilter.apply_routing(plan)
         netfilter.apply(plan)
         self.rules_applied = True
 
-    def withdraw_interception(self) -> None:
+    async def withdraw_interception(self) -> None:
         """Stop diverting new connections but keep the divert for flows we still own."""
         if not self.rules_applied:
             return
         try:
-            netfilter.apply(dataclasses.replace(self.plan, ports=(), https_ports=()))
+            plan = dataclasses.replace(self.plan, ports=(), https_ports=())
+            await asyncio.to_thread(netfilter.apply, plan)
         except netfilter.RulesError as exc:
             log.error("withdrawing interception rules failed: %s", exc)
 
-    def remove_kernel_state(self) -> None:
+    async def remove_kernel_state(self) -> None:
+        await asyncio.to_thread(self._remove_kernel_state)
+
+    def _remove_kernel_state(self) -> None:
         try:
             netfilter.flush(self.plan)
         except netfilter.RulesError as exc:
@@ -114,9 +124,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
         loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        preflight.check(self.plan.lan_interfaces, self.plan.ipv6)
         try:
             await self.server.start()
-            self.apply_kernel_state(self.plan)
+            await self.apply_kernel_state(self.plan)
             log.info(
                 "intercepting tcp ports %s from %s on port %d",
                 ",".join(map(str, self.plan.ports)),
@@ -132,14 +143,14 @@ class Daemon:
             log.info("stopping: draining %d connections", len(self.server.connections))
             self.notifier.notify("STOPPING=1")
             self.server.close_listeners()
-            self.withdraw_interception()
+            await self.withdraw_interception()
             await self.server.drain(self.cfg.proxy.drain_timeout)
             return 0
         finally:
             for task in list(self.tasks):
                 task.cancel()
             await self.server.stop()
-            self.remove_kernel_state()
+            await self.remove_kernel_state()
             self.access_log.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
@@ -173,12 +184,13 @@ class Daemon:
                 raise ConfigError(new.path, "proxy.lan_interfaces", "no LAN interface configured")
             plan = netfilter.plan_from_config(new)
             if plan != self.plan:
-                self.apply_kernel_state(plan)
                 old = self.plan
-                self.plan = plan
                 if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
-                    netfilter.flush_routing(old.route_table, old.rule_priority)
-                    netfilter.apply_routing(plan)
+                    await asyncio.to_thread(
+                        netfilter.flush_routing, old.route_table, old.rule_priority
+                    )
+                await self.apply_kernel_state(plan)
+                self.plan = plan
             if new.log.access_log != self.cfg.log.access_log:
                 self.access_log.path = new.log.access_log
             self.access_log.reopen()
@@ -192,7 +204,7 @@ class Daemon:
         except netfilter.RulesError as exc:
             log.error("reload: applying rules failed, keeping the old ones: %s", exc)
             with contextlib.suppress(netfilter.RulesError):
-                self.apply_kernel_state(self.plan)
+                await self.apply_kernel_state(self.plan)
         finally:
             self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
 

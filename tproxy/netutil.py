@@ -22,7 +22,9 @@ def transparent_listener(family: socket.AddressFamily, port: int) -> socket.sock
     """A listening socket that TPROXY can deliver diverted connections to.
 
     IP_TRANSPARENT must be set before bind (DESIGN.md §3); ``getsockname()`` on an accepted socket
-    then returns the client's original destination.
+    then returns the client's original destination. It is bound to loopback (the rules use
+    ``TPROXY --on-ip 127.0.0.1`` / ``::1``) so nobody can connect to the port directly and make
+    the proxy connect to itself.
     """
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -30,10 +32,10 @@ def transparent_listener(family: socket.AddressFamily, port: int) -> socket.sock
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            sock.bind(("::", port))
+            sock.bind(("::1", port))
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind(("0.0.0.0", port))
+            sock.bind(("127.0.0.1", port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:

@@ -1,0 +1,98 @@
+"""Run the real tproxy daemon in a lab's gateway namespace (for integration tests and the demo)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.lab import Lab
+
+REPO = Path(__file__).resolve().parent.parent
+TPROXY = [sys.executable, "-m", "tproxy.cli"]
+START_TIMEOUT = 15.0
+
+
+class Proxy:
+    """``tproxy run`` in the gateway of ``lab`` with a config written for the test."""
+
+    def __init__(self, lab: Lab, config: str = "", *, args: tuple[str, ...] = ()) -> None:
+        assert lab.tmpdir is not None
+        self.lab = lab
+        self.dir = Path(lab.tmpdir) / f"tproxy-{time.monotonic_ns()}"
+        self.dir.mkdir()
+        self.access_log = self.dir / "access.log"
+        self.stderr_path = self.dir / "stderr.log"
+        self.config_path = self.dir / "tproxy.toml"
+        self.config_path.write_text(config)
+        self.args = args
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def start(self) -> Proxy:
+        argv = [
+            *TPROXY, "run", "--config", str(self.config_path),
+            "--lan-interface", self.lab.gw_lan_if, "--access-log", str(self.access_log),
+            *self.args,
+        ]  # fmt: skip
+        self.proc = self.lab.popen(
+            "gateway", argv, stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("wb"),
+            cwd=str(REPO),
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while "TPROXY-" not in self.rules():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tproxy exited {self.proc.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tproxy did not apply its rules: {self.stderr()}")
+            time.sleep(0.05)
+        return self
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def rules(self) -> str:
+        out = []
+        for tool in ("iptables-save", "ip6tables-save"):
+            out.append(self.lab.run("gateway", [tool], check=False).stdout)
+        return "\n".join(out)
+
+    def routes(self) -> str:
+        out = []
+        for fam in ("-4", "-6"):
+            out.append(self.lab.run("gateway", ["ip", fam, "rule", "show"]).stdout)
+            out.append(self.lab.run("gateway", ["ip", fam, "route", "show", "table", "all"]).stdout)
+        return "\n".join(out)
+
+    def log_lines(self, min_lines: int = 0, timeout: float = 3.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.access_log.read_text() if self.access_log.exists() else ""
+            lines = text.splitlines()
+            if len(lines) >= min_lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def tproxy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a ``tproxy`` subcommand in the gateway namespace."""
+        return self.lab.run("gateway", [*TPROXY, *args], check=check)
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        # Shown by pytest only when the test failed.
+        print(f"--- tproxy stderr ---\n{self.stderr()}")

@@ -1,0 +1,917 @@
+"""Per-connection HTTP shell: moves bytes between a client, the pure HTTP core and the origin.
+
+Decisions live in the pure core: framing and strictness in :mod:`tproxy.http1`; what to do with a
+request (filter, cache) in the policy hooks the server passes in. This module only feeds bytes in
+and writes bytes out, with back-pressure in both directions:
+
+* the client's reading pauses while the upstream write buffer is above its high-water mark (or
+  while the upstream connection is still being opened and the pending bytes pass a limit);
+* the origin's reading pauses while the client's write buffer is above its high-water mark, so a
+  fast origin and a slow client never buffer a whole response in the daemon.
+
+Connections that are not HTTP (the first bytes do not look like a request line) and connections
+that switch protocols (101, RFC 9110 §7.8) become opaque tunnels between the same two sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+from tproxy import http1, netutil
+from tproxy.accesslog import AccessRecord
+from tproxy.http1 import (
+    Body,
+    EndOfMessage,
+    Framing,
+    Informational,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    Sniff,
+    Tunnel,
+)
+
+if TYPE_CHECKING:
+    from tproxy.server import Server
+
+log = logging.getLogger("tproxy.http")
+
+# Per-direction buffering: above HIGH the other side stops reading until this one drains to LOW.
+WRITE_BUFFER_HIGH = 256 * 1024
+WRITE_BUFFER_LOW = 64 * 1024
+# Bytes held for a peer that is not connected yet (or while a pipelined request waits); above
+# this the producing side stops reading.
+PENDING_LIMIT = 256 * 1024
+# Bytes kept while deciding whether a connection speaks HTTP.
+SNIFF_LIMIT = 64
+# Idle upstream connections kept per (destination, source) and in all.
+POOL_PER_KEY = 32
+POOL_TOTAL = 2048
+
+# Client connection states.
+SNIFF = 0  # waiting for enough bytes to tell HTTP from anything else
+HEAD = 1  # waiting for (the rest of) a request head
+EXCHANGE = 2  # a request is being forwarded / answered
+TUNNEL = 3  # opaque relay
+CLOSING = 4
+
+ERROR_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def error_response(status: int, detail: str, keep_alive: bool = False) -> bytes:
+    """A small HTML error page. Proxies generate these for 4xx/5xx (RFC 9110 §15.5, §15.6)."""
+    reason = ERROR_REASONS.get(status, "Error")
+    body = (
+        f"<!DOCTYPE html>\n<html><head><title>{status} {reason}</title></head>\n"
+        f"<body><h1>{status} {reason}</h1>\n<p>{html.escape(detail)}</p>\n"
+        f"<hr><address>tproxy</address></body></html>\n"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"Content-Type: text/html; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Cache-Control: no-store\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+def format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Exchange:
+    """One request and its response, as seen by the client connection."""
+
+    __slots__ = (
+        "client_keep_alive",
+        "content_type",
+        "head",
+        "hierarchy",
+        "request_done",
+        "response_framing",
+        "response_head",
+        "response_started",
+        "result",
+        "retryable",
+        "sent",
+        "start",
+        "status",
+        "upstream",
+        "upstream_framing",
+        "url",
+    )
+
+    def __init__(self, head: RequestHead, url: str) -> None:
+        self.head = head
+        self.url = url
+        self.start = time.time()
+        self.upstream: Upstream | None = None
+        self.upstream_framing = http1.forward_framing(head)
+        self.request_done = False
+        self.response_head: ResponseHead | None = None
+        self.response_started = False
+        self.response_framing = Framing.NONE
+        self.client_keep_alive = head.keep_alive
+        self.status = 0
+        self.sent = 0
+        self.result = "TCP_MISS"
+        self.hierarchy = "HIER_DIRECT"
+        self.content_type = "-"
+        # RFC 9112 §9.3.1: a request without a body and with an idempotent method may be
+        # retried on a new connection when a reused one turns out to be closed.
+        self.retryable = head.method in (b"GET", b"HEAD", b"OPTIONS") and (
+            head.body_kind is http1.BodyKind.NONE
+        )
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to an origin; pooled between requests when both sides allow it."""
+
+    def __init__(self, pool: Pool, key: tuple[Any, ...]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = http1.ResponseParser()
+        self.client: ClientConnection | None = None
+        self.tunnel = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.used = 0  # requests sent on this connection
+        self.got_bytes = False
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # An idle pooled connection must not talk (RFC 9112 §9.3.2 unsolicited data):
+            # it is unusable now.
+            self.close()
+            return
+        client.touch()
+        if self.tunnel:
+            client.write(data)
+            return
+        self.got_bytes = True
+        client.on_response_events(self, self.parser.feed(data))
+
+    def eof_received(self) -> bool:
+        client = self.client
+        if client is None:
+            self.close()
+            return False
+        if self.tunnel:
+            client.peer_eof()
+            return True
+        client.on_response_events(self, self.parser.feed_eof(), eof=True)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        client = self.client
+        if client is not None:
+            client.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+        self.pool.forget(self)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+        self.pool.forget(self)
+
+
+class Pool:
+    """Idle upstream connections keyed by (destination, source address, mark).
+
+    The source is part of the key because with full transparency each client's requests must
+    leave from its own address: a connection opened for one client is never lent to another.
+    """
+
+    def __init__(self, idle_timeout: float) -> None:
+        self.idle: dict[tuple[Any, ...], deque[Upstream]] = {}
+        self.count = 0
+        self.idle_timeout = idle_timeout
+
+    def take(self, key: tuple[Any, ...]) -> Upstream | None:
+        conns = self.idle.get(key)
+        while conns:
+            up = conns.pop()
+            self.count -= 1
+            if not conns:
+                del self.idle[key]
+            if not up.closed:
+                return up
+        return None
+
+    def put(self, up: Upstream) -> None:
+        if up.closed or self.count >= POOL_TOTAL:
+            up.close()
+            return
+        conns = self.idle.setdefault(up.key, deque())
+        if len(conns) >= POOL_PER_KEY:
+            up.close()
+            return
+        up.client = None
+        up.idle_since = time.monotonic()
+        up.resume_reading()  # notice an origin's close while idle
+        conns.append(up)
+        self.count += 1
+
+    def forget(self, up: Upstream) -> None:
+        conns = self.idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+            self.count -= 1
+            if not conns:
+                del self.idle[up.key]
+
+    def sweep(self, now: float) -> None:
+        for key in list(self.idle):
+            for up in list(self.idle.get(key, ())):
+                if now - up.idle_since > self.idle_timeout:
+                    up.close()
+
+    def close_all(self) -> None:
+        for key in list(self.idle):
+            for up in list(self.idle.get(key, ())):
+                up.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client side of one intercepted connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peername: tuple[Any, ...] = ("", 0)
+        self.sockname: tuple[Any, ...] = ("", 0)
+        self.client_ip = ""
+        self.state = SNIFF
+        self.parser = http1.RequestParser(server.limits)
+        self.sniff_buf = b""
+        self.exchange: Exchange | None = None
+        self.upstream: Upstream | None = None  # bound to the current exchange or tunnel
+        self.pending: list[bytes] = []  # for an upstream still connecting
+        self.pending_size = 0
+        self.connecting: asyncio.Task[None] | None = None
+        self.paused = False
+        self.closed = False
+        self.eof = False
+        self.last_activity = time.monotonic()
+        self.deadline = 0.0
+        self.started = time.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.tunnel_status = 200
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        # TPROXY keeps the original destination as the accepted socket's local address.
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.client_ip = str(self.peername[0])
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.accepted(self)
+        self.set_deadline(self.server.cfg.proxy.request_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = time.monotonic()
+        state = self.state
+        if state == TUNNEL:
+            self.to_upstream(data)
+        elif state == SNIFF:
+            self.sniff(data)
+        elif state != CLOSING:
+            self.on_request_events(self.parser.feed(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.state == TUNNEL:
+            up = self.upstream
+            if up is not None and up.transport is not None and not up.closed:
+                if up.transport.can_write_eof():
+                    up.transport.write_eof()
+            elif self.connecting is None:
+                self.close()
+            return True
+        if self.state == SNIFF:
+            if self.sniff_buf:
+                # A few bytes then EOF: nothing HTTP can be made of it; relay them as-is.
+                self.start_tunnel(self.sniff_buf)
+                return True
+            self.close()
+            return False
+        events = self.parser.feed_eof()
+        if events:
+            self.on_request_events(events)
+        if self.exchange is None and self.state != CLOSING:
+            self.close()
+            return False
+        # Half-close: the response to a complete request may still be on its way.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state = CLOSING
+        if self.connecting is not None and not self.connecting.done():
+            self.connecting.cancel()
+        ex = self.exchange
+        up = self.upstream
+        if ex is not None:
+            self.log_exchange(ex, aborted=True)
+            self.exchange = None
+        if up is not None:
+            up.client = None
+            up.abort()
+            self.upstream = None
+        self.server.connection_done(self)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def set_deadline(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds if seconds else 0.0
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.state = CLOSING
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.state = CLOSING
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def to_upstream(self, data: bytes) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > PENDING_LIMIT:
+            self.pause_reading()
+
+    def flush_pending(self) -> None:
+        if self.pending and self.upstream is not None:
+            self.upstream.write(b"".join(self.pending))
+        self.pending.clear()
+        self.pending_size = 0
+        self.resume_reading()
+
+    # -- sniffing and tunnels -------------------------------------------------------------
+
+    def sniff(self, data: bytes) -> None:
+        buf = self.sniff_buf + data if self.sniff_buf else data
+        verdict = http1.sniff(buf)
+        if verdict is Sniff.HTTP:
+            self.sniff_buf = b""
+            self.state = HEAD
+            self.on_request_events(self.parser.feed(buf))
+        elif verdict is Sniff.OPAQUE or len(buf) > SNIFF_LIMIT:
+            self.sniff_buf = b""
+            self.start_tunnel(buf)
+        else:
+            self.sniff_buf = buf
+
+    def start_tunnel(self, first: bytes) -> None:
+        """Relay everything opaquely to the original destination."""
+        self.state = TUNNEL
+        self.set_deadline(0)
+        if first:
+            self.pending.append(first)
+            self.pending_size += len(first)
+        self.connecting = asyncio.get_running_loop().create_task(
+            self._open_tunnel(), name=f"tunnel {self.client_ip}"
+        )
+
+    async def _open_tunnel(self) -> None:
+        try:
+            up = await self.server.connect_upstream(self, self.sockname)
+        except (OSError, TimeoutError) as exc:
+            self.tunnel_status = 504 if isinstance(exc, TimeoutError) else 502
+            # Look like the network: a refused or unreachable origin shows up as a reset.
+            self.log_tunnel("TCP_TUNNEL_ABORTED")
+            self.abort()
+            return
+        finally:
+            self.connecting = None
+        if self.closed:
+            up.abort()
+            return
+        up.client = self
+        up.tunnel = True
+        self.upstream = up
+        self.flush_pending()
+        if self.eof and up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+
+    def peer_eof(self) -> None:
+        """The origin half-closed a tunnel."""
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.eof:
+            self.close()
+
+    def log_tunnel(self, result: str) -> None:
+        dst = self.sockname
+        self.server.access(
+            AccessRecord(
+                start=self.started,
+                elapsed_ms=int((time.time() - self.started) * 1000),
+                client=self.client_ip,
+                result=result,
+                status=self.tunnel_status,
+                size=self.bytes_out,
+                method="CONNECT",
+                url=f"{format_host(str(dst[0]))}:{dst[1]}",
+                hierarchy="HIER_DIRECT",
+                peer=str(dst[0]),
+                content_type="-",
+            )
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def on_request_events(self, events: list[http1.Event]) -> None:
+        for event in events:
+            if self.state == CLOSING:
+                return
+            if isinstance(event, Body):
+                self.request_body(event.data)
+            elif isinstance(event, RequestHead):
+                self.request_head(event)
+            elif isinstance(event, EndOfMessage):
+                self.request_end(event)
+            elif isinstance(event, ProtocolError):
+                self.request_error(event)
+        # Pipelined requests wait in the parser while one is in flight: bound that backlog.
+        if self.parser.paused and self.parser.buffered > PENDING_LIMIT:
+            self.pause_reading()
+
+    def request_url(self, head: RequestHead) -> str:
+        target = head.target.decode("latin-1")
+        if target.startswith(("http://", "https://")):
+            return target
+        host = head.host.decode("latin-1") if head.host else format_host(str(self.sockname[0]))
+        return f"http://{host}{target}"
+
+    def request_head(self, head: RequestHead) -> None:
+        self.state = EXCHANGE
+        ex = Exchange(head, self.request_url(head))
+        self.exchange = ex
+        self.set_deadline(0)
+        # Policy hooks (filter, cache) may answer the request themselves.
+        if self.server.on_request is not None and self.server.on_request(self, ex):
+            return
+        self.forward_request(ex)
+
+    def forward_request(self, ex: Exchange) -> None:
+        head = ex.head
+        add: list[tuple[bytes, bytes]] = []
+        if head.host is None:
+            # RFC 9112 §3.2: an HTTP/1.1 request must carry Host; an HTTP/1.0 one may lack it.
+            add.append((b"Host", format_host(str(self.sockname[0])).encode()))
+        data = http1.serialize_request_head(
+            head, framing=ex.upstream_framing, relay_upgrade=head.upgrade, add=add
+        )
+        up = self.server.pool.take(self.server.upstream_key(self, self.sockname))
+        if up is not None:
+            self.bind_upstream(up, ex)
+            up.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        self.connecting = asyncio.get_running_loop().create_task(
+            self._open_for(ex), name=f"upstream {self.client_ip}"
+        )
+
+    def bind_upstream(self, up: Upstream, ex: Exchange) -> None:
+        up.client = self
+        up.got_bytes = False
+        up.used += 1
+        up.parser.expect(ex.head.method, upgrade=ex.head.upgrade)
+        ex.upstream = up
+        self.upstream = up
+        self.set_deadline(self.server.cfg.proxy.response_timeout)
+        if self.paused and up.transport is not None:
+            self.resume_reading()
+
+    async def _open_for(self, ex: Exchange) -> None:
+        try:
+            up = await self.server.connect_upstream(self, self.sockname)
+        except TimeoutError:
+            self.connecting = None
+            self.fail_exchange(ex, 504, "The origin server did not accept a connection in time.")
+            return
+        except OSError as exc:
+            self.connecting = None
+            reason = exc.strerror or exc.__class__.__name__
+            self.fail_exchange(ex, 502, f"Could not connect to the origin server: {reason}.")
+            return
+        self.connecting = None
+        if self.closed or self.exchange is not ex:
+            up.abort()
+            return
+        self.bind_upstream(up, ex)
+        self.flush_pending()
+
+    def request_body(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None or ex.result == "TCP_DENIED":
+            return
+        if ex.upstream_framing is Framing.CHUNKED:
+            data = http1.encode_chunk(data)
+        self.to_upstream(data)
+
+    def request_end(self, event: EndOfMessage) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        ex.request_done = True
+        if ex.result == "TCP_DENIED":
+            return
+        if ex.upstream_framing is Framing.CHUNKED:
+            self.to_upstream(http1.encode_last_chunk(event.trailers))
+
+    def request_error(self, event: ProtocolError) -> None:
+        ex = self.exchange
+        self.server.stats.bad_requests += 1
+        if ex is not None and (ex.upstream is not None or self.connecting is not None):
+            # The head already went upstream: the origin must not see a complete request.
+            if ex.upstream is not None:
+                ex.upstream.client = None
+                ex.upstream.abort()
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            self.pending.clear()
+        log.info("%s: %d %s", self.client_ip, event.status, event.reason)
+        if ex is None or not ex.response_started:
+            self.write(error_response(event.status, event.reason))
+            self.access_simple(event.status, "TCP_DENIED" if ex is None else "TCP_MISS_ABORTED")
+        self.exchange = None
+        self.close()
+
+    def access_simple(self, status: int, result: str) -> None:
+        self.server.access(
+            AccessRecord(
+                start=time.time(),
+                elapsed_ms=0,
+                client=self.client_ip,
+                result=result,
+                status=status,
+                size=self.bytes_out,
+                method="-",
+                url="-",
+                hierarchy="HIER_NONE",
+                peer="-",
+                content_type="-",
+            )
+        )
+
+    # -- responses ------------------------------------------------------------------------
+
+    def on_response_events(
+        self, up: Upstream, events: list[http1.Event], eof: bool = False
+    ) -> None:
+        ex = self.exchange
+        if ex is None or ex.upstream is not up:
+            up.client = None
+            up.close()
+            return
+        for event in events:
+            if isinstance(event, Body):
+                if ex.response_framing is Framing.CHUNKED:
+                    self.write(http1.encode_chunk(event.data))
+                else:
+                    self.write(event.data)
+                ex.sent += len(event.data)
+            elif isinstance(event, ResponseHead):
+                self.response_head(ex, event)
+            elif isinstance(event, EndOfMessage):
+                self.response_end(ex, up, event)
+                ex = self.exchange
+                if ex is None or ex.upstream is not up:
+                    return
+            elif isinstance(event, Informational):
+                self.informational(ex, event)
+            elif isinstance(event, Tunnel):
+                self.switch_to_tunnel(ex, up, event.rest)
+                return
+            elif isinstance(event, ProtocolError):
+                self.response_error(ex, up, event)
+                return
+        if eof and self.exchange is ex and ex is not None and ex.upstream is up:
+            # EOF without a complete response and no error event: treat as failure.
+            self.upstream_lost(up, None)
+
+    def response_head(self, ex: Exchange, head: ResponseHead) -> None:
+        ex.response_head = head
+        ex.status = head.status
+        ctype = http1.header_value(head.headers, b"content-type")
+        ex.content_type = ctype.decode("latin-1").split(";")[0].strip() if ctype else "-"
+        self.set_deadline(0)
+        client_version = ex.head.version
+        framing = http1.forward_framing(head, client_version)
+        ex.response_framing = framing
+        keep = ex.head.keep_alive and framing is not Framing.CLOSE and not self.server.draining
+        # A request whose body was not fully read cannot be followed by another on this
+        # connection (the rest of its body would be parsed as a request).
+        if not ex.request_done and ex.head.body_kind is not http1.BodyKind.NONE:
+            keep = False
+        ex.client_keep_alive = keep
+        if self.server.on_response is not None and self.server.on_response(self, ex, head):
+            return
+        ex.response_started = True
+        self.write(
+            http1.serialize_response_head(
+                head, peer_version=client_version, framing=framing, keep_alive=keep
+            )
+        )
+
+    def informational(self, ex: Exchange, info: Informational) -> None:
+        if info.status == 101:
+            self.write(http1.serialize_response_head(info, relay_upgrade=True))
+            ex.status = 101
+            return
+        # RFC 9110 §15.2: a proxy forwards 1xx responses, except to HTTP/1.0 clients.
+        if ex.head.version == b"1.1":
+            self.write(http1.serialize_response_head(info))
+
+    def response_end(self, ex: Exchange, up: Upstream, event: EndOfMessage) -> None:
+        if ex.response_framing is Framing.CHUNKED:
+            self.write(http1.encode_last_chunk(event.trailers))
+        self.log_exchange(ex)
+        self.exchange = None
+        self.upstream = None
+        head = ex.response_head
+        reusable = (
+            head is not None
+            and head.keep_alive
+            and ex.request_done
+            and up.parser.pending == 0
+            and not self.server.draining
+        )
+        if reusable:
+            self.server.pool.put(up)
+        else:
+            up.client = None
+            up.close()
+        self.next_request(ex)
+
+    def next_request(self, ex: Exchange) -> None:
+        if not ex.client_keep_alive or self.closed:
+            self.close()
+            return
+        self.state = HEAD
+        self.set_deadline(self.server.cfg.proxy.keepalive_timeout)
+        self.resume_reading()
+        events = self.parser.resume()
+        if events:
+            self.on_request_events(events)
+        elif self.eof and self.exchange is None:
+            self.close()
+
+    def switch_to_tunnel(self, ex: Exchange, up: Upstream, rest: bytes) -> None:
+        """101 Switching Protocols: both connections now carry an opaque protocol."""
+        self.log_exchange(ex)
+        self.exchange = None
+        self.state = TUNNEL
+        self.set_deadline(0)
+        up.tunnel = True
+        if rest:
+            self.write(rest)
+        buffered = self.parser.into_tunnel()
+        if buffered:
+            up.write(buffered)
+
+    def response_error(self, ex: Exchange, up: Upstream, event: ProtocolError) -> None:
+        up.client = None
+        up.abort()
+        self.upstream = None
+        if ex.upstream is up:
+            ex.upstream = None
+        self.server.stats.upstream_errors += 1
+        log.info("bad response from %s for %s: %s", self.sockname[0], ex.url, event.reason)
+        if not ex.response_started:
+            self.fail_exchange(
+                ex, 502, f"The origin server sent an invalid response: {event.reason}."
+            )
+        else:
+            # Part of the response already went out: the only honest signal left is an abort.
+            self.log_exchange(ex, aborted=True)
+            self.exchange = None
+            self.abort()
+
+    def upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
+        if self.state == TUNNEL:
+            if self.upstream is up:
+                self.upstream = None
+                if exc is not None:
+                    self.abort()
+                else:
+                    self.close()
+                if self.exchange is None:
+                    self.log_tunnel("TCP_TUNNEL")
+            return
+        ex = self.exchange
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        self.upstream = None
+        if not up.got_bytes and up.used > 1 and ex.retryable and not ex.response_started:
+            # A pooled connection the origin had closed: try once more on a fresh one.
+            self.forward_request(ex)
+            return
+        if not ex.response_started:
+            self.fail_exchange(ex, 502, "The origin server closed the connection.")
+        else:
+            self.log_exchange(ex, aborted=True)
+            self.exchange = None
+            self.abort()
+
+    def fail_exchange(self, ex: Exchange, status: int, detail: str) -> None:
+        """Answer the current request with an error page generated here."""
+        if ex.upstream is not None:
+            ex.upstream.client = None
+            ex.upstream.abort()
+            ex.upstream = None
+        self.upstream = None
+        self.pending.clear()
+        self.pending_size = 0
+        ex.status = status
+        ex.result = "TCP_MISS" if status != 504 else "TCP_MISS_TIMEOUT"
+        ex.hierarchy = "HIER_NONE"
+        ex.content_type = "text/html"
+        ex.response_started = True
+        keep = ex.head.keep_alive and ex.request_done and not self.server.draining
+        ex.client_keep_alive = keep
+        data = error_response(status, detail, keep_alive=keep)
+        ex.sent = len(data)
+        self.write(data)
+        self.log_exchange(ex)
+        self.exchange = None
+        self.next_request(ex)
+
+    def respond_local(self, ex: Exchange, data: bytes, status: int, result: str) -> None:
+        """Answer from the proxy itself (block page, cache hit): nothing goes upstream."""
+        ex.status = status
+        ex.result = result
+        ex.hierarchy = "HIER_NONE"
+        ex.response_started = True
+        ex.sent = len(data)
+        self.write(data)
+        if not ex.request_done:
+            # The request body (if any) is still arriving: drop it, then close.
+            ex.client_keep_alive = False
+        self.log_exchange(ex)
+        self.exchange = None
+        self.next_request(ex)
+
+    def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
+        dst = str(self.sockname[0])
+        self.server.access(
+            AccessRecord(
+                start=ex.start,
+                elapsed_ms=int((time.time() - ex.start) * 1000),
+                client=self.client_ip,
+                result=ex.result + ("_ABORTED" if aborted else ""),
+                status=ex.status,
+                size=ex.sent,
+                method=ex.head.method.decode("latin-1"),
+                url=ex.url,
+                hierarchy=ex.hierarchy,
+                peer=dst if ex.hierarchy == "HIER_DIRECT" else "-",
+                content_type=ex.content_type,
+            )
+        )
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def on_deadline(self) -> None:
+        """The current state's timer ran out (checked by the server's sweep)."""
+        self.deadline = 0.0
+        ex = self.exchange
+        if self.state in (SNIFF, HEAD):
+            # Slow or silent client: RFC 9110 §15.5.9 408, then close.
+            if self.bytes_in and (self.sniff_buf or self.parser.buffered or self.state == HEAD):
+                self.write(error_response(408, "The request was not completed in time."))
+            self.close()
+        elif ex is not None and not ex.response_started:
+            self.fail_exchange(ex, 504, "The origin server did not answer in time.")
+        else:
+            self.abort()
+
+
+def connect_timeout_error() -> TimeoutError:
+    return TimeoutError("connect timeout")
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop,
+    pool: Pool,
+    key: tuple[Any, ...],
+    dst: tuple[Any, ...],
+    source_ip: str | None,
+    mark: int,
+    timeout: float,
+) -> Upstream:
+    family = socket.AF_INET6 if ":" in str(dst[0]) else socket.AF_INET
+    sock = netutil.upstream_socket(family, source_ip, mark)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, dst[:2]), timeout)
+        up = Upstream(pool, key)
+        await loop.create_connection(lambda: up, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return up
