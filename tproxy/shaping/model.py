@@ -22,6 +22,11 @@ Mark layout (bits 0-7 stay free for the TPROXY divert mark, :class:`tproxy.confi
 Class ids: the root class is ``1:1``; class n is ``1:<n<<8>`` (hex, so class 1 is ``1:100``,
 class 2 ``1:200``); slot s of a fair class n is the leaf ``1:<n<<8 | s+1>``.
 
+Class numbers follow the order of ``[[shaping.class]]`` entries, so moving an entry renumbers the
+classes after it; a reload then re-creates those classes and re-marks sockets by name.
+A forwarded (NFQUEUE) flow that keeps its class in the connmark must save the slot bits too
+(``MARK_MASK``, not only ``CLASS_MARK_MASK``) to keep per-client fairness.
+
 Per-client fair share
 ---------------------
 SFQ and fq_codel are not built on the target kernel, so fairness is built from HTB alone: a
