@@ -137,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--config", "-c")
     rules.add_argument("--lan-interface", "-i", action="append")
     rules.set_defaults(func=cmd_rules)
+
+    # Feature modules add their own subcommands (cache, filter, shaping, status).
+    import importlib
+
+    for module in CLI_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return p
+
+
+# Modules with ``add_commands(subparsers)``; each command sets ``func(args) -> int``.
+CLI_MODULES: list[str] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

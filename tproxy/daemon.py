@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tproxy import component, netfilter, preflight
 from tproxy import config as config_mod
-from tproxy import netfilter, preflight
 from tproxy.accesslog import AccessLog
 from tproxy.config import Config, ConfigError
 from tproxy.server import Server
@@ -65,7 +65,8 @@ class Daemon:
     def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
         self.overrides = overrides or {}
         self.cfg = cfg
-        self.plan = netfilter.plan_from_config(cfg)
+        self.components = component.build(cfg)
+        self.plan = self.make_plan(cfg)
         self.access_log = AccessLog(cfg.log.access_log)
         self.server = Server(cfg, self.access_log)
         self.notifier = Notifier()
@@ -73,6 +74,12 @@ class Daemon:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.rules_applied = False
         self.reload_hooks: list[Callable[[Config], None]] = []
+
+    def make_plan(self, cfg: Config) -> netfilter.RulesPlan:
+        extras: dict[str, Any] = {}
+        for comp in self.components:
+            extras.update(comp.rules_extras(cfg))
+        return netfilter.plan_from_config(cfg, **extras)
 
     # -- kernel state ---------------------------------------------------------------------
 
@@ -127,6 +134,8 @@ class Daemon:
         preflight.check(self.plan.lan_interfaces, self.plan.ipv6)
         try:
             await self.server.start()
+            for comp in self.components:
+                await comp.start(self)
             await self.apply_kernel_state(self.plan)
             log.info(
                 "intercepting tcp ports %s from %s on port %d",
@@ -149,6 +158,11 @@ class Daemon:
         finally:
             for task in list(self.tasks):
                 task.cancel()
+            for comp in reversed(self.components):
+                try:
+                    await comp.stop(self)
+                except Exception:
+                    log.exception("stopping %s failed", comp.name)
             await self.server.stop()
             await self.remove_kernel_state()
             self.access_log.close()
@@ -182,7 +196,9 @@ class Daemon:
             new = config_mod.with_overrides(config_mod.load(path), **self.overrides)
             if not new.proxy.lan_interfaces:
                 raise ConfigError(new.path, "proxy.lan_interfaces", "no LAN interface configured")
-            plan = netfilter.plan_from_config(new)
+            for comp in self.components:
+                await comp.reload(self, new)
+            plan = self.make_plan(new)
             if plan != self.plan:
                 old = self.plan
                 if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):

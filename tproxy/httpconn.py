@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tproxy import http1, netutil
 from tproxy.accesslog import AccessRecord
@@ -101,6 +101,14 @@ def format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class BodySink(Protocol):
+    """Receives a copy of a response body as it streams to the client (the cache's writer)."""
+
+    def data(self, chunk: bytes) -> None: ...
+    def end(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Exchange:
     """One request and its response, as seen by the client connection."""
 
@@ -109,6 +117,7 @@ class Exchange:
         "content_type",
         "head",
         "hierarchy",
+        "notes",
         "request_done",
         "response_framing",
         "response_head",
@@ -116,6 +125,7 @@ class Exchange:
         "result",
         "retryable",
         "sent",
+        "sink",
         "start",
         "status",
         "upstream",
@@ -139,6 +149,9 @@ class Exchange:
         self.result = "TCP_MISS"
         self.hierarchy = "HIER_DIRECT"
         self.content_type = "-"
+        self.sink: BodySink | None = None
+        # Per-exchange data of the policy hooks (filter verdict, cache key, shaping class...).
+        self.notes: dict[str, Any] = {}
         # RFC 9112 §9.3.1: a request without a body and with an idempotent method may be
         # retried on a new connection when a reused one turns out to be closed.
         self.retryable = head.method in (b"GET", b"HEAD", b"OPTIONS") and (
@@ -550,8 +563,9 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = ex
         self.set_deadline(0)
         # Policy hooks (filter, cache) may answer the request themselves.
-        if self.server.on_request is not None and self.server.on_request(self, ex):
-            return
+        for hook in self.server.request_hooks:
+            if hook(self, ex):
+                return
         self.forward_request(ex)
 
     def forward_request(self, ex: Exchange) -> None:
@@ -675,6 +689,8 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self.write(event.data)
                 ex.sent += len(event.data)
+                if ex.sink is not None:
+                    ex.sink.data(event.data)
             elif isinstance(event, ResponseHead):
                 self.response_head(ex, event)
             elif isinstance(event, EndOfMessage):
@@ -709,8 +725,9 @@ class ClientConnection(asyncio.Protocol):
         if not ex.request_done and ex.head.body_kind is not http1.BodyKind.NONE:
             keep = False
         ex.client_keep_alive = keep
-        if self.server.on_response is not None and self.server.on_response(self, ex, head):
-            return
+        for hook in self.server.response_hooks:
+            if hook(self, ex, head):
+                return
         ex.response_started = True
         self.write(
             http1.serialize_response_head(
@@ -730,6 +747,9 @@ class ClientConnection(asyncio.Protocol):
     def response_end(self, ex: Exchange, up: Upstream, event: EndOfMessage) -> None:
         if ex.response_framing is Framing.CHUNKED:
             self.write(http1.encode_last_chunk(event.trailers))
+        if ex.sink is not None:
+            ex.sink.end(event.trailers)
+            ex.sink = None
         self.log_exchange(ex)
         self.exchange = None
         self.upstream = None
@@ -858,6 +878,10 @@ class ClientConnection(asyncio.Protocol):
         self.next_request(ex)
 
     def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
+        if ex.sink is not None:
+            # A transfer that did not complete is never stored (nor anything else a sink does).
+            ex.sink.abort()
+            ex.sink = None
         dst = str(self.sockname[0])
         self.server.access(
             AccessRecord(

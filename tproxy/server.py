@@ -54,8 +54,9 @@ class Server:
         self.listeners: list[asyncio.AbstractServer] = []
         self.sweeper: asyncio.Task[None] | None = None
         self.draining = False
-        self.on_request: RequestHook | None = None
-        self.on_response: ResponseHook | None = None
+        # Policy hooks, called in order (filter before cache); the first that answers wins.
+        self.request_hooks: list[RequestHook] = []
+        self.response_hooks: list[ResponseHook] = []
 
     # -- bookkeeping ----------------------------------------------------------------------
 
