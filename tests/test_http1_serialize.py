@@ -205,3 +205,9 @@ SNIFF_CASES = {
 def test_sniff(data: bytes, expected: Sniff) -> None:
     assert sniff(data) is expected
     assert is_opaque(data) is (expected is Sniff.OPAQUE)
+
+
+def test_last_chunk_drops_framing_trailers() -> None:
+    trailers = [(b"Content-Length", b"5"), (b"transfer-encoding", b"chunked"), (b"X-Sum", b"1")]
+    assert encode_last_chunk(trailers) == b"0\r\nX-Sum: 1\r\n\r\n"
+    assert encode_last_chunk([(b"Host", b"evil")]) == LAST_CHUNK

@@ -148,7 +148,9 @@ class RequestHead:
     content_length: int | None
     upgrade: bool  # Upgrade + "Connection: upgrade" in HTTP/1.1, or CONNECT
     expect_continue: bool  # "Expect: 100-continue" in HTTP/1.1 (RFC 9110 §10.1.1)
-    host: bytes | None  # the Host field value (None only for HTTP/1.0 without one)
+    # The Host field value (None only for HTTP/1.0 without one).  With an absolute-form target
+    # the target's authority wins over Host (RFC 9112 §3.2.2): the shell decides.
+    host: bytes | None
     connection: frozenset[bytes]  # lower-cased Connection options
 
 
@@ -350,20 +352,20 @@ class _Parser:
             self._scan = 0
             line_end = buf.find(b"\r\n", pos)
             if line_end - pos > lim.max_request_line:
-                events.append(self._error(414, "request-line too long"))
+                events.append(self._error(414, "start line too long"))
                 return -1
             return end + 4
         size = len(buf) - pos
         if size >= lim.max_head_size:
             if buf.find(b"\n", pos, pos + lim.max_request_line + 2) < 0:
-                events.append(self._error(414, "request-line too long"))
+                events.append(self._error(414, "start line too long"))
             else:
                 events.append(self._error(431, "header section too large"))
             return -1
         if buf.find(b"\n", pos, pos + lim.max_request_line + 2) < 0 and (
             size > lim.max_request_line + 1
         ):
-            events.append(self._error(414, "request-line too long"))
+            events.append(self._error(414, "start line too long"))
             return -1
         # Fail fast on a bare LF instead of waiting for a CRLFCRLF that never comes (§2.2).
         lf = buf.find(b"\n", max(start, pos))
@@ -1003,6 +1005,8 @@ def serialize_response_head(
     return b"".join(out)
 
 
+_NOT_TRAILERS = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, b"trailer", b"content-range"}
+
 #: The last chunk with no trailers (RFC 9112 §7.1).
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -1015,8 +1019,12 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
-    """The last chunk and trailer section (RFC 9112 §7.1.2)."""
-    lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
+    """The last chunk and trailer section (RFC 9112 §7.1.2).
+
+    Fields that must not be trailers (framing, routing, hop-by-hop: RFC 9110 §6.5.1) are
+    dropped, so a trailer can never be mistaken for framing by the next hop.
+    """
+    lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers if n.lower() not in _NOT_TRAILERS)
     return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
 
 
