@@ -198,6 +198,9 @@ SNIFF_CASES = {
     "token then CR": (b"HELLO\r\n", Sniff.OPAQUE),
     "overlong token": (b"A" * 40, Sniff.OPAQUE),
     "bare LF first": (b"\nGET /", Sniff.OPAQUE),
+    "h2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Sniff.OPAQUE),
+    "h2 preface start": (b"PRI * HTTP/2", Sniff.UNDECIDED),
+    "PRIVATE method": (b"PRIVATE /x", Sniff.HTTP),
 }
 
 

@@ -235,6 +235,7 @@ _FIELD_LINE = re.compile(
     rb"[\x21-\x7e\x80-\xff])?)?)[ \t]*"
 )
 _SNIFF_METHOD = re.compile(rb"[" + _TCHAR + rb"]{1,%d}" % MAX_SNIFF_METHOD)
+_H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
 _SNIFF_TARGET_START = frozenset(b"/*ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 # Field names the parser must interpret (lower-case).
@@ -289,6 +290,7 @@ class _Parser:
         "_limits",
         "_remaining",
         "_scan",
+        "_special",
         "_state",
         "_trailer_bytes",
         "_trailers",
@@ -303,6 +305,7 @@ class _Parser:
         self._body_seen = 0
         self._scan = 0  # bytes at the head start already searched for CRLFCRLF
         self._fields: Headers = []
+        self._special: Headers = []  # (lower-cased name, value) of the fields in _SPECIAL
         self._trailers: list[tuple[bytes, bytes]] = []
         self._trailer_bytes = 0
         self._eof = False
@@ -311,6 +314,9 @@ class _Parser:
     # minimal: it runs once per field line on the hot path.
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields.append((name, value))
+        lname = name.lower()
+        if lname in _SPECIAL:
+            self._special.append((lname, value))
 
     def _parse_fields(
         self, parser: HttpRequestParser | HttpResponseParser, buf: bytes, pos: int, end: int
@@ -318,6 +324,7 @@ class _Parser:
         """Run llhttp over the complete head ``buf[pos:end]``; (fields, error reason or "")."""
         fields: Headers = []
         self._fields = fields
+        self._special = []
         try:
             parser.feed_data(buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end])
         except HttpParserUpgrade:
@@ -332,6 +339,7 @@ class _Parser:
         if buf.find(b" \r\n", pos, end) >= 0 or buf.find(b"\t\r\n", pos, end) >= 0:
             # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not in the value).
             fields[:] = [(n, v.rstrip(b" \t")) for n, v in fields]
+            self._special = [(n, v.rstrip(b" \t")) for n, v in self._special]
         if len(fields) > self._limits.max_header_count:
             return fields, "too many header fields"
         return fields, ""
@@ -493,7 +501,7 @@ class _Meta:
 
     __slots__ = ("cl", "conn", "error", "expect", "host", "n_host", "te", "upgrade")
 
-    def __init__(self, fields: Headers, minor: bytes) -> None:
+    def __init__(self, special: Headers, minor: bytes) -> None:
         self.cl: int | None = None
         self.te: list[bytes] | None = None
         self.host: bytes | None = None
@@ -502,10 +510,7 @@ class _Meta:
         self.upgrade = False  # an Upgrade field is present
         self.error = ""
         conn: list[bytes] | None = None
-        for name, value in fields:
-            lname = name.lower()
-            if lname not in _SPECIAL:
-                continue
+        for lname, value in special:
             if lname == _CONNECTION:
                 if conn is None:
                     conn = []
@@ -666,7 +671,7 @@ class RequestParser(_Parser):
             if why == "too many header fields":
                 return self._error(431, why)
             return self._error(400, f"invalid request head: {why}")
-        meta = _Meta(fields, minor)
+        meta = _Meta(self._special, minor)
         if meta.error:
             return self._error(400, meta.error)
         cl = meta.cl
@@ -812,7 +817,7 @@ class ResponseParser(_Parser):
             events.append(self._error(502, f"invalid response head: {why}"))
             return False
         reason = reason or b""
-        meta = _Meta(fields, minor)
+        meta = _Meta(self._special, minor)
         conn = meta.conn
         method, upgrade_requested = self._pending[0]
         if status < 200:
@@ -1050,7 +1055,9 @@ def sniff(data: bytes) -> Sniff:
 
     Plausible HTTP is ``token SP`` followed by the start of a request-target (``/``, ``*`` or a
     letter for absolute/authority form), after optional empty lines (RFC 9112 §2.2).  Anything
-    else (TLS records, SSH banners, binary) is opaque as soon as it differs.  The RequestParser
+    else (TLS records, SSH banners, binary, the HTTP/2 preface) is opaque as soon as it differs.
+    UNDECIDED needs more bytes; a client that sends nothing (server-speaks-first protocols) never
+    decides, so the shell time-boxes the wait and then relays opaquely.  The RequestParser
     still validates strictly, so a plausible-but-bad request gets a 400, not a tunnel.
     """
     pos = 0
@@ -1059,6 +1066,10 @@ def sniff(data: bytes) -> Sniff:
         pos += 2
     if pos == n or data[pos:] == b"\r":
         return Sniff.UNDECIDED
+    start = data[pos : pos + len(_H2_PREFACE_LINE)]
+    if _H2_PREFACE_LINE.startswith(start):
+        # HTTP/2 with prior knowledge (RFC 9113 §3.3) is relayed, not answered with 505.
+        return Sniff.OPAQUE if len(start) == len(_H2_PREFACE_LINE) else Sniff.UNDECIDED
     m = _SNIFF_METHOD.match(data, pos)
     if m is None:
         return Sniff.OPAQUE
