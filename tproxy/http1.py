@@ -46,7 +46,25 @@ before chunked (``gzip, chunked``) → 501 (§6.1).  A request-line longer than
 than ``max_header_count`` fields → 431 (RFC 6585 §5); a body above ``max_body_size`` → 413.
 Targets: origin-form, absolute-form (``scheme://``), ``*`` only with OPTIONS; authority-form only
 with CONNECT, and CONNECT itself → 501 unless ``Limits.allow_connect`` (then it is reported with
-``upgrade=True`` and tunnels if the origin answers 2xx).
+``upgrade=True`` and tunnels if the origin answers 2xx).  Target characters outside RFC 3986
+that llhttp accepts (``|``, ``{``, ``"`` ...) are accepted: origins serve them and they do not
+affect framing.  Head errors are always the only event of a message (nothing was forwardable);
+a body framing error (bad chunk line, 413 on a chunked body) comes after the head and some
+``Body`` events, before any ``EndOfMessage``: the shell aborts the forwarded message (close the
+upstream connection without a last chunk), so the next hop never sees a complete message.
+
+Forwarding: ``forward_framing(head, peer_version)`` says how the body goes to the next hop —
+Content-Length is kept, chunked stays chunked, and a close-delimited response is re-chunked
+for an HTTP/1.1 client (so its connection stays persistent) or sent raw followed by a close for
+an HTTP/1.0 client, which does not know chunked.  ``serialize_request_head`` /
+``serialize_response_head`` write the head with hop-by-hop fields removed (RFC 9110 §7.6.1) and
+framing fields matching that decision; bodies go through ``encode_chunk`` /
+``encode_last_chunk`` when chunked.  ``sniff`` / ``is_opaque`` classify the first bytes of an
+intercepted connection.
+
+Cost: one fresh llhttp parser per head (≈0.15 µs) plus one Python callback per field line; a
+1 KiB browser GET parses in ≈7 µs and a 1 KiB response in ≈6 µs on the 2-core dev box.  ``Body``
+events reuse the fed ``bytes`` object when a whole feed is body (no copy).
 """
 
 from __future__ import annotations
