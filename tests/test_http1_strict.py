@@ -331,6 +331,8 @@ def test_unsolicited_response_data() -> None:
 def test_101_without_upgrade_request() -> None:
     data = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
     assert only_error(responses([b"GET"], [data])).status == 502
+    no_upgrade_field = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    assert only_error(responses([(b"GET", True)], [no_upgrade_field])).status == 502
 
 
 def test_truncated_responses_at_eof() -> None:

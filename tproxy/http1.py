@@ -350,9 +350,10 @@ class _Parser:
         except HttpParserInvalidMethodError:
             return fields, "method"
         except HttpParserError as exc:
-            # llhttp pauses (reported as an error) on a 101 without Upgrade; the caller decides.
+            # llhttp pauses (reported as an error, after the last field) on some 101 responses;
+            # the response parser decides about those itself.
             reason = str(exc)
-            if not reason.startswith("Pause on"):
+            if not (self._err and reason.startswith("Pause on")):
                 return fields, reason or "invalid head"
         if buf.find(b" \r\n", pos, end) >= 0 or buf.find(b"\t\r\n", pos, end) >= 0:
             # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not in the value).
@@ -842,6 +843,10 @@ class ResponseParser(_Parser):
             if status == 101:
                 if not upgrade_requested or method == b"CONNECT":
                     events.append(self._error(502, "101 without an upgrade request"))
+                    return False
+                if not meta.upgrade:
+                    # RFC 9110 §15.2.2: a 101 names the new protocol in Upgrade.
+                    events.append(self._error(502, "101 without Upgrade"))
                     return False
                 self._pending.popleft()
                 events.append(Informational(status, reason, fields, conn))
