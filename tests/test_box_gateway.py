@@ -202,6 +202,66 @@ def test_exposure_score(gateway: box.Box) -> None:
     assert float(m.group(1)) <= EXPOSURE_LIMIT, out
 
 
+# Everything the daemon does that a sandbox setting could break, run under the unit's own
+# sandbox settings: bundled C extensions under MemoryDenyWriteExecute, netlink (NFQUEUE,
+# rtnetlink), IP_TRANSPARENT/SO_MARK, and exec'ing iptables-restore.
+SANDBOX_PROBE = """\
+import socket, subprocess, sys
+sys.path.insert(0, "/usr/lib/tproxy")
+import asyncio, cachetools, dpkt, httptools, prometheus_client, re2, uvloop
+from netfilterqueue import NetfilterQueue
+from pyroute2 import IPRoute
+from systemd import daemon
+
+assert re2.compile(r"^(www\\.)?example\\.(com|org)$").match("www.example.org")
+httptools.HttpRequestParser(object()).feed_data(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
+uvloop.run(asyncio.sleep(0))
+q = NetfilterQueue()
+q.bind(4242, lambda pkt: pkt.accept())
+q.unbind()
+s = socket.socket()
+s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x4)
+s.bind(("192.0.2.1", 0))  # non-local address: only allowed with IP_TRANSPARENT
+s.close()
+subprocess.run(["iptables-restore", "--noflush"], check=True,
+               input=b"*mangle\\n:TPROXY-PROBE - [0:0]\\nCOMMIT\\n")
+subprocess.run(["iptables", "-t", "mangle", "-X", "TPROXY-PROBE"], check=True)
+with IPRoute() as ipr:
+    ipr.rule("add", table=4242, priority=4242, fwmark=0x4, fwmask=0x4)
+    ipr.rule("del", table=4242, priority=4242, fwmark=0x4, fwmask=0x4)
+print("PROBE-OK")
+"""
+
+
+def _sandbox_properties(unit_text: str) -> list[str]:
+    """The [Service] settings from the sandbox comment on (see packaging/debian/tproxy.service)."""
+    props: list[str] = []
+    in_sandbox = False
+    for line in unit_text.splitlines():
+        if line.startswith("# -- sandbox"):
+            in_sandbox = True
+        elif line.startswith("["):
+            in_sandbox = False
+        elif in_sandbox and "=" in line and not line.startswith("#"):
+            props.append(line.strip())
+    return props
+
+
+@pytest.mark.box
+def test_sandbox_allows_what_the_daemon_needs(gateway: box.Box) -> None:
+    b = gateway
+    props = _sandbox_properties(b.sh("cat /lib/systemd/system/tproxy.service").stdout)
+    assert any(p.startswith("MemoryDenyWriteExecute=") for p in props), props
+    b.sh("cat > /run/tproxy-probe.py <<'EOF'\n" + SANDBOX_PROBE + "EOF")
+    args = " ".join(f"-p '{p}'" for p in props)
+    out = b.sh(
+        f"systemd-run --wait --pipe --quiet {args} /usr/bin/python3 -I /run/tproxy-probe.py 2>&1",
+        check=False,
+    )
+    assert "PROBE-OK" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.box
 def test_request_goes_through_the_daemon(gateway: box.Box) -> None:
     b = gateway
