@@ -50,8 +50,12 @@ ensure_venv() {
     fi
     if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
         echo "==> pip install -e .[dev] into .venv"
-        "$VENV/bin/pip" install -q --upgrade pip
-        "$VENV/bin/pip" install -q -e "$REPO[dev]"
+        if ! { "$VENV/bin/pip" install -q --upgrade pip &&
+               "$VENV/bin/pip" install -q -e "$REPO[dev]"; } >"$VENV/pip.log" 2>&1; then
+            cat "$VENV/pip.log" >&2
+            echo "pip install failed (log above, also in $VENV/pip.log)" >&2
+            exit 1
+        fi
         touch "$stamp"
     fi
 }
