@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import Lab  # noqa: E402
-from tests.proxy import Proxy  # noqa: E402
+from tests.lab import Lab
+from tests.proxy import Proxy
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 RESET = "\033[0m" if sys.stdout.isatty() else ""
@@ -74,7 +74,7 @@ def main() -> int:
         step("Stopping tproxy: its rules go away and clients browse directly again")
         lab.set_forwarding(True)
         proxy.stop()
-        left = [l for l in proxy.rules().splitlines() if "TPROXY" in l]
+        left = [r for r in proxy.rules().splitlines() if "TPROXY" in r]
         show("tproxy rules left", str(len(left)))
         res = lab.curl("client", lab.url("/ip", v6=False))
         show("direct request", f"{res.status} (routed, not intercepted)")
