@@ -23,6 +23,8 @@ bits           meaning
                answers every packet of the flow, in both directions, with a TCP reset.
 ``0xff00``     shaping class number (``class << 8``); CLASSIFY rules in mangle POSTROUTING
                map it to an HTB class per egress interface.
+``0xff0000``   client slot inside a per-client fair shaping class (``slot << 16``); kept in
+               the connmark with the class so forwarded (SNI-classified) flows stay fair.
 =============  ==========================================================================
 
 Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
@@ -69,10 +71,13 @@ MARK_VERDICT_MASK = MARK_VERDICT_ACCEPT | MARK_VERDICT_RESET
 MARK_CLASS_SHIFT = 8
 MARK_CLASS_MASK = 0xFF00
 MAX_CLASS_NUMBER = MARK_CLASS_MASK >> MARK_CLASS_SHIFT
-# Bits the divert mark must stay clear of.
+MARK_SLOT_MASK = 0xFF0000
+# The shaping bits a packet's class is matched on (tproxy.shaping.model.MARK_MASK).
+MARK_SHAPING_MASK = MARK_CLASS_MASK | MARK_SLOT_MASK
+# Bits the divert mark must stay clear of; the slot bits only while shaping classes exist.
 MARK_RESERVED = MARK_VERDICT_MASK | MARK_CLASS_MASK
-# What the connmark carries for a flow: its verdict and its shaping class.
-MARK_CONN_MASK = MARK_VERDICT_MASK | MARK_CLASS_MASK
+# What the connmark carries for a flow: its verdict, its shaping class and client slot.
+MARK_CONN_MASK = MARK_VERDICT_MASK | MARK_SHAPING_MASK
 MARK_MAX = 0xFFFFFFFF
 
 # -- limits ------------------------------------------------------------------------------------
@@ -185,10 +190,10 @@ class RulesPlan:
             raise ValueError(
                 f"fwmark {self.fwmark:#x} has bits outside fwmark_mask {self.fwmark_mask:#x}"
             )
-        if self.fwmark_mask & MARK_RESERVED:
+        reserved = MARK_RESERVED | (MARK_SLOT_MASK if self.classify else 0)
+        if self.fwmark_mask & reserved:
             raise ValueError(
-                f"fwmark_mask {self.fwmark_mask:#x} overlaps the verdict/class bits "
-                f"{MARK_RESERVED:#x}"
+                f"fwmark_mask {self.fwmark_mask:#x} overlaps the verdict/class bits {reserved:#x}"
             )
         if not 1 <= self.rule_priority <= RULE_PRIORITY_MAX:
             raise ValueError(f"rule priority {self.rule_priority} is outside 1..32765")
@@ -294,7 +299,7 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # carry it already via SO_MARK, so restore only into packets without class bits.
         post.append(
             f"-A {CHAIN_POST} -m mark --mark 0x0/{MARK_CLASS_MASK:#x} -j CONNMARK --restore-mark "
-            f"--nfmask {MARK_CLASS_MASK:#x} --ctmask {MARK_CLASS_MASK:#x}"
+            f"--nfmask {MARK_SHAPING_MASK:#x} --ctmask {MARK_SHAPING_MASK:#x}"
         )
         for rule in plan.classify:
             out = f"-o {rule.out_interface} " if rule.out_interface else ""
