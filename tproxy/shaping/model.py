@@ -100,6 +100,8 @@ MAX_QUANTUM = 200_000
 SIGNATURE_R2Q = 0x7470  # "tp"
 
 CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+# A real interface name (IFNAMSIZ 16 with the NUL): HTB needs one device, so no "+" wildcard.
+IFACE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 CONTENT_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)$")
 CacheState = Literal["hit", "miss"]
 Role = Literal["lan", "wan"]
@@ -137,6 +139,10 @@ class ShapingConfig:
     enabled: bool = False
     lan_interface_rate: int = DEFAULT_LINK_RATE
     wan_interface_rate: int = DEFAULT_LINK_RATE
+    # Where uploads leave the gateway. Named, not guessed from the routing table: a gateway
+    # may have several uplinks (or a VPN) and routes change at runtime; empty = uploads are
+    # not shaped.
+    wan_interfaces: tuple[str, ...] = ()
     classes: tuple[ShapingClass, ...] = ()
     default_class: str | None = None  # None: unmatched traffic is not shaped
     selectors: tuple[ShapingSelector, ...] = ()
@@ -347,12 +353,17 @@ def parse_shaping(r: Reader) -> ShapingConfig:
     enabled = r.boolean("enabled", d.enabled)
     lan_rate = r.rate("lan_interface_rate", d.lan_interface_rate)
     wan_rate = r.rate("wan_interface_rate", d.wan_interface_rate)
+    wan_ifaces = tuple(r.str_list("wan_interfaces"))
+    for index, name in enumerate(wan_ifaces):
+        if not IFACE_NAME_RE.match(name):
+            r.error(f"wan_interfaces[{index}]", f"not an interface name: {name!r}")
     classes = [c for c in (_parse_class(t) for t in r.tables("class")) if c is not None]
     selectors = [_parse_selector(t) for t in r.tables("select")]
     cfg = ShapingConfig(
         enabled=enabled,
         lan_interface_rate=lan_rate,
         wan_interface_rate=wan_rate,
+        wan_interfaces=wan_ifaces,
         classes=tuple(classes),
         default_class=r.string("default_class", "") or None,
         selectors=tuple(selectors),
