@@ -514,4 +514,4 @@ def _register_builtin_sections() -> None:
         importlib.import_module(module)
 
 
-FEATURE_MODULES: list[str] = ["tproxy.cache.store"]
+FEATURE_MODULES: list[str] = ["tproxy.cache.store", "tproxy.limits"]
