@@ -50,6 +50,9 @@ WRITE_BUFFER_LOW = 64 * 1024
 PENDING_LIMIT = 256 * 1024
 # Bytes kept while deciding whether a connection speaks HTTP.
 SNIFF_LIMIT = 64
+# A client that sends nothing this long may be speaking a server-first protocol (the origin
+# talks first): it gets an opaque tunnel instead of waiting for a request that never comes.
+SNIFF_TIMEOUT = 2.0
 # Idle upstream connections kept per (destination, source) and in all.
 POOL_PER_KEY = 32
 POOL_TOTAL = 2048
@@ -116,6 +119,7 @@ class Exchange:
         "client_keep_alive",
         "content_type",
         "head",
+        "held",
         "hierarchy",
         "notes",
         "request_done",
@@ -142,6 +146,9 @@ class Exchange:
         self.request_done = False
         self.response_head: ResponseHead | None = None
         self.response_started = False
+        # The response head is held until the end of the batch of events it came in, so a
+        # framing error right behind it (a bad first chunk) still becomes a clean 502.
+        self.held = b""
         self.response_framing = Framing.NONE
         self.client_keep_alive = head.keep_alive
         self.status = 0
@@ -331,6 +338,8 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.tunnel_status = 200
+        self.opaque = False  # relayed as an opaque tunnel from the first byte
+        self.tunnel_logged = False
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -347,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.accepted(self)
-        self.set_deadline(self.server.cfg.proxy.request_timeout)
+        self.set_deadline(SNIFF_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -389,6 +398,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state = CLOSING
+        if self.opaque:
+            self.log_tunnel("TCP_TUNNEL")
         if self.connecting is not None and not self.connecting.done():
             self.connecting.cancel()
         ex = self.exchange
@@ -468,16 +479,19 @@ class ClientConnection(asyncio.Protocol):
         if verdict is Sniff.HTTP:
             self.sniff_buf = b""
             self.state = HEAD
+            self.set_deadline(self.server.cfg.proxy.request_timeout)
             self.on_request_events(self.parser.feed(buf))
         elif verdict is Sniff.OPAQUE or len(buf) > SNIFF_LIMIT:
             self.sniff_buf = b""
             self.start_tunnel(buf)
         else:
             self.sniff_buf = buf
+            self.set_deadline(self.server.cfg.proxy.request_timeout)
 
     def start_tunnel(self, first: bytes) -> None:
         """Relay everything opaquely to the original destination."""
         self.state = TUNNEL
+        self.opaque = True
         self.set_deadline(0)
         if first:
             self.pending.append(first)
@@ -515,6 +529,9 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def log_tunnel(self, result: str) -> None:
+        if self.tunnel_logged:
+            return
+        self.tunnel_logged = True
         dst = self.sockname
         self.server.access(
             AccessRecord(
@@ -684,6 +701,8 @@ class ClientConnection(asyncio.Protocol):
             return
         for event in events:
             if isinstance(event, Body):
+                if ex.held:
+                    self.release_head(ex)
                 if ex.response_framing is Framing.CHUNKED:
                     self.write(http1.encode_chunk(event.data))
                 else:
@@ -694,6 +713,8 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, ResponseHead):
                 self.response_head(ex, event)
             elif isinstance(event, EndOfMessage):
+                if ex.held:
+                    self.release_head(ex)
                 self.response_end(ex, up, event)
                 ex = self.exchange
                 if ex is None or ex.upstream is not up:
@@ -704,8 +725,11 @@ class ClientConnection(asyncio.Protocol):
                 self.switch_to_tunnel(ex, up, event.rest)
                 return
             elif isinstance(event, ProtocolError):
+                ex.held = b""
                 self.response_error(ex, up, event)
                 return
+        if ex.held:
+            self.release_head(ex)
         if eof and self.exchange is ex and ex is not None and ex.upstream is up:
             # EOF without a complete response and no error event: treat as failure.
             self.upstream_lost(up, None)
@@ -728,12 +752,14 @@ class ClientConnection(asyncio.Protocol):
         for hook in self.server.response_hooks:
             if hook(self, ex, head):
                 return
-        ex.response_started = True
-        self.write(
-            http1.serialize_response_head(
-                head, peer_version=client_version, framing=framing, keep_alive=keep
-            )
+        ex.held = http1.serialize_response_head(
+            head, peer_version=client_version, framing=framing, keep_alive=keep
         )
+
+    def release_head(self, ex: Exchange) -> None:
+        ex.response_started = True
+        self.write(ex.held)
+        ex.held = b""
 
     def informational(self, ex: Exchange, info: Informational) -> None:
         if info.status == 101:
@@ -820,8 +846,6 @@ class ClientConnection(asyncio.Protocol):
                     self.abort()
                 else:
                     self.close()
-                if self.exchange is None:
-                    self.log_tunnel("TCP_TUNNEL")
             return
         ex = self.exchange
         if ex is None or ex.upstream is not up:
@@ -905,7 +929,9 @@ class ClientConnection(asyncio.Protocol):
         """The current state's timer ran out (checked by the server's sweep)."""
         self.deadline = 0.0
         ex = self.exchange
-        if self.state in (SNIFF, HEAD):
+        if self.state == SNIFF and not self.bytes_in:
+            self.start_tunnel(b"")
+        elif self.state in (SNIFF, HEAD):
             # Slow or silent client: RFC 9110 §15.5.9 408, then close.
             if self.bytes_in and (self.sniff_buf or self.parser.buffered or self.state == HEAD):
                 self.write(error_response(408, "The request was not completed in time."))
