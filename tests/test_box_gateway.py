@@ -337,6 +337,24 @@ def test_hung_daemon_is_killed_by_the_watchdog(gateway: box.Box) -> None:
 
 
 @pytest.mark.box
+def test_logrotate_makes_the_daemon_reopen_its_log(gateway: box.Box) -> None:
+    """The package's logrotate rule sends SIGUSR1; new lines land in the new file."""
+    b = gateway
+    _wait_active(b)
+    pid = _main_pid(b)
+    assert b.curl("/?before-rotation").stdout == "200"
+    b.sh("logrotate -f /etc/logrotate.d/tproxy")
+    assert "before-rotation" in b.sh("cat /var/log/tproxy/access.log.1").stdout
+    assert b.curl("/?after-rotation").stdout == "200"
+    b.wait_for(
+        "a line in the new access.log",
+        lambda: "after-rotation" in b.sh("cat /var/log/tproxy/access.log", check=False).stdout,
+        5.0,
+    )
+    assert _main_pid(b) == pid, "log rotation restarted the daemon"
+
+
+@pytest.mark.box
 def test_stop_removes_every_rule(gateway: box.Box) -> None:
     b = gateway
     _wait_active(b)
