@@ -119,6 +119,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 return
             raw = peek + await read_head(reader)
             method, target, headers, fields = parse_head(raw)
+            if headers.get("expect", "").lower() == "100-continue":
+                # RFC 9110 §10.1.1: the client waits for this before sending the body.
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
             body, framing = await read_body(reader, headers)
             url = urllib.parse.urlsplit(target)
             query = urllib.parse.parse_qs(url.query)

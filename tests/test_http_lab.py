@@ -142,6 +142,23 @@ def test_chunked_upload_arrives_intact(env: tuple[Lab, Proxy, Origin]) -> None:
     assert req["framing"] == "chunked" and req["body_len"] == 256000
 
 
+def test_expect_100_continue_upload(env: tuple[Lab, Proxy, Origin]) -> None:
+    lab, _, origin = env
+    origin.clear()
+    data = lab.tmpdir / "upload100.bin"  # type: ignore[operator]
+    data.write_bytes(b"x" * 200_000)
+    res = lab.curl(
+        "client", f"http://{lab.origin_v4}:{APP_PORT}/echo", "-v",
+        "-H", "Expect: 100-continue", "--expect100-timeout", "10", "--data-binary", f"@{data}",
+    )  # fmt: skip
+    assert res.status == 200
+    assert len(res.body) == 200_000
+    # curl saw the interim response that the origin sent through the proxy.
+    assert "HTTP/1.1 100 Continue" in res.stderr
+    (req,) = origin.requests()
+    assert ["Expect", "100-continue"] in req["headers"]
+
+
 def test_close_delimited_response_is_rechunked(env: tuple[Lab, Proxy, Origin]) -> None:
     lab, _, _ = env
     res = lab.curl("client", f"http://{lab.origin_v4}:{APP_PORT}/close", "-i")
