@@ -1,0 +1,516 @@
+"""NFQUEUE shell for the HTTPS SNI peek: packets in, verdicts (accept with a mark, or reset) out.
+
+The kernel queues the first packets of every port-443 flow from the LAN (``--queue-bypass``,
+``connbytes 0:8``; see :mod:`tproxy.netfilter.render`). For each flow this module reassembles the
+TLS ClientHello (:class:`tproxy.tls.ClientHelloAssembler`), asks a ``decide`` callback for a
+verdict on the server name, and gives the verdict as a packet mark with ``NF_REPEAT``: the
+re-injected packet's mark is saved in the connmark and every later packet of the flow — both
+directions — skips the queue and stays in the kernel's fast path.
+
+* accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
+* reset: ``MARK_VERDICT_RESET``; the ``TPROXY-FWD`` rule answers the client's packet with a TCP
+  reset. The server has seen the handshake and waits for the ClientHello, so it would stay
+  half-open: we also send it a RST for the exact next sequence number from a raw socket
+  (RFC 9293 §3.10.7.4 / RFC 5961 §3.2: a RST is accepted when its sequence number is exactly
+  RCV.NXT). If our guess is off, the server answers with a challenge ACK, which the same connmark
+  REJECT rule answers with a reset whose sequence number is the server's own ACK: exact.
+
+Failure behaviour (the LAN keeps working whatever happens to the daemon):
+
+* an exception while inspecting never leaves a packet without a verdict (``finally``);
+* a dead daemon: ``--queue-bypass`` makes the kernel accept packets when nobody listens;
+* a hung daemon: the queue's ``NFQA_CFG_F_FAIL_OPEN`` flag makes the kernel accept packets once
+  the queue or our socket buffer is full (nfnetlink_queue.c ``__nfqnl_enqueue_packet``), and the
+  systemd watchdog restarts us. netfilterqueue does not expose the flag, so :func:`set_fail_open`
+  sends the ``NFQNL_MSG_CONFIG`` message itself on the library's own netlink socket (the kernel
+  only accepts queue config from the port id that bound the queue: ``nfqnl_recv_config``).
+
+The event loop reads the queue with ``loop.add_reader`` in bounded batches: netfilterqueue's
+``run(block=False)`` reads until EAGAIN and stalled the loop for a second under load
+(DESIGN.md §3), so :class:`_BatchSocket` makes ``run_socket`` stop after :data:`BATCH` packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, NamedTuple
+
+from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, MARK_VERDICT_RESET, class_mark
+from tproxy.tls import (
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    ClientHelloAssembler,
+    ClientHelloInfo,
+    TcpSegment,
+    parse_ip_tcp,
+)
+
+log = logging.getLogger("tproxy.nfqueue")
+
+# Packets handled per event-loop callback; the loop gets control back in between (DESIGN.md §3).
+BATCH = 64
+# Flows whose ClientHello is still being assembled. A flow normally lives here for one RTT;
+# the bound protects against SYN floods, the TTL against flows that never send data.
+MAX_FLOWS = 16384
+FLOW_TTL = 10.0
+# Data segments we wait for a whole ClientHello before deciding without a name. The kernel
+# queues 8 packets per flow (SYN and ACK included), so decide by the 6th data segment at the
+# latest — a flow that leaves the queue undecided would bypass the filter.
+MAX_HELLO_SEGMENTS = 6
+# Kernel queue length (packets awaiting a verdict). With fail-open, packets beyond it pass
+# unfiltered, so it must absorb bursts of new flows: 8 packets × 512 flows arriving at once.
+QUEUE_MAX_LEN = 4096
+# netfilterqueue's socket receive buffer request (bytes): room for a full queue of small
+# handshake packets; the kernel doubles it (socket(7) SO_RCVBUF).
+SOCK_RCVBUF = 4 * 1024 * 1024
+
+# linux/netfilter/nfnetlink.h, nfnetlink_queue.h, netlink.h
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_CONFIG = 2
+NFNETLINK_V0 = 0
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+NFQA_CFG_F_FAIL_OPEN = 0x1
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLMSG_ERROR = 0x2
+NLMSG_HDRLEN = 16
+CONFIG_ACK_TIMEOUT = 1.0
+_NLMSG = struct.Struct("=IHHII")
+_NLATTR = struct.Struct("=HH")
+_NFGEN = struct.Struct("=BBH")
+
+
+class Action(Enum):
+    PASS = "pass"  # accept, no verdict yet (handshake, first part of a split ClientHello)
+    ACCEPT = "accept"  # accept with the verdict mark: the flow leaves the queue
+    RESET = "reset"  # verdict mark "reset": the flow is torn down in both directions
+
+
+class FlowDecision(NamedTuple):
+    allowed: bool
+    reason: str = ""
+
+
+class Outcome(NamedTuple):
+    action: Action
+    mark: int = 0
+    segment: TcpSegment | None = None
+    sni: str | None = None
+    ech: bool = False
+
+
+# decide(client_ip, client_mac, server_ip, server_port, sni, ech, why_no_sni) -> FlowDecision
+Decide = Callable[[str, "str | None", str, int, "str | None", bool, str], FlowDecision]
+# sni_class(client_ip, sni) -> shaping class number (0: none)
+SniClass = Callable[[str, "str | None"], int]
+
+
+@dataclass
+class _Flow:
+    assembler: ClientHelloAssembler
+    expires: float
+    segments: int = 0
+
+
+def format_mac(hw: bytes | None) -> str | None:
+    if not hw or len(hw) < 6:
+        return None
+    return ":".join(f"{b:02x}" for b in hw[:6])
+
+
+@dataclass
+class InspectorStats:
+    packets: int = 0
+    accepted: int = 0
+    reset: int = 0
+    no_sni: int = 0
+    flows_evicted: int = 0
+    errors: int = 0
+
+
+@dataclass
+class FlowInspector:
+    """The per-packet logic, free of I/O: raw packet bytes in, an :class:`Outcome` out."""
+
+    decide: Decide
+    sni_class: SniClass | None = None
+    max_flows: int = MAX_FLOWS
+    flow_ttl: float = FLOW_TTL
+    flows: OrderedDict[tuple[str, int, str, int], _Flow] = field(default_factory=OrderedDict)
+    stats: InspectorStats = field(default_factory=InspectorStats)
+
+    def _expire(self, now: float) -> None:
+        flows = self.flows
+        # Insertion order = creation order and the TTL is fixed, so expired flows are in front.
+        while flows:
+            key, flow = next(iter(flows.items()))
+            if flow.expires > now and len(flows) <= self.max_flows:
+                break
+            del flows[key]
+            if flow.expires > now:
+                self.stats.flows_evicted += 1
+
+    def inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
+        self.stats.packets += 1
+        seg = parse_ip_tcp(packet)
+        if seg is None:
+            return Outcome(Action.PASS)
+        key = (seg.src, seg.sport, seg.dst, seg.dport)
+        flags = seg.flags
+        if flags & (TCP_RST | TCP_FIN):
+            self.flows.pop(key, None)
+            return Outcome(Action.PASS, segment=seg)
+        if flags & TCP_SYN:
+            flow = self.flows.get(key)
+            if flow is None:
+                self._expire(now)
+                flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
+                self.flows[key] = flow
+            else:
+                flow.assembler.syn(seg.seq)
+            if not seg.payload:
+                return Outcome(Action.PASS, segment=seg)
+        if not seg.payload:
+            return Outcome(Action.PASS, segment=seg)
+        flow = self.flows.get(key)
+        if flow is None:
+            # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
+            self._expire(now)
+            flow = _Flow(ClientHelloAssembler(), now + self.flow_ttl)
+            self.flows[key] = flow
+        flow.segments += 1
+        info = flow.assembler.add(seg.seq, seg.payload)
+        if info.incomplete and flow.segments < MAX_HELLO_SEGMENTS:
+            return Outcome(Action.PASS, segment=seg)
+        del self.flows[key]
+        return self._verdict(seg, hw, info)
+
+    def _verdict(self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo) -> Outcome:
+        sni = info.sni if info.complete else None
+        why = "" if sni else (info.reason or "no server_name extension")
+        if info.incomplete:
+            why = f"no complete ClientHello in {MAX_HELLO_SEGMENTS} segments"
+        if sni is None:
+            self.stats.no_sni += 1
+        decision = self.decide(seg.src, format_mac(hw), seg.dst, seg.dport, sni, info.ech, why)
+        if not decision.allowed:
+            self.stats.reset += 1
+            return Outcome(Action.RESET, MARK_VERDICT_RESET, seg, sni, info.ech)
+        mark = MARK_VERDICT_ACCEPT
+        if self.sni_class is not None:
+            number = self.sni_class(seg.src, sni)
+            if number:
+                mark |= class_mark(number)
+        self.stats.accepted += 1
+        return Outcome(Action.ACCEPT, mark, seg, sni, info.ech)
+
+
+# -- RST towards the server --------------------------------------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_rst(seg: TcpSegment) -> tuple[int, bytes]:
+    """``(family, IP packet)``: a RST from the client to the server at ``seg.seq``.
+
+    The RST carries no ACK (RFC 9293 §3.10.7: a RST is checked by its sequence number only).
+    """
+    v6 = ":" in seg.src
+    af = socket.AF_INET6 if v6 else socket.AF_INET
+    src = socket.inet_pton(af, seg.src)
+    dst = socket.inet_pton(af, seg.dst)
+    tcp = struct.pack("!HHIIBBHHH", seg.sport, seg.dport, seg.seq, 0, 5 << 4, TCP_RST, 0, 0, 0)
+    if v6:
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
+    else:
+        pseudo = src + dst + struct.pack("!xBH", socket.IPPROTO_TCP, len(tcp))
+    csum = _checksum(pseudo + tcp)
+    tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
+    if v6:
+        ip = struct.pack("!IHBB", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64) + src + dst
+    else:
+        # The kernel fills in the IP checksum (and the id when 0) for IP_HDRINCL (raw(7)).
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0) + src + dst
+    return af, ip + tcp
+
+
+class RstSender:
+    """Raw IPPROTO_RAW sockets (header included, raw(7)), opened on first use."""
+
+    def __init__(self) -> None:
+        self._socks: dict[int, socket.socket] = {}
+
+    def send(self, seg: TcpSegment) -> None:
+        af, packet = build_rst(seg)
+        sock = self._socks.get(af)
+        if sock is None:
+            sock = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setblocking(False)
+            self._socks[af] = sock
+        sock.sendto(packet, (seg.dst, 0))
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+
+# -- queue configuration -----------------------------------------------------------------------
+
+
+def config_message(queue_num: int, flags: int, mask: int, seq: int) -> bytes:
+    """NFQNL_MSG_CONFIG with NFQA_CFG_FLAGS/NFQA_CFG_MASK (big-endian u32 attributes)."""
+    attrs = b"".join(
+        _NLATTR.pack(8, kind) + struct.pack("!I", value)
+        for kind, value in ((NFQA_CFG_MASK, mask), (NFQA_CFG_FLAGS, flags))
+    )
+    body = _NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, socket.htons(queue_num)) + attrs
+    kind = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+    return _NLMSG.pack(NLMSG_HDRLEN + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def set_fail_open(fd: int, queue_num: int) -> bool | None:
+    """Set NFQA_CFG_F_FAIL_OPEN on the queue bound through netlink socket ``fd``.
+
+    Returns True when the kernel acknowledged it, None when the answer could not be read (a
+    queued packet was first in the socket: it is left for the library), and raises OSError
+    when the kernel refused. Call it right after ``bind``, before rules send packets.
+    """
+    seq = int.from_bytes(os.urandom(4), "little") | 1
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.send(config_message(queue_num, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_FAIL_OPEN, seq))
+        deadline = time.monotonic() + CONFIG_ACK_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                return None
+            # Peek: anything but our acknowledgement belongs to the library's reader.
+            data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(data) < NLMSG_HDRLEN + 4 + NLMSG_HDRLEN:
+                return None
+            _, kind, _, _, _ = _NLMSG.unpack_from(data)
+            (error,) = struct.unpack_from("=i", data, NLMSG_HDRLEN)
+            _, _, _, their_seq, _ = _NLMSG.unpack_from(data, NLMSG_HDRLEN + 4)
+            if kind != NLMSG_ERROR or their_seq != seq:
+                return None
+            sock.recv(65536, socket.MSG_DONTWAIT)
+            if error:
+                raise OSError(-error, f"NFQA_CFG_F_FAIL_OPEN refused: {os.strerror(-error)}")
+            return True
+    finally:
+        # Only our duplicate descriptor is closed; the library's socket stays open.
+        sock.close()
+
+
+class _BatchSocket:
+    """What ``NetfilterQueue.run_socket`` reads from: the real socket, but EAGAIN after
+    ``limit`` datagrams so one callback never drains an endless stream."""
+
+    __slots__ = ("left", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        return self.sock.recv(size)
+
+
+# -- the shell ---------------------------------------------------------------------------------
+
+
+@dataclass
+class QueueStats:
+    batches: int = 0
+    verdict_errors: int = 0
+    rst_sent: int = 0
+    rst_errors: int = 0
+    fail_open: bool | None = None
+
+
+class SniQueue:
+    """Binds NFQUEUE ``queue_num`` and gives every queued packet a verdict."""
+
+    def __init__(
+        self,
+        queue_num: int,
+        decide: Decide,
+        *,
+        sni_class: SniClass | None = None,
+        batch: int = BATCH,
+        max_len: int = QUEUE_MAX_LEN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue_num = queue_num
+        self.inspector = FlowInspector(decide, sni_class)
+        self.batch = batch
+        self.max_len = max_len
+        self.clock = clock
+        self.stats = QueueStats()
+        self.rst = RstSender()
+        self._nfq: Any = None
+        self._sock: socket.socket | None = None
+        self._reader: _BatchSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def sni_class(self) -> SniClass | None:
+        return self.inspector.sni_class
+
+    @sni_class.setter
+    def sni_class(self, hook: SniClass | None) -> None:
+        self.inspector.sni_class = hook
+
+    @property
+    def running(self) -> bool:
+        return self._nfq is not None
+
+    def open(self) -> None:
+        """Bind the queue and set fail-open; no reading yet (see :meth:`attach`)."""
+        from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+        nfq = NetfilterQueue()
+        try:
+            # COPY_PACKET: we need the TCP payload; the library caps the copy at ~4 KB, which
+            # holds any MTU-sized segment (the kernel segments GSO packets for queues without
+            # NFQA_CFG_F_GSO).
+            nfq.bind(
+                self.queue_num, self._on_packet, max_len=self.max_len, mode=COPY_PACKET,
+                sock_len=SOCK_RCVBUF,
+            )  # fmt: skip
+            fd = nfq.get_fd()
+            try:
+                self.stats.fail_open = set_fail_open(fd, self.queue_num)
+            except OSError as exc:
+                self.stats.fail_open = False
+                log.warning("queue %d: cannot set fail-open: %s", self.queue_num, exc)
+            if self.stats.fail_open is None:
+                log.warning("queue %d: fail-open flag not confirmed by the kernel", self.queue_num)
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.setblocking(False)
+        except BaseException:
+            nfq.unbind()
+            raise
+        self._nfq = nfq
+        self._sock = sock
+        self._reader = _BatchSocket(sock)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._sock is not None
+        self._loop = loop
+        loop.add_reader(self._sock.fileno(), self.read_batch)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.open()
+        self.attach(loop)
+
+    def read_batch(self) -> None:
+        """One bounded batch (event-loop reader callback)."""
+        reader = self._reader
+        if reader is None or self._nfq is None:
+            return
+        reader.left = self.batch
+        self.stats.batches += 1
+        try:
+            self._nfq.run_socket(reader)
+        except OSError as exc:
+            log.warning("queue %d: read failed: %s", self.queue_num, exc)
+
+    def _on_packet(self, pkt: Any) -> None:
+        outcome = Outcome(Action.PASS)
+        try:
+            outcome = self.inspector.inspect(pkt.get_payload(), pkt.get_hw(), self.clock())
+        except Exception:
+            self.inspector.stats.errors += 1
+            log.exception("queue %d: inspecting a packet failed; accepting it", self.queue_num)
+        finally:
+            # Always a verdict: a packet without one is stuck until the queue is unbound.
+            try:
+                if outcome.action is Action.PASS:
+                    pkt.accept()
+                else:
+                    pkt.set_mark(outcome.mark)
+                    pkt.repeat()
+            except Exception:
+                self.stats.verdict_errors += 1
+                log.exception("queue %d: giving a verdict failed", self.queue_num)
+        if outcome.action is Action.RESET and outcome.segment is not None:
+            try:
+                self.rst.send(outcome.segment)
+                self.stats.rst_sent += 1
+            except OSError as exc:
+                self.stats.rst_errors += 1
+                log.warning(
+                    "queue %d: RST to %s failed: %s", self.queue_num, outcome.segment.dst, exc
+                )
+
+    def close(self) -> None:
+        if self._loop is not None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._loop = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._reader = None
+        if self._nfq is not None:
+            self._nfq.unbind()
+            self._nfq = None
+        self.rst.close()
+        self.inspector.flows.clear()
+
+    def status(self) -> dict[str, Any]:
+        s, q = self.inspector.stats, self.stats
+        return {
+            "queue": self.queue_num,
+            "running": self.running,
+            "fail_open": q.fail_open,
+            "packets": s.packets,
+            "accepted": s.accepted,
+            "reset": s.reset,
+            "no_sni": s.no_sni,
+            "flows_pending": len(self.inspector.flows),
+            "flows_evicted": s.flows_evicted,
+            "errors": s.errors + q.verdict_errors,
+            "rst_sent": q.rst_sent,
+        }
+
+
+__all__ = [
+    "BATCH",
+    "Action",
+    "Decide",
+    "FlowDecision",
+    "FlowInspector",
+    "Outcome",
+    "SniClass",
+    "SniQueue",
+    "build_rst",
+    "config_message",
+    "set_fail_open",
+]
