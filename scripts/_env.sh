@@ -13,6 +13,7 @@ APT_PACKAGES=(
     iptables iproute2 curl nginx-light wrk squid openssl conntrack procps util-linux
     python3 python3-venv python3-dev build-essential pkg-config
     libnetfilter-queue-dev libsystemd-dev
+    debootstrap systemd-container debhelper dh-python python3-all-dev lintian vagrant vagrant-libvirt
 )
 
 need_root() {
