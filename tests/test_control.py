@@ -1,0 +1,335 @@
+"""Operations: control socket (`tproxy status`, reload, registrable commands) and /metrics.
+
+Unit part: the pure pieces (rate ring, request parsing, config, metric naming, HTTP answers) and
+the two components on a real event loop with real sockets in a temp dir / on loopback.
+Lab part: the real daemon in the gateway namespace, driven by curl from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from tproxy import config as config_mod
+from tproxy import control, metrics, status_cli
+from tproxy.config import ConfigError, ConfigErrors
+from tproxy.daemon import Daemon
+
+# -- pure parts --------------------------------------------------------------------------------
+
+
+def test_rate_meter_window_and_ring() -> None:
+    m = control.RateMeter(window=10.0, interval=1.0)
+    assert m.rate(100.0, 0) == 0.0  # no samples yet
+    for i in range(30):  # 30 s at 5 req/s
+        m.sample(100.0 + i, 5 * i)
+    assert len(m.samples) == 11  # the ring keeps one window, not the history
+    assert m.rate(129.0, 145) == pytest.approx(5.0)
+    # Traffic stops: the rate falls to zero once the window has passed.
+    assert m.rate(135.0, 145) == pytest.approx((145 - 5 * 25) / 10)
+    assert m.rate(140.0, 145) == 0.0
+    # Just after start, a rate over a fraction of a second is not extrapolated to huge values.
+    fresh = control.RateMeter()
+    fresh.sample(0.0, 0)
+    assert fresh.rate(0.01, 3) == pytest.approx(3.0)
+
+
+def test_parse_request_forms_and_errors() -> None:
+    assert control.parse_request(b'{"cmd": "status"}\n') == ("status", {})
+    assert control.parse_request(b'{"cmd":"cache-purge","args":{"url":"http://a/"}}') == (
+        "cache-purge",
+        {"url": "http://a/"},
+    )
+    assert control.parse_request(b"status\r\n") == ("status", {})
+    for bad, reason in [
+        (b"{not json", "not JSON"),
+        (b"[1]", "must be a JSON object"),
+        (b'{"args": {}}', 'missing "cmd"'),
+        (b'{"cmd": "x", "args": [1]}', '"args" must be'),
+        (b"two words", "one word"),
+    ]:
+        with pytest.raises(control.CommandError, match=re.escape(reason)):
+            control.parse_request(bad)
+
+
+def _cfg(text: str) -> config_mod.Config:
+    import tomllib
+
+    config_mod.load(None)  # registers the feature sections
+    return config_mod.parse(tomllib.loads(text), "t.toml", text)
+
+
+def test_control_config() -> None:
+    d = _cfg("").sections["control"]
+    assert d == control.ControlConfig(True, "/run/tproxy/control.sock", 0o660, "")
+    c = _cfg('[control]\nsocket = "/tmp/x.sock"\nmode = "0600"\ngroup = "adm"\n')
+    assert c.sections["control"] == control.ControlConfig(True, "/tmp/x.sock", 0o600, "adm")
+    assert _cfg("[control]\nmode = 0o640\n").sections["control"].mode == 0o640
+    with pytest.raises(ConfigErrors) as err:
+        _cfg('[control]\nsocket = "rel.sock"\nmode = "rw-rw----"\nsockt = 1\n')
+    text = str(err.value)
+    assert "t.toml:2: control.socket: must be an absolute path" in text
+    assert "t.toml:3: control.mode: not a file mode" in text
+    assert "control.sockt: unknown key" in text
+    with pytest.raises(ConfigError, match="longer than 107 bytes"):
+        _cfg(f'[control]\nsocket = "/{"x" * 120}"\n')
+
+
+def test_metrics_config() -> None:
+    assert _cfg("").sections["metrics"] == metrics.MetricsConfig(True, (("127.0.0.1", 9101),))
+    v6 = _cfg('[metrics]\nlisten = ["127.0.0.1:9101", "[::1]:9102"]\n').sections["metrics"]
+    assert v6.listen == (("127.0.0.1", 9101), ("::1", 9102))
+    assert _cfg('[metrics]\nlisten = "[::1]:9101"\n').sections["metrics"].listen == (("::1", 9101),)
+    for bad, reason in [
+        ('"localhost:9101"', "not an address:port"),
+        ('"127.0.0.1:70000"', "not a TCP port"),
+        ('"[127.0.0.1]:9101"', "brackets are for IPv6"),
+        ('"0.0.0.0:9101"', "listens on every address"),
+        ('"[::]:9101"', "listens on every address"),
+        ('["127.0.0.1:1", "127.0.0.1:1"]', "listed twice"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(reason)):
+            _cfg(f"[metrics]\nlisten = {bad}\n")
+    # A wildcard is the admin's explicit choice with allow_lan.
+    ok = _cfg('[metrics]\nlisten = "0.0.0.0:9101"\nallow_lan = true\n').sections["metrics"]
+    assert ok.listen == (("0.0.0.0", 9101),) and ok.allow_lan
+
+
+def test_lan_conflicts_and_names() -> None:
+    lan = {"br0": ["192.168.1.1", "fd00::1"], "lan2": ["10.0.0.1"]}
+    listen = [("127.0.0.1", 9101), ("192.168.1.1", 9101), ("fd00:0::1", 9101)]
+    assert metrics.lan_conflicts(listen, lan) == [
+        (("192.168.1.1", 9101), "br0"),
+        (("fd00:0::1", 9101), "br0"),
+    ]
+    assert metrics.metric_name("tproxy", "cache", "hits-ratio.5m") == "tproxy_cache_hits_ratio_5m"
+    assert dict(metrics.flatten_status({"a": 1, "b": {"c": 2.5, "d": True}, "s": "x", "l": [1]}))
+    assert dict(metrics.flatten_status({"a": 1, "b": {"c": 2.5, "d": True}, "s": "x"})) == {
+        "a": 1.0,
+        "b_c": 2.5,
+        "b_d": 1.0,
+    }
+
+
+def test_component_families_counter_suffix_and_dedup() -> None:
+    seen: set[str] = set()
+    fams = list(
+        metrics.component_families("cache", {"hits_total": 7, "size_bytes": 10, "hits": 1}, seen)
+    )
+    by_name = {f.name: f for f in fams}
+    assert by_name["tproxy_cache_hits"].type == "counter"  # from hits_total
+    assert by_name["tproxy_cache_size_bytes"].type == "gauge"
+    assert len(fams) == 2  # "hits" would collide with the counter's name and is dropped
+
+
+def test_http_answers() -> None:
+    reg = CollectorRegistry()
+    ok = metrics.answer(reg, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"text/plain; version=0.0.4" in ok
+    om = metrics.answer(reg, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n")
+    assert b"application/openmetrics-text" in om and om.endswith(b"# EOF\n")
+    head = metrics.answer(reg, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert head.endswith(b"\r\n\r\n")
+    assert metrics.answer(reg, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert metrics.answer(reg, b"GET /admin HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert metrics.answer(reg, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+
+
+def test_format_status_is_readable() -> None:
+    st = {
+        "version": "0.1.0", "pid": 42, "config": "/etc/tproxy/tproxy.toml", "uptime": 3725.0,
+        "started": 0.0, "connections": {"active": 3, "total": 120},
+        "requests": {"total": 999, "per_second": 12.345, "window": 10.0}, "bad_requests": 2,
+        "bytes": {"in": 2048, "out": 5 * 1024 * 1024}, "overloaded": True, "draining": False,
+        "upstream": {"connects": 50, "errors": 1, "pool_idle": 4},
+        "components": {"cache": {"entries": 5, "memory": {"bytes": 100}, "ratio": 0.5}},
+    }  # fmt: skip
+    text = status_cli.format_status(st)
+    assert "up 1h02m" in text
+    assert re.search(r"^connections\s+3 active, 120 total$", text, re.M)
+    assert re.search(r"^requests\s+999 total, 12.3/s \(last 10 s\)$", text, re.M)
+    assert "2.0 KiB from clients, 5.0 MiB to clients" in text
+    assert "OVERLOADED" in text
+    assert re.search(r"^cache\s+entries=5 memory.bytes=100 ratio=0.5$", text, re.M)
+
+
+# -- components on a real loop -----------------------------------------------------------------
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tpc-") as d:
+        yield Path(d)
+
+
+def _daemon(text: str) -> Daemon:
+    cfg = _cfg('[log]\naccess_log = ""\n[proxy]\nlan_interfaces = ["lo"]\n' + text)
+    return Daemon(cfg)
+
+
+def _component(daemon: Daemon, kind: type[Any]) -> Any:
+    return next(c for c in daemon.components if isinstance(c, kind))
+
+
+async def _ask(path: Path, line: bytes) -> dict[str, Any]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(line)
+    await writer.drain()
+    answer = json.loads(await reader.readline())
+    writer.close()
+    assert isinstance(answer, dict)
+    return answer
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_control_component_end_to_end(sock_dir: Path) -> None:
+    path = sock_dir / "c.sock"
+
+    async def main() -> None:
+        daemon = _daemon(
+            f'[control]\nsocket = "{path}"\nmode = "0600"\n[metrics]\nenabled = false\n'
+        )
+        ctl = _component(daemon, control.Control)
+        await ctl.start(daemon)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            daemon.server.stats.requests_total = 17
+            daemon.server.stats.bytes_out = 1000
+            st = await _ask(path, b'{"cmd": "status"}\n')
+            assert st["ok"], st
+            res = st["result"]
+            assert res["requests"]["total"] == 17
+            assert res["bytes"] == {"in": 0, "out": 1000}
+            assert res["pid"] == os.getpid()
+            assert set(res["components"]) == {"control", "metrics"}
+
+            async def purge(args: dict[str, Any]) -> dict[str, Any]:
+                if "url" not in args:
+                    raise control.CommandError("cache-purge needs a url")
+                return {"purged": args["url"]}
+
+            ctl.register("cache-purge", purge)
+            with pytest.raises(ValueError, match="already registered"):
+                ctl.register("cache-purge", purge)
+            ok = await _ask(path, b'{"cmd":"cache-purge","args":{"url":"http://a/"}}\n')
+            assert ok == {"ok": True, "result": {"purged": "http://a/"}}
+            bad = await _ask(path, b'{"cmd":"cache-purge"}\n')
+            assert bad == {"ok": False, "error": "cache-purge needs a url"}
+            unknown = await _ask(path, b"nope\n")
+            assert not unknown["ok"] and "cache-purge, help, reload, status" in unknown["error"]
+            # Several requests on one connection, and an over-long line is refused.
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"help\n\nstatus\n" + b"x" * (control.MAX_REQUEST_LINE + 10) + b"\n")
+            answers = [json.loads(await reader.readline()) for _ in range(3)]
+            writer.close()
+            assert answers[0]["result"]["commands"][0] == "cache-purge"
+            assert answers[1]["ok"] and answers[2] == {"ok": False, "error": "request too long"}
+            # The synchronous client used by `tproxy status` (in a thread: the loop serves).
+            res2 = await asyncio.to_thread(status_cli.request, str(path), "status")
+            assert res2["requests"]["total"] == 17
+            with pytest.raises(status_cli.CommandFailed, match="unknown command"):
+                await asyncio.to_thread(status_cli.request, str(path), "frobnicate")
+        finally:
+            await ctl.stop(daemon)
+        assert not path.exists()  # removed on stop
+
+    run(main())
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(sock_dir: Path) -> None:
+    path = sock_dir / "c.sock"
+    # A dead daemon's socket file: bound, never listening → connect is refused.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    assert path.exists()
+
+    async def main() -> None:
+        text = f'[control]\nsocket = "{path}"\n[metrics]\nenabled = false\n'
+        first = _daemon(text)
+        ctl1 = _component(first, control.Control)
+        await ctl1.start(first)
+        try:
+            second = _daemon(text)
+            ctl2 = _component(second, control.Control)
+            with pytest.raises(ConfigError, match="in use: another tproxy daemon is running"):
+                await ctl2.start(second)
+            await ctl2.stop(second)
+            assert (await _ask(path, b"help\n"))["ok"]  # the first one still serves
+        finally:
+            await ctl1.stop(first)
+        assert not path.exists()
+        path.write_text("not a socket")
+        third = _daemon(text)
+        ctl3 = _component(third, control.Control)
+        with pytest.raises(ConfigError, match="exists and is not a socket"):
+            await ctl3.start(third)
+        await ctl3.stop(third)
+
+    run(main())
+
+
+def test_not_running_is_one_clear_line(sock_dir: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "tproxy.cli", "status", "--socket", str(sock_dir / "none.sock")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == status_cli.EXIT_NOT_RUNNING
+    assert res.stderr.strip().splitlines() == [
+        f"tproxy: tproxy is not running (no daemon on control socket {sock_dir}/none.sock)"
+    ]
+
+
+def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
+    async def main() -> None:
+        daemon = _daemon("[control]\nenabled = false\n")
+        m = _component(daemon, metrics.Metrics)
+        m.cfg = metrics.MetricsConfig(listen=(("127.0.0.1", 0),))  # an ephemeral port
+        # lan_interfaces = ["lo"] in _daemon: 127.0.0.1 belongs to a "LAN" interface here.
+        with pytest.raises(ConfigError, match="is an address of LAN interface lo"):
+            await m.start(daemon)
+        assert not m.servers
+        m.cfg = metrics.MetricsConfig(listen=(("127.0.0.1", 0),), allow_lan=True)
+        await m.start(daemon)
+        try:
+            port = next(iter(m.servers.values())).sockets[0].getsockname()[1]
+            daemon.server.stats.requests_total = 5
+            daemon.server.stats.upstream_errors = 2
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            values = {
+                s.name + str(sorted(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(body.decode())
+                for s in fam.samples
+            }
+            assert values["tproxy_requests_total[]"] == 5
+            assert values["tproxy_upstream_errors_total[]"] == 2
+            assert values["tproxy_metrics_scrapes[]"] == 1  # a component's status, flattened
+            assert "process_resident_memory_bytes[]" in values
+        finally:
+            await m.stop(daemon)
+
+    run(main())
