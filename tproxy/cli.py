@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules with ``add_commands(subparsers)``; each command sets ``func(args) -> int``.
-CLI_MODULES: list[str] = []
+CLI_MODULES: list[str] = [
+    "tproxy.status_cli",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

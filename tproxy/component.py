@@ -40,7 +40,10 @@ class Component(Protocol):
 Factory = Callable[[Config], "Component | None"]
 
 # "module:function" factories, in start order; a factory returns None when its feature is off.
-COMPONENTS: list[str] = []
+COMPONENTS: list[str] = [
+    "tproxy.control:create",
+    "tproxy.metrics:create",
+]
 
 
 def build(cfg: Config) -> list[Component]:

@@ -514,4 +514,9 @@ def _register_builtin_sections() -> None:
         importlib.import_module(module)
 
 
-FEATURE_MODULES: list[str] = ["tproxy.cache.store", "tproxy.limits"]
+FEATURE_MODULES: list[str] = [
+    "tproxy.cache.store",
+    "tproxy.limits",
+    "tproxy.control",
+    "tproxy.metrics",
+]

@@ -39,6 +39,9 @@ class Stats:
     bad_requests: int = 0
     upstream_errors: int = 0
     upstream_connects: int = 0
+    # Client-side bytes of closed connections (live ones keep their own counts).
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class Server:
@@ -73,6 +76,8 @@ class Server:
         if conn in self.connections:
             self.connections.discard(conn)
             self.stats.connections_active -= 1
+            self.stats.bytes_in += conn.bytes_in
+            self.stats.bytes_out += conn.bytes_out
 
     # -- upstream -------------------------------------------------------------------------
 
