@@ -43,6 +43,7 @@ Factory = Callable[[Config], "Component | None"]
 COMPONENTS: list[str] = [
     "tproxy.control:create",
     "tproxy.metrics:create",
+    "tproxy.shaping.component:component",
 ]
 
 

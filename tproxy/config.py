@@ -519,4 +519,5 @@ FEATURE_MODULES: list[str] = [
     "tproxy.limits",
     "tproxy.control",
     "tproxy.metrics",
+    "tproxy.shaping",
 ]
