@@ -64,6 +64,10 @@ class CommandError(Exception):
     """A command failed in a way the admin should read (sent back as ``{"ok": false}``)."""
 
 
+class SocketInUse(ConfigError):
+    """A live daemon already answers on the configured socket path."""
+
+
 # -- config ------------------------------------------------------------------------------------
 
 
@@ -144,7 +148,7 @@ class RateMeter:
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     """One request line → (command, args); raises CommandError with the reason."""
     text = line.decode("utf-8", "replace").strip()
-    if text[:1] not in ("{", "[", "\""):
+    if text[:1] not in ("{", "[", '"'):
         # A bare word (`echo status | socat - UNIX:/run/tproxy/control.sock`).
         words = text.split()
         if len(words) != 1:
@@ -347,7 +351,13 @@ class Control:
             self._sample_loop(daemon), name="control rate sampler"
         )
         if self.cfg.enabled:
-            await self._listen(daemon.cfg.path, self.cfg)
+            try:
+                await self._listen(daemon.cfg.path, self.cfg)
+            except SocketInUse as exc:
+                # Two daemons in one network namespace already collide on the TPROXY port, so
+                # a live socket belongs to a daemon in another namespace sharing /run (a lab, a
+                # container): proxying matters more than status, so run on without the socket.
+                log.error("%s; `tproxy status` will not reach this daemon", exc)
 
     async def reload(self, daemon: Daemon, cfg: Config) -> None:
         new = control_config(cfg)
@@ -502,7 +512,7 @@ async def _clear_stale(cfg_path: str, path: str) -> None:
         raise ConfigError(cfg_path, "control.socket", f"cannot probe {path}: {exc!r}") from None
     finally:
         probe.close()
-    raise ConfigError(
+    raise SocketInUse(
         cfg_path, "control.socket", f"{path} is in use: another tproxy daemon is running"
     )
 
