@@ -44,6 +44,7 @@ COMPONENTS: list[str] = [
     "tproxy.control:create",
     "tproxy.metrics:create",
     "tproxy.shaping.component:component",
+    "tproxy.filter.component:make_component",
 ]
 
 

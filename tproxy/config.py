@@ -520,4 +520,5 @@ FEATURE_MODULES: list[str] = [
     "tproxy.control",
     "tproxy.metrics",
     "tproxy.shaping",
+    "tproxy.filter",
 ]

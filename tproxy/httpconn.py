@@ -712,6 +712,8 @@ class ClientConnection(asyncio.Protocol):
                     ex.sink.data(event.data)
             elif isinstance(event, ResponseHead):
                 self.response_head(ex, event)
+                if self.exchange is not ex:
+                    return  # a response hook answered (block page) and dropped the upstream
             elif isinstance(event, EndOfMessage):
                 if ex.held:
                     self.release_head(ex)

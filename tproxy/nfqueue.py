@@ -46,7 +46,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
-from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, MARK_VERDICT_RESET, class_mark
+from tproxy.netfilter.render import (
+    MARK_MAX,
+    MARK_VERDICT_ACCEPT,
+    MARK_VERDICT_MASK,
+    MARK_VERDICT_RESET,
+)
 from tproxy.tls import (
     TCP_FIN,
     TCP_RST,
@@ -115,8 +120,8 @@ class Outcome(NamedTuple):
 
 # decide(client_ip, client_mac, server_ip, server_port, sni, ech, why_no_sni) -> FlowDecision
 Decide = Callable[[str, "str | None", str, int, "str | None", bool, str], FlowDecision]
-# sni_class(client_ip, sni) -> shaping class number (0: none)
-SniClass = Callable[[str, "str | None"], int]
+# sni_class(client_ip, sni or "") -> shaping mark bits (class << 8 | slot << 16; 0: none)
+SniClass = Callable[[str, str], int]
 
 
 @dataclass
@@ -212,9 +217,9 @@ class FlowInspector:
             return Outcome(Action.RESET, MARK_VERDICT_RESET, seg, sni, info.ech)
         mark = MARK_VERDICT_ACCEPT
         if self.sni_class is not None:
-            number = self.sni_class(seg.src, sni)
-            if number:
-                mark |= class_mark(number)
+            # The shaping hook answers mark bits (class number << 8, client slot); the verdict
+            # bits are ours.
+            mark |= self.sni_class(seg.src, sni or "") & ~MARK_VERDICT_MASK & MARK_MAX
         self.stats.accepted += 1
         return Outcome(Action.ACCEPT, mark, seg, sni, info.ech)
 
