@@ -74,6 +74,7 @@ IDLE_CONNS = 10_000
 SHORT_IDLE_CONNS = 1_000
 IDLE_CONCURRENCY = 64  # requests in flight while the idle connections are set up
 IDLE_SETTLE = 0.5  # seconds between the last idle connection and the RSS sample
+IDLE_MIN_HELD = 0.95  # share of idle connections the proxy must still hold when sampled
 NOFILE = 65_536  # RLIMIT_NOFILE for the proxies and the idle client (10,000 conns + upstream)
 
 PROXY_START_TIMEOUT = 20.0  # Squid takes a few seconds (notes/peers.md)
@@ -167,6 +168,9 @@ class ProcWatch:
         # reports its own peak rather than the process's lifetime one.
         with contextlib.suppress(OSError):
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def alive(self) -> bool:
         return Path(f"/proc/{self.pid}").exists()
@@ -498,6 +502,7 @@ def measure_idle(lab: Lab, runner: Runner, s: Scenario, count: int) -> Cell:
     assert watch is not None
     time.sleep(IDLE_SETTLE)
     before = watch.rss_kib()
+    fds_before = watch.fds()
     argv = [
         tool("taskset"), "-c", str(LOAD_CPU), sys.executable, "-c", IDLE_CLIENT,
         ORIGIN_HOST, "80", s.path, str(count), str(IDLE_CONCURRENCY),
@@ -516,11 +521,15 @@ def measure_idle(lab: Lab, runner: Runner, s: Scenario, count: int) -> Cell:
         time.sleep(IDLE_SETTLE)
         after = watch.rss_kib()
         peak = watch.peak_kib()
+        held = watch.fds() - fds_before
         client.stdin.close()
         client.wait(30)
     finally:
         _stop(client)
     n = int(ok)
+    if held < n * IDLE_MIN_HELD:
+        # The proxy closed them (or never accepted): the RSS delta would not be per connection.
+        print(f"bench: {runner.name} holds {held} fds for {n} idle connections", file=sys.stderr)
     cell = Cell(errors=int(errors))
     cell.values = {
         "rps": None, "p50_ms": None, "p99_ms": None, "mbps": None, "cpu_us_per_req": None,
