@@ -23,6 +23,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.lab import Lab
+from tests.proxy import Proxy
 from tproxy import config as config_mod
 from tproxy import control, metrics, status_cli
 from tproxy.config import ConfigError, ConfigErrors
@@ -133,6 +135,11 @@ def test_component_families_counter_suffix_and_dedup() -> None:
     assert by_name["tproxy_cache_hits"].type == "counter"  # from hits_total
     assert by_name["tproxy_cache_size_bytes"].type == "gauge"
     assert len(fams) == 2  # "hits" would collide with the counter's name and is dropped
+    declared = list(metrics.component_families("f", {"denied": 3, "rules": 2}, set(), {"denied"}))
+    assert [(f.name, f.type) for f in declared] == [
+        ("tproxy_f_denied", "counter"),
+        ("tproxy_f_rules", "gauge"),
+    ]
 
 
 def test_http_answers() -> None:
@@ -333,9 +340,94 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
             }
             assert values["tproxy_requests_total[]"] == 5
             assert values["tproxy_upstream_errors_total[]"] == 2
-            assert values["tproxy_metrics_scrapes[]"] == 1  # a component's status, flattened
+            assert values["tproxy_metrics_scrapes_total[]"] == 1  # a component's status, flattened
             assert "process_resident_memory_bytes[]" in values
         finally:
             await m.stop(daemon)
 
     run(main())
+
+
+# -- the real daemon in the lab ----------------------------------------------------------------
+
+METRICS_PORT = 19101  # inside the gateway namespace only: no clash with other labs or the host
+
+
+def _scrape(lab: Lab, host: str, addr: str) -> dict[str, float]:
+    res = lab.run(
+        host, ["curl", "-sS", "--noproxy", "*", "--max-time", "5", f"http://{addr}/metrics"]
+    )
+    return {
+        s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(res.stdout)
+        for s in fam.samples
+    }
+
+
+@pytest.mark.lab
+def test_status_and_metrics_of_the_running_daemon(lab: Lab) -> None:
+    assert lab.tmpdir is not None
+    sock = Path(lab.tmpdir) / "run" / "control.sock"
+    config = f'[control]\nsocket = "{sock}"\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+    with Proxy(lab, config) as proxy:
+        lab.set_forwarding(False)  # only traffic through the daemon flows
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        before = json.loads(proxy.tproxy("status", "--socket", str(sock), "--json").stdout)
+        assert before["requests"]["total"] == 0 and before["connections"]["total"] == 0
+        for _ in range(5):
+            assert lab.curl("client", lab.url("/files/1k", v6=False)).status == 200
+        assert len(proxy.log_lines(5)) == 5
+        st = json.loads(proxy.tproxy("status", "--socket", str(sock), "--json").stdout)
+        assert st["requests"]["total"] == 5
+        assert st["connections"]["total"] == 5  # curl: one connection per run
+        assert st["bytes"]["out"] > 5 * 1024 and st["bytes"]["in"] > 5 * 50
+        assert st["requests"]["per_second"] > 0
+        assert st["upstream"]["errors"] == 0
+        text = proxy.tproxy("status", "--socket", str(sock)).stdout
+        assert re.search(r"^requests\s+5 total, \d+\.\d/s \(last 10 s\)$", text, re.M), text
+        assert re.search(r"^connections\s+\d+ active, 5 total$", text, re.M), text
+
+        values = _scrape(lab, "gateway", f"127.0.0.1:{METRICS_PORT}")
+        assert values["tproxy_requests_total"] == 5
+        assert values["tproxy_connections_total"] == 5
+        assert values["tproxy_upstream_errors_total"] == 0
+        assert values["tproxy_client_bytes_total{direction=sent}"] == st["bytes"]["out"]
+        assert values["tproxy_metrics_scrapes_total"] == 1
+
+        # Not reachable from the LAN: the gateway's LAN address has nothing on that port.
+        url = f"http://{lab.gw_lan_v4}:{METRICS_PORT}/metrics"
+        assert lab.curl("client", url, timeout=2).status == 0
+
+        # reload over the socket (the same path as SIGHUP), from outside the namespace:
+        # a Unix socket is found by its path, not through the network namespace.
+        assert status_cli.request(str(sock), "reload")["reloaded"] is True
+        proxy.config_path.write_text(config + "[proxy]\nlisten_port = 0\n")
+        with pytest.raises(status_cli.CommandFailed, match="reload refused"):
+            status_cli.request(str(sock), "reload")
+        assert status_cli.request(str(sock), "status")["requests"]["total"] == 5
+    assert proxy.proc is not None and proxy.proc.returncode == 0
+    assert not sock.exists()  # removed on stop
+    gone = proxy.tproxy("status", "--socket", str(sock), check=False)
+    assert gone.returncode == status_cli.EXIT_NOT_RUNNING
+    assert "tproxy is not running" in gone.stderr
+
+
+@pytest.mark.lab
+def test_metrics_on_a_lan_address_needs_allow_lan(lab: Lab) -> None:
+    assert lab.tmpdir is not None
+    sock = Path(lab.tmpdir) / "run" / "control.sock"
+    listen = f'[control]\nsocket = "{sock}"\n[metrics]\nlisten = "{lab.gw_lan_v4}:{METRICS_PORT}"\n'
+    refused = Proxy(lab, listen)
+    with pytest.raises(RuntimeError, match="tproxy exited 2"):
+        refused.start()
+    assert (
+        f"metrics.listen: {lab.gw_lan_v4}:{METRICS_PORT} is an address of LAN interface "
+        f"{lab.gw_lan_if}; metrics stay off the LAN unless metrics.allow_lan = true"
+    ) in refused.stderr()
+    assert "TPROXY" not in refused.rules()
+    assert not sock.exists()
+    # The admin's explicit choice: then the LAN can scrape (and the refusal above was real).
+    with Proxy(lab, listen + "allow_lan = true\n"):
+        url = f"http://{lab.gw_lan_v4}:{METRICS_PORT}/metrics"
+        res = lab.curl("client", url)
+        assert res.status == 200 and b"tproxy_requests_total 0.0" in res.body

@@ -267,6 +267,7 @@ def find(daemon: Daemon) -> Control | None:
 
 class Control:
     name = "control"
+    metric_counters = ("requests",)
 
     def __init__(self, cfg: ControlConfig) -> None:
         self.cfg = cfg

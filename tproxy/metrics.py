@@ -18,7 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -248,18 +248,25 @@ class TproxyCollector(Collector):
             status = snap["components"].get(comp.name)
             if not isinstance(status, Mapping):
                 continue
-            yield from component_families(comp.name, status, seen)
+            counters = frozenset(getattr(comp, "metric_counters", ()))
+            yield from component_families(comp.name, status, seen, counters)
 
 
 def component_families(
-    component: str, status: Mapping[str, Any], seen: set[str]
+    component: str,
+    status: Mapping[str, Any],
+    seen: set[str],
+    counters: Collection[str] = frozenset(),
 ) -> Iterator[Metric]:
-    """``tproxy_<component>_<key>`` per numeric leaf: a counter when the key ends in
-    ``_total`` (OpenMetrics' counter suffix), else a gauge."""
+    """``tproxy_<component>_<key>`` per numeric leaf of a component's status.
+
+    A counter when the (flattened) key ends in ``_total`` (OpenMetrics' counter suffix) or is
+    listed in the component's ``metric_counters``; otherwise a gauge.
+    """
     for key, value in flatten_status(status):
         name = metric_name(PREFIX, component, key)
-        counter = name.endswith("_total")
-        if counter:
+        counter = name.endswith("_total") or key in counters
+        if name.endswith("_total"):
             name = name[: -len("_total")]
         if name in seen:
             continue
@@ -311,6 +318,8 @@ def answer(registry: CollectorRegistry, head: bytes) -> bytes:
 
 class Metrics:
     name = "metrics"
+
+    metric_counters = ("scrapes",)
 
     def __init__(self, cfg: MetricsConfig) -> None:
         self.cfg = cfg
