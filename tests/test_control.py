@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -431,3 +432,17 @@ def test_metrics_on_a_lan_address_needs_allow_lan(lab: Lab) -> None:
         url = f"http://{lab.gw_lan_v4}:{METRICS_PORT}/metrics"
         res = lab.curl("client", url)
         assert res.status == 200 and b"tproxy_requests_total 0.0" in res.body
+
+
+def test_status_line_for_systemd() -> None:
+    daemon = _daemon("[control]\nenabled = false\n[metrics]\nenabled = false\n")
+    ctl = _component(daemon, control.Control)
+    s = daemon.server.stats
+    s.started = time.time() - 3725
+    now = time.monotonic()
+    ctl.meter.sample(now - 10, 0)
+    s.requests_total, s.connections_active, s.upstream_errors = 125, 7, 3
+    line = control.status_line(daemon)
+    assert re.fullmatch(
+        r"7 connections, 12\.\d req/s, 125 requests, 3 upstream errors, up 1h02m", line
+    ), line
