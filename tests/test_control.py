@@ -440,9 +440,9 @@ def test_status_line_for_systemd() -> None:
     s = daemon.server.stats
     s.started = time.time() - 3725
     now = time.monotonic()
-    ctl.meter.sample(now - 10, 0)
+    ctl.meter.sample(now - 9.5, 0)
     s.requests_total, s.connections_active, s.upstream_errors = 125, 7, 3
     line = control.status_line(daemon)
     assert re.fullmatch(
-        r"7 connections, 12\.\d req/s, 125 requests, 3 upstream errors, up 1h02m", line
+        r"7 connections, 13\.\d req/s, 125 requests, 3 upstream errors, up 1h02m", line
     ), line
