@@ -32,6 +32,7 @@ METHODS = (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH")
 
 LOG: Any = None
 COUNTS: dict[str, int] = {}
+STATE: dict[str, str] = {"etag": '"v1"', "cc": "max-age=0"}
 
 
 def log(entry: dict[str, Any]) -> None:
@@ -141,6 +142,62 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             )
             if path == "/echo":
                 writer.write(response("200 OK", body, [("Content-Type", "application/x-echo")]))
+            elif path == "/v":
+                # Validation: 304 when the client (the cache) holds the current ETag.
+                etag, cc = STATE["etag"], STATE["cc"]
+                if headers.get("if-none-match") == etag:
+                    writer.write(
+                        f"HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\n"
+                        f"Cache-Control: {cc}\r\nX-Validated: yes\r\n\r\n".encode()
+                    )
+                else:
+                    body_v = f"version {etag} #{COUNTS[path]}".encode()
+                    writer.write(
+                        response("200 OK", body_v, [("ETag", etag), ("Cache-Control", cc)])
+                    )
+            elif path == "/set":
+                for k, v in query.items():
+                    STATE[k] = v[0]
+                writer.write(response("200 OK", b"set"))
+            elif path == "/vary":
+                lang = headers.get("accept-language", "none")
+                writer.write(
+                    response(
+                        "200 OK",
+                        f"lang={lang} #{COUNTS[path]}".encode(),
+                        [("Vary", "Accept-Language"), ("Cache-Control", "max-age=60")],
+                    )
+                )
+            elif path == "/inv":
+                writer.write(
+                    response(
+                        "200 OK",
+                        f"{method} #{COUNTS[path]}".encode(),
+                        [("Cache-Control", "max-age=60")],
+                    )
+                )
+            elif path == "/whoami":
+                here = writer.get_extra_info("sockname")[0]
+                writer.write(
+                    response(
+                        "200 OK", f"served by {here}".encode(), [("Cache-Control", "max-age=600")]
+                    )
+                )
+            elif path == "/slowbig":
+                size = int(query.get("size", ["4194304"])[0])
+                step = int(query.get("step", ["65536"])[0])
+                pause = int(query.get("ms", ["50"])[0]) / 1000
+                writer.write(
+                    f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nCache-Control: max-age=600\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode()
+                )
+                sent = 0
+                while sent < size:
+                    n = min(step, size - sent)
+                    writer.write(bytes((sent + i) % 251 for i in range(n)))
+                    sent += n
+                    await writer.drain()
+                    await asyncio.sleep(pause)
             elif path == "/chunked":
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,13 @@ class Proxy:
         self.access_log = self.dir / "access.log"
         self.stderr_path = self.dir / "stderr.log"
         self.config_path = self.dir / "tproxy.toml"
+        self.control_socket = self.dir / "control.sock"
+        self.cache_dir = self.dir / "cache"
+        # Keep every run's state inside its own directory (parallel labs share /run and /var).
+        if "[control]" not in config:
+            config += f'\n[control]\nsocket = "{self.control_socket}"\n'
+        if "[cache]" not in config:
+            config += f'\n[cache]\ndisk_dir = "{self.cache_dir}"\n'
         self.config_path.write_text(config)
         self.args = args
         self.proc: subprocess.Popen[Any] | None = None
@@ -96,3 +105,31 @@ class Proxy:
         self.stop()
         # Shown by pytest only when the test failed.
         print(f"--- tproxy stderr ---\n{self.stderr()}")
+
+
+APP_PORT = 8081
+ORIGIN_APP = Path(__file__).with_name("origin_app.py")
+
+
+class Origin:
+    """tests/origin_app.py in the origin namespace; ``requests()`` is what reached it."""
+
+    def __init__(self, lab: Lab) -> None:
+        assert lab.tmpdir is not None
+        self.lab = lab
+        self.log = Path(lab.tmpdir) / "origin_app.jsonl"
+        self.log.write_text("")
+        lab.popen("origin", [sys.executable, str(ORIGIN_APP), str(APP_PORT), str(self.log)])
+        lab.wait_port("origin", APP_PORT)
+
+    def requests(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+    def clear(self) -> None:
+        self.log.write_text("")
+
+
+def client_py(lab: Lab, code: str, *args: str, timeout: float = 20) -> str:
+    """Run a Python snippet in the client namespace; return its stdout."""
+    res = lab.run("client", [sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout)
+    return res.stdout

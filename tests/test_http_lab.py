@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.lab import Lab
-from tests.proxy import Proxy
+from tests.proxy import APP_PORT, Origin, Proxy, client_py
 
 pytestmark = pytest.mark.lab
-
-APP_PORT = 8081
-ORIGIN_APP = Path(__file__).with_name("origin_app.py")
-
-
-class Origin:
-    """tests/origin_app.py in the origin namespace; ``requests()`` is what reached it."""
-
-    def __init__(self, lab: Lab) -> None:
-        assert lab.tmpdir is not None
-        self.lab = lab
-        self.log = Path(lab.tmpdir) / "origin_app.jsonl"
-        self.log.write_text("")
-        lab.popen("origin", [sys.executable, str(ORIGIN_APP), str(APP_PORT), str(self.log)])
-        lab.wait_port("origin", APP_PORT)
-
-    def requests(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
-
-    def clear(self) -> None:
-        self.log.write_text("")
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +26,6 @@ def env(lab_module: Lab) -> Iterator[tuple[Lab, Proxy, Origin]]:
         lab.set_forwarding(True)
         proxy.stop()
         print(proxy.stderr())
-
-
-def client_py(lab: Lab, code: str, *args: str, timeout: float = 20) -> str:
-    """Run a Python snippet in the client namespace; return its stdout."""
-    res = lab.run("client", [sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout)
-    return res.stdout
 
 
 RAW_CLIENT = """

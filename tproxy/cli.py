@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules with ``add_commands(subparsers)``; each command sets ``func(args) -> int``.
 CLI_MODULES: list[str] = [
+    "tproxy.cache.cli",
     "tproxy.status_cli",
     "tproxy.filter.cli",
     "tproxy.shaping.cli",

@@ -45,6 +45,7 @@ COMPONENTS: list[str] = [
     "tproxy.metrics:create",
     "tproxy.shaping.component:component",
     "tproxy.filter.component:make_component",
+    "tproxy.cache.component:create",
 ]
 
 

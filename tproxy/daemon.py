@@ -182,11 +182,9 @@ class Daemon:
             self.notifier.notify("STATUS=" + self.status_line())
 
     def status_line(self) -> str:
-        s = self.server.stats
-        return (
-            f"{s.connections_active} connections, {s.requests_total} requests, "
-            f"up {int(time.time() - s.started)}s"
-        )
+        from tproxy import control
+
+        return control.status_line(self)
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config; a bad one is refused and the old one keeps running."""

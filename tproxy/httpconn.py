@@ -21,6 +21,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tproxy import http1, netutil
@@ -118,10 +119,12 @@ class Exchange:
     __slots__ = (
         "client_keep_alive",
         "content_type",
+        "extra_headers",
         "head",
         "held",
         "hierarchy",
         "notes",
+        "on_finish",
         "request_done",
         "response_framing",
         "response_head",
@@ -157,6 +160,10 @@ class Exchange:
         self.hierarchy = "HIER_DIRECT"
         self.content_type = "-"
         self.sink: BodySink | None = None
+        # Called once when the exchange ends, however it ends (the cache releases waiters).
+        self.on_finish: Callable[[Exchange], None] | None = None
+        # Fields a hook adds to the forwarded response head (e.g. X-Cache).
+        self.extra_headers: list[tuple[bytes, bytes]] = []
         # Per-exchange data of the policy hooks (filter verdict, cache key, shaping class...).
         self.notes: dict[str, Any] = {}
         # RFC 9112 §9.3.1: a request without a body and with an idempotent method may be
@@ -181,6 +188,12 @@ class Upstream(asyncio.Protocol):
         self.used = 0  # requests sent on this connection
         self.got_bytes = False
         self.paused = False
+        # Orphaned: the client side no longer wants the rest of this response (it was answered
+        # from the cache, or the client left while the response is being stored). The rest is
+        # read to its end (into ``orphan_sink`` if any) so the connection can be pooled again.
+        self.orphan = False
+        self.orphan_keep = False
+        self.orphan_sink: BodySink | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -188,7 +201,36 @@ class Upstream(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
 
+    def orphan_events(self, events: Sequence[http1.Event]) -> None:
+        for event in events:
+            if isinstance(event, Body):
+                if self.orphan_sink is not None:
+                    self.orphan_sink.data(event.data)
+            elif isinstance(event, EndOfMessage):
+                self.orphan = False
+                if self.orphan_sink is not None:
+                    self.orphan_sink.end(event.trailers)
+                    self.orphan_sink = None
+                if self.orphan_keep and self.parser.pending == 0:
+                    self.pool.put(self)
+                else:
+                    self.close()
+                return
+            else:  # a protocol error, or anything unexpected: the connection is done
+                self.orphan_failed()
+                return
+
+    def orphan_failed(self) -> None:
+        self.orphan = False
+        if self.orphan_sink is not None:
+            self.orphan_sink.abort()
+            self.orphan_sink = None
+        self.abort()
+
     def data_received(self, data: bytes) -> None:
+        if self.orphan:
+            self.orphan_events(self.parser.feed(data))
+            return
         client = self.client
         if client is None:
             # An idle pooled connection must not talk (RFC 9112 §9.3.2 unsolicited data):
@@ -203,6 +245,11 @@ class Upstream(asyncio.Protocol):
         client.on_response_events(self, self.parser.feed(data))
 
     def eof_received(self) -> bool:
+        if self.orphan:
+            self.orphan_events(self.parser.feed_eof())
+            if self.orphan:
+                self.orphan_failed()
+            return False
         client = self.client
         if client is None:
             self.close()
@@ -216,6 +263,8 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self.orphan:
+            self.orphan_failed()
         client = self.client
         if client is not None:
             client.upstream_lost(self, exc)
@@ -338,6 +387,9 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.tunnel_status = 200
+        # A local response body being streamed (cache hit): pulled while the transport drains.
+        self.producer: Iterator[bytes] | None = None
+        self.producer_ex: Exchange | None = None
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
 
@@ -404,6 +456,14 @@ class ClientConnection(asyncio.Protocol):
             self.connecting.cancel()
         ex = self.exchange
         up = self.upstream
+        self.producer = None
+        if ex is not None and up is not None and ex.sink is not None and ex.response_head:
+            # The client left but the response is being stored (and others may wait for it):
+            # read it to the end into the store (RFC 9111 §3.3: only a complete one is kept).
+            sink = ex.sink
+            ex.sink = None
+            self.detach_upstream(ex, sink)
+            up = None
         if ex is not None:
             self.log_exchange(ex, aborted=True)
             self.exchange = None
@@ -418,7 +478,9 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None:
+        if self.producer is not None:
+            self.pump()
+        elif self.upstream is not None:
             self.upstream.resume_reading()
 
     # -- helpers --------------------------------------------------------------------------
@@ -699,7 +761,7 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.close()
             return
-        for event in events:
+        for index, event in enumerate(events):
             if isinstance(event, Body):
                 if ex.held:
                     self.release_head(ex)
@@ -712,8 +774,12 @@ class ClientConnection(asyncio.Protocol):
                     ex.sink.data(event.data)
             elif isinstance(event, ResponseHead):
                 self.response_head(ex, event)
-                if self.exchange is not ex:
-                    return  # a response hook answered (block page) and dropped the upstream
+                if ex.upstream is not up:
+                    # A hook answered the client itself (block page, cache) and detached this
+                    # connection: it reads the rest of the response on its own.
+                    if not up.closed and up.orphan:
+                        up.orphan_events(events[index + 1 :])
+                    return
             elif isinstance(event, EndOfMessage):
                 if ex.held:
                     self.release_head(ex)
@@ -755,7 +821,11 @@ class ClientConnection(asyncio.Protocol):
             if hook(self, ex, head):
                 return
         ex.held = http1.serialize_response_head(
-            head, peer_version=client_version, framing=framing, keep_alive=keep
+            head,
+            peer_version=client_version,
+            framing=framing,
+            keep_alive=keep,
+            add=ex.extra_headers,
         )
 
     def release_head(self, ex: Exchange) -> None:
@@ -890,6 +960,8 @@ class ClientConnection(asyncio.Protocol):
 
     def respond_local(self, ex: Exchange, data: bytes, status: int, result: str) -> None:
         """Answer from the proxy itself (block page, cache hit): nothing goes upstream."""
+        if ex.upstream is not None:
+            self.detach_upstream(ex)
         ex.status = status
         ex.result = result
         ex.hierarchy = "HIER_NONE"
@@ -903,11 +975,89 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         self.next_request(ex)
 
+    def detach_upstream(self, ex: Exchange, sink: BodySink | None = None) -> None:
+        """Stop relaying ``ex``'s response; read its rest in the background (into ``sink``)."""
+        up = ex.upstream
+        if up is None:
+            return
+        ex.upstream = None
+        if self.upstream is up:
+            self.upstream = None
+        up.client = None
+        head = ex.response_head
+        up.orphan = True
+        up.orphan_keep = head is not None and head.keep_alive and ex.request_done
+        up.orphan_sink = sink
+        up.resume_reading()
+
+    def stream_local(
+        self,
+        ex: Exchange,
+        head: bytes,
+        body: Iterator[bytes],
+        status: int,
+        result: str,
+        framing: Framing = Framing.LENGTH,
+    ) -> None:
+        """Answer from the proxy with a body pulled from ``body`` as the client drains."""
+        if ex.upstream is not None:
+            self.detach_upstream(ex)
+        ex.status = status
+        ex.result = result
+        ex.hierarchy = "HIER_NONE"
+        ex.response_started = True
+        ex.response_framing = framing
+        ex.sent = len(head)
+        if not ex.request_done:
+            ex.client_keep_alive = False
+        self.write(head)
+        self.producer = body
+        self.producer_ex = ex
+        self.pump()
+
+    def pump(self) -> None:
+        """Write producer chunks until the transport's buffer is full or the body ends."""
+        producer = self.producer
+        ex = self.producer_ex
+        transport = self.transport
+        if producer is None or ex is None or transport is None:
+            return
+        try:
+            while transport.get_write_buffer_size() < WRITE_BUFFER_HIGH:
+                chunk = next(producer, None)
+                if chunk is None:
+                    break
+                ex.sent += len(chunk)
+                self.write(
+                    http1.encode_chunk(chunk) if ex.response_framing is Framing.CHUNKED else chunk
+                )
+            else:
+                return  # resume_writing() calls pump() again
+        except Exception as exc:  # a corrupt stored body: the client must see an incomplete one
+            log.warning("local response for %s failed: %s", ex.url, exc)
+            self.producer = None
+            self.producer_ex = None
+            self.log_exchange(ex, aborted=True)
+            self.exchange = None
+            self.abort()
+            return
+        self.producer = None
+        self.producer_ex = None
+        if ex.response_framing is Framing.CHUNKED:
+            self.write(http1.LAST_CHUNK)
+        self.log_exchange(ex)
+        if self.exchange is ex:
+            self.exchange = None
+        self.next_request(ex)
+
     def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
         if ex.sink is not None:
             # A transfer that did not complete is never stored (nor anything else a sink does).
             ex.sink.abort()
             ex.sink = None
+        if ex.on_finish is not None:
+            finish, ex.on_finish = ex.on_finish, None
+            finish(ex)
         dst = str(self.sockname[0])
         self.server.access(
             AccessRecord(

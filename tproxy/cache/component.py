@@ -1,0 +1,534 @@
+"""The HTTP cache in the daemon: lookup, serving, revalidation, storing, collapsed forwarding.
+
+Decisions are the pure functions of :mod:`tproxy.cache.policy` (RFC 9111); bytes are stored by
+:mod:`tproxy.cache.store`. This module glues them to the HTTP shell through its two hooks:
+
+* request hook — a fresh (or allowed-stale) stored response answers the request without the
+  origin (TCP_MEM_HIT / TCP_HIT, or TCP_IMS_HIT for a client's satisfied conditional); a stale
+  one turns the request into a conditional request with the stored validators (§4.3.1); a miss
+  for a key another client is already fetching waits for that fetch (collapsed forwarding).
+* response hook — a 304 refreshes the stored response and answers from it
+  (TCP_REFRESH_UNMODIFIED, §4.3.4); a storable response is copied into the store while it
+  streams to the client (§3), committed only when complete; unsafe methods invalidate (§4.4).
+
+Keys: an object is shared between clients only when the request's Host resolves to the
+intercepted destination address (checked asynchronously and remembered); until then, and for a
+Host that does not resolve there, the key includes the destination, so a client forging
+``Host: victim.example`` towards its own server cannot poison what others get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from cachetools import TTLCache
+
+from tproxy import http1
+from tproxy.cache import policy
+from tproxy.cache.policy import CacheEntry, Kind
+from tproxy.cache.store import CacheConfig, CacheStore, CorruptObjectError, StoredObject
+from tproxy.config import Config
+
+if TYPE_CHECKING:
+    from tproxy.daemon import Daemon
+    from tproxy.httpconn import ClientConnection, Exchange
+
+log = logging.getLogger("tproxy.cache")
+
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+# Host → addresses it resolves to, for the shared-key check; bounded and refreshed.
+HOST_CACHE_SIZE = 10_000
+HOST_CACHE_TTL = 300.0
+RESOLVE_TIMEOUT = 2.0
+# Request fields that a conditional request of ours replaces (RFC 9111 §4.3.1).
+CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-range", b"range"})
+# Stored fields never sent from the cache: the proxy frames the body itself.
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+
+
+@dataclass
+class Inflight:
+    """A miss being fetched; concurrent misses for the same key wait here (collapsed)."""
+
+    key: str
+    waiters: list[tuple[ClientConnection, Exchange]] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class Lookup:
+    """The cache's notes on one exchange (``ex.notes["cache"]``)."""
+
+    key: str
+    url: str
+    request_time: float
+    client_headers: http1.Headers
+    revalidating: CacheEntry | None = None
+    inflight: Inflight | None = None
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    mem_hits: int = 0
+    ims_hits: int = 0
+    misses: int = 0
+    refresh_unmodified: int = 0
+    refresh_modified: int = 0
+    stored: int = 0
+    store_aborted: int = 0
+    collapsed: int = 0
+    invalidated: int = 0
+
+
+class HostVerifier:
+    """Does the Host header name the address the client actually connected to?"""
+
+    def __init__(self) -> None:
+        self.addresses: TTLCache[str, frozenset[str]] = TTLCache(HOST_CACHE_SIZE, HOST_CACHE_TTL)
+        self.pending: dict[str, asyncio.Task[None]] = {}
+
+    @staticmethod
+    def hostname(host: bytes) -> str:
+        text = host.decode("latin-1").strip().lower()
+        if text.startswith("["):
+            return text[1 : text.find("]")]
+        return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+    def shared(self, host: bytes | None, dest_ip: str) -> bool:
+        if not host:
+            return False
+        name = self.hostname(host).rstrip(".")
+        try:
+            return ipaddress.ip_address(name) == ipaddress.ip_address(dest_ip)
+        except ValueError:
+            pass
+        known = self.addresses.get(name)
+        if known is not None:
+            return dest_ip in known
+        if name not in self.pending and len(self.pending) < HOST_CACHE_SIZE:
+            task = asyncio.get_running_loop().create_task(self._resolve(name), name="resolve")
+            self.pending[name] = task
+        return False
+
+    async def _resolve(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(name, None), RESOLVE_TIMEOUT)
+            found = frozenset(str(ipaddress.ip_address(info[4][0])) for info in infos)
+        except (OSError, TimeoutError, ValueError, UnicodeError):
+            found = frozenset()
+        finally:
+            self.pending.pop(name, None)
+        self.addresses[name] = found
+
+
+class StoreSink:
+    """Copies a response body into the store; commits only a complete one."""
+
+    def __init__(self, cache: Cache, writer: Any, lookup: Lookup) -> None:
+        self.cache = cache
+        self.writer = writer
+        self.lookup = lookup
+
+    def data(self, chunk: bytes) -> None:
+        if self.writer.active:
+            self.writer.write(chunk)
+
+    def end(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
+        stored = self.writer.commit()
+        if stored:
+            self.cache.counters.stored += 1
+        else:
+            self.cache.counters.store_aborted += 1
+        self.cache.resolve(self.lookup)
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.cache.counters.store_aborted += 1
+        self.cache.resolve(self.lookup)
+
+
+def _without(headers: http1.Headers, names: frozenset[bytes]) -> http1.Headers:
+    return [(n, v) for n, v in headers if n.lower() not in names]
+
+
+class Cache:
+    name = "cache"
+
+    def __init__(self, cfg: CacheConfig) -> None:
+        self.cfg = cfg
+        self.store = CacheStore.from_config(cfg)
+        self.counters = Counters()
+        self.verifier = HostVerifier()
+        self.inflight: dict[str, Inflight] = {}
+        self.daemon: Daemon | None = None
+
+    # -- component protocol ---------------------------------------------------------------
+
+    def rules_extras(self, cfg: Config) -> dict[str, Any]:
+        return {}
+
+    async def start(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        daemon.server.request_hooks.append(self.on_request)
+        daemon.server.response_hooks.append(self.on_response)
+        from tproxy import control
+
+        ctl = control.find(daemon)
+        if ctl is not None:
+            ctl.register("cache-stats", self._cmd_stats)
+            ctl.register("cache-purge", self._cmd_purge)
+
+    async def reload(self, daemon: Daemon, cfg: Config) -> None:
+        new = cfg.sections.get("cache")
+        if isinstance(new, CacheConfig) and new != self.cfg:
+            # Limits and flags apply at once; a new directory or size needs a restart.
+            if (new.disk_dir, new.disk_size, new.memory_size) != (
+                self.cfg.disk_dir,
+                self.cfg.disk_size,
+                self.cfg.memory_size,
+            ):
+                log.warning("cache: new sizes or directory take effect at the next restart")
+            self.cfg = replace(
+                new,
+                disk_dir=self.cfg.disk_dir,
+                disk_size=self.cfg.disk_size,
+                memory_size=self.cfg.memory_size,
+            )
+
+    async def stop(self, daemon: Daemon) -> None:
+        for inflight in list(self.inflight.values()):
+            inflight.waiters.clear()
+        self.inflight.clear()
+
+    def status(self) -> dict[str, Any]:
+        st = self.store.stats()
+        c = self.counters
+        lookups = c.hits + c.mem_hits + c.ims_hits + c.misses + c.refresh_unmodified
+        lookups += c.refresh_modified
+        served = c.hits + c.mem_hits + c.ims_hits + c.refresh_unmodified
+        return {
+            "objects": st.objects,
+            "memory_objects": st.memory_objects,
+            "memory_bytes": st.memory_bytes,
+            "disk_objects": st.disk_objects,
+            "disk_bytes": st.disk_bytes,
+            "index_bytes_per_object": st.index_bytes_per_object,
+            "hits": c.hits + c.mem_hits + c.ims_hits,
+            "mem_hits": c.mem_hits,
+            "misses": c.misses,
+            "refresh_unmodified": c.refresh_unmodified,
+            "refresh_modified": c.refresh_modified,
+            "stored": c.stored,
+            "store_aborted": c.store_aborted,
+            "collapsed": c.collapsed,
+            "invalidated": c.invalidated,
+            "hit_ratio": round(served / lookups, 4) if lookups else 0.0,
+        }
+
+    async def _cmd_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _cmd_purge(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("all"):
+            return {"purged": self.store.purge_all()}
+        url = str(args.get("url", ""))
+        if not url:
+            raise ValueError("cache-purge needs a url or all")
+        return {"purged": self.purge(url)}
+
+    def purge(self, url: str) -> int:
+        norm = policy.request_url("http", None, url) or url
+        return self.store.purge_url(norm)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.time()
+
+    def on_request(self, conn: ClientConnection, ex: Exchange) -> bool:
+        head = ex.head
+        method = head.method
+        if method not in (b"GET", b"HEAD"):
+            return False
+        if head.upgrade:
+            return False
+        dst_ip, dst_port = str(conn.sockname[0]), int(conn.sockname[1])
+        shared = self.cfg.share_on_host_match and self.verifier.shared(head.host, dst_ip)
+        key = policy.cache_key("http", head.host, dst_ip, dst_port, head.target, shared)
+        url = policy.request_url("http", head.host, head.target) or key
+        return self.lookup(conn, ex, key, url, collapse=True)
+
+    def lookup(
+        self, conn: ClientConnection, ex: Exchange, key: str, url: str, collapse: bool
+    ) -> bool:
+        head = ex.head
+        now = self.now()
+        entry = self.store.select(key, head.headers)
+        decision = policy.decide(
+            head.method,
+            head.headers,
+            entry,
+            now,
+            heuristic_fraction=self.cfg.heuristic_fraction,
+            heuristic_max=self.cfg.heuristic_max,
+        )
+        if entry is not None and decision.kind in (Kind.FRESH, Kind.STALE_OK):
+            if self.serve(conn, ex, entry, decision.age, None):
+                return True
+            entry = None  # gone or corrupt meanwhile: a miss
+            decision = policy.decide(head.method, head.headers, None, now)
+        if decision.kind is Kind.GATEWAY_TIMEOUT:
+            # RFC 9111 §5.2.1.7: only-if-cached and nothing usable stored.
+            from tproxy.httpconn import error_response
+
+            data = error_response(504, "The response is not in the cache (only-if-cached).")
+            conn.respond_local(ex, data, 504, "TCP_MISS")
+            return True
+        lookup = Lookup(key, url, now, head.headers)
+        if decision.kind is Kind.REVALIDATE and entry is not None:
+            lookup.revalidating = entry
+            headers = _without(head.headers, CONDITIONALS) + list(decision.conditional)
+            ex.head = replace(head, headers=headers)
+        elif head.method == b"GET" and collapse and not _has(head.headers, CONDITIONALS):
+            inflight = self.inflight.get(key)
+            if inflight is not None and not inflight.done:
+                # Collapsed forwarding: one upstream request for concurrent misses.
+                self.counters.collapsed += 1
+                inflight.waiters.append((conn, ex))
+                ex.notes["cache"] = lookup
+                return True
+            lookup.inflight = self.inflight[key] = Inflight(key)
+            ex.on_finish = self.finished
+        ex.notes["cache"] = lookup
+        self.counters.misses += 1
+        return False
+
+    def resolve(self, lookup: Lookup) -> None:
+        """The leading fetch of a key ended (stored or not): let its waiters go on."""
+        inflight = lookup.inflight
+        if inflight is None or inflight.done:
+            return
+        inflight.done = True
+        if self.inflight.get(inflight.key) is inflight:
+            del self.inflight[inflight.key]
+        waiters, inflight.waiters = inflight.waiters, []
+        for conn, ex in waiters:
+            if conn.closed or conn.exchange is not ex:
+                continue
+            try:
+                # Now a hit, usually; otherwise the waiter forwards on its own.
+                if not self.lookup(conn, ex, lookup.key, lookup.url, collapse=False):
+                    conn.forward_request(ex)
+            except Exception:
+                log.exception("serving a collapsed request failed")
+                conn.abort()
+
+    def finished(self, ex: Exchange) -> None:
+        lookup = ex.notes.get("cache")
+        if isinstance(lookup, Lookup):
+            self.resolve(lookup)
+
+    # -- responses ------------------------------------------------------------------------
+
+    def on_response(self, conn: ClientConnection, ex: Exchange, resp: http1.ResponseHead) -> bool:
+        method = ex.head.method
+        if method not in SAFE_METHODS:
+            # RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target
+            # and same-origin Location / Content-Location.
+            for url in policy.invalidate_uris(method, resp.status, ex.url, resp.headers):
+                self.counters.invalidated += self.store.purge_url(url)
+            return False
+        lookup = ex.notes.get("cache")
+        if not isinstance(lookup, Lookup):
+            return False
+        now = self.now()
+        stale = lookup.revalidating
+        if stale is not None:
+            if resp.status == 304:
+                refreshed = policy.refresh_entry(stale, resp.headers, lookup.request_time, now)
+                self.store.update_entry(refreshed)
+                self.counters.refresh_unmodified += 1
+                ex.head = replace(ex.head, headers=lookup.client_headers)
+                age = policy.current_age(refreshed, now)
+                return self.serve(conn, ex, refreshed, age, None, result="TCP_REFRESH_UNMODIFIED")
+            if resp.status >= 500 and policy.stale_if_error_ok(
+                stale, lookup.client_headers, resp.status, now
+            ):
+                ex.head = replace(ex.head, headers=lookup.client_headers)
+                age = policy.current_age(stale, now)
+                if self.serve(conn, ex, stale, age, None, result="TCP_REFRESH_FAIL_OLD"):
+                    return True
+            ex.result = "TCP_REFRESH_MODIFIED"
+            self.counters.refresh_modified += 1
+        if method == b"HEAD":
+            self.freshen_from_head(lookup, resp)
+            return False
+        ok, reason = policy.storable(method, lookup.client_headers, resp.status, resp.headers)
+        if not ok:
+            log.debug("not storing %s: %s", lookup.url, reason)
+            self.resolve(lookup)
+            return False
+        entry = policy.make_entry(
+            method=method,
+            key=lookup.key,
+            url=lookup.url,
+            status=resp.status,
+            request_headers=lookup.client_headers,
+            response_headers=resp.headers,
+            request_time=lookup.request_time,
+            response_time=now,
+            body_length=resp.content_length,
+            reason=resp.reason,
+        )
+        writer = self.store.begin(entry)
+        if not writer.active:
+            self.resolve(lookup)
+            return False
+        ex.sink = StoreSink(self, writer, lookup)
+        if self.cfg.x_cache_header:
+            ex.extra_headers.append((b"X-Cache", b"MISS"))
+        return False
+
+    def freshen_from_head(self, lookup: Lookup, resp: http1.ResponseHead) -> None:
+        """RFC 9111 §4.3.5: a HEAD response updates the stored GET, or invalidates it."""
+        entry = self.store.select(lookup.key, lookup.client_headers)
+        if entry is None or resp.status != 200:
+            return
+        headers = policy.freshen_from_head(list(entry.headers), resp.headers)
+        if headers is None:
+            self.store.delete_object(entry.key if not entry.vary_key else _oid(entry))
+        else:
+            self.store.update_entry(replace(entry, headers=tuple(headers)))
+
+    # -- serving from the store -----------------------------------------------------------
+
+    def serve(
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        entry: CacheEntry,
+        age: float,
+        obj: StoredObject | None,
+        result: str | None = None,
+    ) -> bool:
+        """Answer ``ex`` from a stored response; False if it vanished (then it is a miss)."""
+        obj = obj or self.store.open(entry)
+        if obj is None:
+            return False
+        entry = obj.entry
+        head = ex.head
+        method = head.method
+        tier_result = "TCP_MEM_HIT" if obj.tier == "memory" else "TCP_HIT"
+        x_cache = b"HIT" if self.cfg.x_cache_header else None
+        fields = [(n, v) for n, v in policy.hit_headers(entry, age, x_cache)
+                  if n.lower() not in FRAMING]  # fmt: skip
+        cond = policy.evaluate_conditionals(method, head.headers, list(entry.headers), entry.status)
+        keep = head.keep_alive and not conn.server.draining
+        ex.client_keep_alive = keep
+        ex.content_type = _content_type(entry)
+        if cond is not None:
+            obj.close()
+            status = cond
+            out = policy.not_modified_headers(fields) if status == 304 else []
+            if status == 304:
+                out.append((b"Age", policy.Decision(Kind.FRESH, "", age).age_header))
+                if x_cache is not None:
+                    out.append((b"X-Cache", x_cache))
+            data = _head(status, b"Not Modified" if status == 304 else b"Precondition Failed",
+                         out, 0 if status == 412 else None, head.version, keep)  # fmt: skip
+            self.counters.ims_hits += 1
+            conn.respond_local(ex, data, status, result or "TCP_IMS_HIT")
+            return True
+        length = obj.length
+        plan = policy.plan_range(method, head.headers, list(entry.headers), length, entry.status)
+        status, reason = entry.status, entry.reason or b"OK"
+        start, end = 0, length - 1
+        if plan.status == 206 and plan.ranges:
+            status, reason = 206, b"Partial Content"
+            start, end = plan.ranges[0]
+            fields.append((b"Content-Range", plan.content_range or b""))
+        elif plan.status == 416:
+            obj.close()
+            fields = [(n, v) for n, v in fields if n.lower() != b"content-type"]
+            fields.append((b"Content-Range", plan.content_range or b"bytes */%d" % length))
+            data = _head(416, b"Range Not Satisfiable", fields, 0, head.version, keep)
+            conn.respond_local(ex, data, 416, result or tier_result)
+            return True
+        body_len = end - start + 1 if length else 0
+        data_head = _head(status, reason, fields, body_len, head.version, keep)
+        if obj.tier == "memory" and result is None:
+            self.counters.mem_hits += 1
+        elif result is None:
+            self.counters.hits += 1
+        final = result or tier_result
+        if method == b"HEAD" or body_len == 0:
+            obj.close()
+            conn.respond_local(ex, data_head, status, final)
+            return True
+        if obj.tier == "memory" and status == 200:
+            body = obj.body()
+            conn.respond_local(ex, data_head + body, status, final)
+            return True
+        chunks = obj.iter_chunks() if status == 200 else obj.iter_range(start, end)
+        conn.stream_local(ex, data_head, _closing(obj, chunks), status, final)
+        return True
+
+
+def _oid(entry: CacheEntry) -> str:
+    from tproxy.cache.store import object_id
+
+    return object_id(entry)
+
+
+def _has(headers: http1.Headers, names: frozenset[bytes]) -> bool:
+    return any(n.lower() in names for n, _ in headers)
+
+
+def _content_type(entry: CacheEntry) -> str:
+    value = entry.fields.one(b"content-type")
+    return value.decode("latin-1").split(";")[0].strip() if value else "-"
+
+
+def _head(
+    status: int,
+    reason: bytes,
+    fields: http1.Headers,
+    length: int | None,
+    client_version: bytes,
+    keep_alive: bool,
+) -> bytes:
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    out.extend(n + b": " + v + b"\r\n" for n, v in fields)
+    if length is not None:
+        out.append(b"Content-Length: %d\r\n" % length)
+    if not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif client_version == b"1.0":
+        out.append(b"Connection: keep-alive\r\n")  # RFC 9112 §9.3: opt-in for HTTP/1.0
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _closing(obj: StoredObject, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    try:
+        yield from chunks
+    except CorruptObjectError:
+        log.warning("cache: %s was corrupt on disk and has been dropped", obj.entry.url)
+        raise
+    finally:
+        obj.close()
+
+
+def create(cfg: Config) -> Cache | None:
+    section = cfg.sections.get("cache")
+    if not isinstance(section, CacheConfig) or not section.enabled:
+        return None
+    return Cache(section)
