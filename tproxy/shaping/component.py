@@ -390,7 +390,9 @@ class ShapingComponent:
         state = ex.notes.get(NOTE)
         if not isinstance(state, FlowState) or not self.active:
             return False
-        facts = response_facts(state.facts, head, is_cache_hit(ex))
+        # A 304 has no body: if anything follows, it is the cache's stored copy (a refreshed
+        # hit, RFC 9111 §4.3.4), which is sent like any other hit.
+        facts = response_facts(state.facts, head, is_cache_hit(ex) or head.status == 304)
         name = select_class(self.config, facts)
         if name != state.class_name:
             self.reclassified += 1
