@@ -69,6 +69,49 @@ while True:
         break
 """
 
+UPLOAD_PORT = 8090
+# Origin side of the upload test: counts request body bytes as they arrive.
+SINK = f"""
+import socket, sys, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        buf += conn.recv(65536)
+    total = len(buf.split(b"\\r\\n\\r\\n", 1)[1])
+    t0, due = time.monotonic(), {REPORT_EVERY}
+    while True:
+        data = conn.recv(262144)
+        now = time.monotonic() - t0
+        if not data or now > float(sys.argv[2]):
+            break
+        total += len(data)
+        if now >= due:
+            print(f"{{now:.3f}} {{total}}", flush=True)
+            due += {REPORT_EVERY}
+    print("done", flush=True)
+    conn.close()
+"""
+# Client side: a POST whose body it sends for argv[3] seconds.
+SENDER = """
+import socket, sys, time
+addr, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection((addr, port), timeout=5)
+s.sendall(f"POST /up HTTP/1.1\\r\\nHost: origin.lab:{port}\\r\\nContent-Length: 1000000000\\r\\n\\r\\n".encode())
+chunk = bytes(65536)
+t0 = time.monotonic()
+try:
+    while time.monotonic() - t0 < seconds:
+        s.sendall(chunk)
+except OSError:  # the origin hung up once it had measured enough
+    pass
+s.close()
+"""
+
 
 # -- pure helpers (no lab) ---------------------------------------------------------------------
 
@@ -166,6 +209,7 @@ def lab2() -> Iterator[Lab]:
         lab.up()
         assert lab.tmpdir is not None
         (lab.tmpdir / "reader.py").write_text(READER)
+        (lab.tmpdir / "sender.py").write_text(SENDER)
         yield lab
     finally:
         lab.down()
@@ -355,3 +399,29 @@ def test_cache_hits_are_not_shaped(lab2: Lab) -> None:
         assert second.body == first.body
         # The hit's 64 KiB did not go through the class (at 1 Mbit/s it would take 0.5 s).
         assert htb_bytes(lab2, "1:100") - shaped < 16 * 1024
+
+
+@lab_test
+def test_uploads_are_shaped_on_the_wan_interface(lab2: Lab) -> None:
+    assert lab2.tmpdir is not None
+    lab2.start_origin_python(SINK, UPLOAD_PORT, [str(WARMUP + WINDOW + 0.2)])
+    log = lab2.tmpdir / f"pyorigin-{UPLOAD_PORT}.log"
+    cfg = f"[proxy]\nports = [80, {UPLOAD_PORT}]\n" + shaping(
+        klass("up", "2mbit"),
+        select("up", url_prefix=f"http://origin.lab:{UPLOAD_PORT}/"),
+        f'wan_interfaces = ["{lab2.gw_wan_if}"]',
+    )
+    with Proxy(lab2, cfg) as proxy:
+        lab2.set_forwarding(False)
+        try:
+            argv = [sys.executable, str(lab2.tmpdir / "sender.py"), lab2.origin_v4,
+                    str(UPLOAD_PORT), str(WARMUP + WINDOW + 2)]  # fmt: skip
+            lab2.run("client", argv, timeout=20)
+            deadline = time.monotonic() + 5
+            while "done" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            lab2.set_forwarding(True)
+        assert "TPROXY" in proxy.rules()
+    out = "\n".join(x for x in log.read_text().splitlines() if x[:1].isdigit())
+    assert_near(rate(out, WARMUP, WARMUP + WINDOW), 2 * MBIT)
