@@ -425,3 +425,18 @@ def test_uploads_are_shaped_on_the_wan_interface(lab2: Lab) -> None:
         assert "TPROXY" in proxy.rules()
     out = "\n".join(x for x in log.read_text().splitlines() if x[:1].isdigit())
     assert_near(rate(out, WARMUP, WARMUP + WINDOW), 2 * MBIT)
+
+
+@lab_test
+def test_per_connection_cap_paces_each_download(lab2: Lab) -> None:
+    # A wide class whose connections are each paced to 2 Mbit/s (SO_MAX_PACING_RATE): two
+    # downloads at once get 2 Mbit/s each, not a share of the class.
+    cfg = shaping(
+        klass("capped", "40mbit", per_connection_cap="2mbit"),
+        select("capped", url_prefix="http://origin.lab/nocache/"),
+    )
+    with Proxy(lab2, cfg), ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(reader, lab2, host, WARMUP + WINDOW) for host in ("client", "client2")]
+        rates = [rate(j.result()) for j in jobs]
+    for r in rates:
+        assert_near(r, 2 * MBIT)
