@@ -67,8 +67,20 @@ def main() -> int:
             show(f"{fam} origin saw", res.body.decode(errors="replace").strip() or res.stderr)
             failed |= res.status != 200
 
+        step("A cacheable file twice: the second answer comes from tproxy's cache (RFC 9111)")
+        url = lab.url("/files/64k", v6=False)
+        for attempt in ("first", "second"):
+            res = lab.curl("client", url)
+            show(f"{attempt} request", f"{res.status}, {len(res.body)} bytes")
+            failed |= res.status != 200
+        codes = [line.split()[3] for line in proxy.log_lines(4) if "/files/64k" in line]
+        show("cache result codes", ", ".join(codes))
+        failed |= codes[-1:] != ["TCP_MEM_HIT/200"]
+        origin_saw = sum("/files/64k" in line for line in lab.origin_log())
+        show("origin saw", f"{origin_saw} request(s) for it")
+
         step("tproxy's access log (Squid native format)")
-        for line in proxy.log_lines(2):
+        for line in proxy.log_lines(4):
             print("    " + line, flush=True)
 
         step("Stopping tproxy: its rules go away and clients browse directly again")

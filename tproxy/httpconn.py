@@ -675,6 +675,8 @@ class ClientConnection(asyncio.Protocol):
         ex.upstream = up
         self.upstream = up
         self.set_deadline(self.server.cfg.proxy.response_timeout)
+        for hook in self.server.upstream_hooks:
+            hook(self, ex, up)
         if self.paused and up.transport is not None:
             self.resume_reading()
 

@@ -28,6 +28,7 @@ SWEEP_INTERVAL = 1.0
 # A hook returns True when it answered the request (or response) itself.
 RequestHook = Callable[[ClientConnection, Exchange], bool]
 ResponseHook = Callable[[ClientConnection, Exchange, http1.ResponseHead], bool]
+UpstreamHook = Callable[[ClientConnection, Exchange, Upstream], None]
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Server:
         # Policy hooks, called in order (filter before cache); the first that answers wins.
         self.request_hooks: list[RequestHook] = []
         self.response_hooks: list[ResponseHook] = []
+        # Called when an upstream connection is bound to an exchange (shaping marks uploads).
+        self.upstream_hooks: list[UpstreamHook] = []
 
     # -- bookkeeping ----------------------------------------------------------------------
 
