@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,19 +503,3 @@ def test_checker_catches_violations() -> None:
     ResponseChecker(Limits(), [(b"GET", False)]).events(get_events)
     with pytest.raises(Violation):
         ResponseChecker(Limits(), [(b"HEAD", False)]).events(get_events)
-
-
-# -- atheris ------------------------------------------------------------------------------------
-
-
-def main(argv: list[str]) -> None:  # pragma: no cover - run by scripts/fuzz
-    import atheris  # type: ignore[import-untyped,unused-ignore]
-
-    # This module already imported tproxy.http1, so instrument what is loaded.
-    atheris.instrument_all()
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv)

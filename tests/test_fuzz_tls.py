@@ -18,7 +18,6 @@ import itertools
 import random
 import socket
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -337,19 +336,3 @@ def test_oracle_can_fail() -> None:
         check_info(ClientHelloInfo(complete=True, incomplete=True), b"")
     with pytest.raises(Violation):
         check_info(ClientHelloInfo(sni="Upper.Example", complete=True, length=1), b"x")
-
-
-# -- atheris ----------------------------------------------------------------------------------
-
-
-def main(argv: list[str]) -> None:  # pragma: no cover - run by scripts/fuzz
-    import atheris  # type: ignore[import-untyped,unused-ignore]
-
-    # This module already imported tproxy.tls, so instrument what is loaded.
-    atheris.instrument_all()
-    atheris.Setup(argv, one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv)
