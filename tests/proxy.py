@@ -36,6 +36,8 @@ class Proxy:
             config += f'\n[control]\nsocket = "{self.control_socket}"\n'
         if "[cache]" not in config:
             config += f'\n[cache]\ndisk_dir = "{self.cache_dir}"\n'
+        elif "disk_dir" not in config:
+            config = config.replace("[cache]\n", f'[cache]\ndisk_dir = "{self.cache_dir}"\n', 1)
         self.config_path.write_text(config)
         self.args = args
         self.proc: subprocess.Popen[Any] | None = None

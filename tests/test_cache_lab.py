@@ -184,8 +184,12 @@ def test_forged_host_cannot_poison_other_clients(env: tuple[Lab, Proxy, Origin])
 def test_restart_keeps_a_warm_disk_cache_and_kill9_never_serves_a_torn_object(
     lab: Lab,
 ) -> None:
-    Origin(lab)
-    config = CONFIG + '\n[cache]\nmemory_size = "2MiB"\nmax_memory_object_size = "64KiB"\n'
+    origin = Origin(lab)
+    assert lab.tmpdir is not None
+    config = CONFIG + (
+        f'\n[cache]\ndisk_dir = "{lab.tmpdir}/cache"\n'
+        'memory_size = "2MiB"\nmax_memory_object_size = "64KiB"\n'
+    )
     proxy = Proxy(lab, config)
     config_path = proxy.config_path.read_text()
     proxy.start()
@@ -211,5 +215,6 @@ def test_restart_keeps_a_warm_disk_cache_and_kill9_never_serves_a_torn_object(
         assert whole.body == bytes(i % 251 for i in range(4194304))
         # The torn object was not served: the restarted daemon fetched it (a miss).
         assert results(restarted, "/slowbig", 1)[0] == "TCP_MISS/200"
+        assert [r["target"] for r in origin.requests()].count("/slowbig" + slow.split("/slowbig")[1]) == 2
     finally:
         restarted.stop()
