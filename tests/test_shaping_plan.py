@@ -1,7 +1,6 @@
 """The [shaping] section and the HTB plan: pure, no kernel."""
 
 # Golden texts are compared line for line; wrapping them would hide what tc receives.
-# ruff: noqa: E501
 
 from __future__ import annotations
 
