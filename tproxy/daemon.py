@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
