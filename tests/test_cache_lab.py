@@ -215,6 +215,8 @@ def test_restart_keeps_a_warm_disk_cache_and_kill9_never_serves_a_torn_object(
         assert whole.body == bytes(i % 251 for i in range(4194304))
         # The torn object was not served: the restarted daemon fetched it (a miss).
         assert results(restarted, "/slowbig", 1)[0] == "TCP_MISS/200"
-        assert [r["target"] for r in origin.requests()].count("/slowbig" + slow.split("/slowbig")[1]) == 2
+        assert [r["target"] for r in origin.requests()].count(
+            "/slowbig" + slow.split("/slowbig")[1]
+        ) == 2
     finally:
         restarted.stop()
