@@ -596,6 +596,7 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[tuple[str, str], li
     try:
         with Lab(clients=1) as lab:
             pin_origin(lab)
+            tune_lab(lab)
             log(f"lab {lab.tag} up; load+origin on cpu {LOAD_CPU}, proxy on cpu {PROXY_CPU}")
             for rnd in range(plan.rounds):
                 # Rotate the order so no config always runs first (or last) in a round.
@@ -638,6 +639,39 @@ def run_group(
                 raise LabError(f"{config} died: {runner.log_tail()}")
     finally:
         runner.stop()
+        clear_time_wait(lab)
+
+
+# Load-generator tuning (as for any wrk host). Through a proxy the client usually closes first
+# (it has the whole response before the proxy's FIN), so the client namespace collects
+# TIME_WAIT sockets towards the one origin address: 10,000 idle connections plus a
+# close-per-request cell exhaust the default 28,000 ephemeral ports and connect() stalls, which
+# then slows whichever config runs next. tcp_tw_reuse=1 lets connect() reuse a TIME_WAIT port
+# once its timestamps make that safe (kernel Documentation/networking/ip-sysctl.rst).
+CLIENT_SYSCTLS = {
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.ipv4.tcp_tw_reuse": "1",
+}
+# The proxies' upstream sockets pick ephemeral ports in the gateway namespace.
+GATEWAY_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535"}
+
+
+def tune_lab(lab: Lab) -> None:
+    lab.sysctl("client", CLIENT_SYSCTLS)
+    lab.sysctl("gateway", GATEWAY_SYSCTLS)
+
+
+def clear_time_wait(lab: Lab) -> None:
+    """Destroy the stopped proxy's TIME_WAIT sockets in the gateway namespace.
+
+    Early demux (tcp_v4_early_demux) attaches a local TIME_WAIT socket with the same 4-tuple to
+    an arriving packet before routing, and ip_forward() drops packets that carry a socket. So
+    for up to 60 s after a proxy stops, a routed client SYN that reuses such a 4-tuple is
+    dropped and retried a second later: the next config (routing above all) would measure the
+    previous one's debris. ``ss -K`` (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY) removes them."""
+    res = lab.run("gateway", [tool("ss"), "-K", "-t", "state", "time-wait"], check=False)
+    if res.returncode != 0:
+        print(f"bench: ss -K failed, next cell may stall: {res.stderr.strip()}", file=sys.stderr)
 
 
 def pin_origin(lab: Lab) -> None:
