@@ -17,6 +17,12 @@ Each (round, config, cache mode) starts a fresh proxy, warms it up, and runs the
 cache mode; figures are medians over ``--rounds``. Only ratios within one run mean anything on a
 shared machine.
 
+Scenarios (``--scenarios``, comma list; default: 1k-ka,1k-close,64k-ka,16m,idle-conns):
+miss path ``1k-ka``, ``1k-close``, ``64k-ka``, ``16m``; hit path ``1k-hit-ka``, ``1k-hit-close``,
+``64k-hit-disk`` (tproxy's cache on, Squid's cache_mem; ``origin_share`` in the JSON shows how
+many requests still reached the origin); ``idle-conns`` (RSS per idle keep-alive connection,
+``rss_kib_per_idle_conn``, proxies only).
+
 Adding a scenario: add a :class:`Scenario` to ``SCENARIOS``. ``kind="wrk"`` scenarios are a wrk
 run against a path on the origin; ``cache`` selects how both proxies are configured (off: miss
 path, Squid with ``cache deny all``; memory / disk: hit path, primed before timing). Scenarios
