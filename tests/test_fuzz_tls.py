@@ -91,7 +91,7 @@ def hello_case(data: bytes, seed: int) -> ClientHelloInfo:
     return info
 
 
-def assemble_case(mode: int, seed: int, stream: bytes) -> None:
+def assemble_case(mode: int, seed: int, stream: bytes, strict: bool = True) -> None:
     rng = random.Random(seed)
     isn = rng.randrange(SEQ_MOD)
     # Segments: the stream cut at random points, delivered in a random order.
@@ -127,7 +127,9 @@ def assemble_case(mode: int, seed: int, stream: bytes) -> None:
         _check(len(asm._segments) <= MAX_SEGMENTS, f"{len(asm._segments)} segments stored")
         held = sum(len(d) for d in asm._segments.values())
         _check(held <= MAX_SEGMENTS * MAX_HELLO_BYTES, f"{held} bytes held")
-        _check(all(0 <= o < MAX_HELLO_BYTES for o in asm._segments), "segment beyond the bound")
+        if strict:
+            # add() never stores at or beyond max_bytes; a rebase must not move data there.
+            _check(all(0 <= o < MAX_HELLO_BYTES for o in asm._segments), "segment beyond bound")
     whole = parse_client_hello(stream)
     # With the start of the stream known (ISN, or in-order arrival), reassembly must agree with
     # parsing the stream in one piece — as long as the segment budget was not the limit.
@@ -162,7 +164,21 @@ def packet_case(data: bytes, seed: int, then_hello: bool) -> None:
         hello_case(seg.payload, seed)
 
 
-def one_input(data: bytes) -> None:
+# Known deviations, reported to the lead; the corpus files named here are replayed strictly and
+# expected to fail until tproxy/tls.py changes, while the lenient harness tolerates them.
+#
+# assembler-rebase-beyond-bound: without the SYN, an earlier segment arriving late rebases the
+# stream and shifts the stored segments up by as much as max_bytes, so data ends up stored at
+# offsets >= max_bytes, where add() itself would refuse it. (Memory stays bounded by
+# MAX_SEGMENTS segments; the data is merely useless.) Minimal: ClientHelloAssembler() then
+# add(100_000, b"\0" * 10), add(100_000 - MAX_HELLO_BYTES, b"\x16\x03\x01\x00\x05\x01").
+KNOWN = {
+    "known-assembler-rebase-beyond-bound.bin": "a late earlier segment rebases stored "
+    "segments to offsets >= max_bytes",
+}
+
+
+def one_input(data: bytes, strict: bool = False) -> None:
     mode = data[0] if data else 0
     seed = data[1] if len(data) > 1 else 0
     rest = data[2:]
@@ -170,7 +186,7 @@ def one_input(data: bytes) -> None:
     if kind == M_HELLO:
         hello_case(rest, seed)
     elif kind == M_ASSEMBLE:
-        assemble_case(mode, seed, rest)
+        assemble_case(mode, seed, rest, strict)
     else:
         packet_case(rest, seed, kind == M_PACKET_HELLO)
 
@@ -322,9 +338,30 @@ def corpus_files() -> list[Path]:
     return sorted(p for p in CORPUS.iterdir() if p.is_file()) if CORPUS.is_dir() else []
 
 
-@pytest.mark.parametrize("path", corpus_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p, marks=pytest.mark.xfail(raises=Violation, strict=True, reason=KNOWN[p.name])
+        )
+        if p.name in KNOWN
+        else p
+        for p in corpus_files()
+    ],
+    ids=lambda p: p.name,
+)
 def test_corpus(path: Path) -> None:
-    one_input(path.read_bytes())
+    one_input(path.read_bytes(), strict=path.name in KNOWN)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN["known-assembler-rebase-beyond-bound.bin"])
+def test_known_assembler_rebase_minimal() -> None:
+    """The minimal form of the known deviation (passes once tproxy/tls.py drops such data)."""
+    a = ClientHelloAssembler()
+    a.add(100_000, bytes(10))
+    info = a.add(100_000 - MAX_HELLO_BYTES, b"\x16\x03\x01\x00\x05\x01")
+    assert info.incomplete and len(a._segments) <= MAX_SEGMENTS
+    assert all(off < MAX_HELLO_BYTES for off in a._segments), sorted(a._segments)
 
 
 def test_corpus_is_there() -> None:
