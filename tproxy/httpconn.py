@@ -49,6 +49,9 @@ WRITE_BUFFER_LOW = 64 * 1024
 # Bytes held for a peer that is not connected yet (or while a pipelined request waits); above
 # this the producing side stops reading.
 PENDING_LIMIT = 256 * 1024
+# A request answered by the proxy itself before its body arrived: a body up to this size is read
+# and dropped so the connection stays usable; a larger (or chunked) one closes it.
+DISCARD_LIMIT = 64 * 1024
 # Bytes kept while deciding whether a connection speaks HTTP.
 SNIFF_LIMIT = 64
 # A client that sends nothing this long may be speaking a server-first protocol (the origin
@@ -390,6 +393,9 @@ class ClientConnection(asyncio.Protocol):
         # A local response body being streamed (cache hit): pulled while the transport drains.
         self.producer: Iterator[bytes] | None = None
         self.producer_ex: Exchange | None = None
+        # An exchange answered locally whose request (body) has not ended yet: its remaining
+        # body is dropped and the next request waits for its EndOfMessage.
+        self.discarding: Exchange | None = None
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
 
@@ -708,6 +714,13 @@ class ClientConnection(asyncio.Protocol):
         self.to_upstream(data)
 
     def request_end(self, event: EndOfMessage) -> None:
+        done = self.discarding
+        if done is not None:
+            # The request we already answered ended: now the next one may start.
+            self.discarding = None
+            done.request_done = True
+            self.next_request(done)
+            return
         ex = self.exchange
         if ex is None:
             return
@@ -720,6 +733,11 @@ class ClientConnection(asyncio.Protocol):
     def request_error(self, event: ProtocolError) -> None:
         ex = self.exchange
         self.server.stats.bad_requests += 1
+        if self.discarding is not None:
+            # The body of a request we already answered is malformed: just hang up.
+            self.discarding = None
+            self.close()
+            return
         if ex is not None and (ex.upstream is not None or self.connecting is not None):
             # The head already went upstream: the origin must not see a complete request.
             if ex.upstream is not None:
@@ -765,12 +783,14 @@ class ClientConnection(asyncio.Protocol):
             return
         for index, event in enumerate(events):
             if isinstance(event, Body):
+                data = event.data
+                out = http1.encode_chunk(data) if ex.response_framing is Framing.CHUNKED else data
                 if ex.held:
-                    self.release_head(ex)
-                if ex.response_framing is Framing.CHUNKED:
-                    self.write(http1.encode_chunk(event.data))
-                else:
-                    self.write(event.data)
+                    # One send for the head and the first body bytes: one segment, not two.
+                    out = ex.held + out
+                    ex.held = b""
+                    ex.response_started = True
+                self.write(out)
                 ex.sent += len(event.data)
                 if ex.sink is not None:
                     ex.sink.data(event.data)
@@ -969,13 +989,33 @@ class ClientConnection(asyncio.Protocol):
         ex.hierarchy = "HIER_NONE"
         ex.response_started = True
         ex.sent = len(data)
-        self.write(data)
-        if not ex.request_done:
-            # The request body (if any) is still arriving: drop it, then close.
+        if not ex.request_done and not self.can_discard(ex):
             ex.client_keep_alive = False
+        self.write(data)
+        self.finish_local(ex)
+
+    def can_discard(self, ex: Exchange) -> bool:
+        """Whether the rest of an answered request's body is small enough to read and drop."""
+        head = ex.head
+        if head.body_kind is http1.BodyKind.NONE:
+            return True
+        length = head.content_length
+        return (
+            head.body_kind is http1.BodyKind.LENGTH
+            and length is not None
+            and (length <= DISCARD_LIMIT)
+        )
+
+    def finish_local(self, ex: Exchange) -> None:
+        """A locally answered exchange is complete on our side."""
         self.log_exchange(ex)
-        self.exchange = None
-        self.next_request(ex)
+        if self.exchange is ex:
+            self.exchange = None
+        if ex.request_done or not ex.client_keep_alive:
+            self.next_request(ex)
+        else:
+            # Its EndOfMessage (right behind the head for a GET) starts the next request.
+            self.discarding = ex
 
     def detach_upstream(self, ex: Exchange, sink: BodySink | None = None) -> None:
         """Stop relaying ``ex``'s response; read its rest in the background (into ``sink``)."""
@@ -1010,7 +1050,7 @@ class ClientConnection(asyncio.Protocol):
         ex.response_started = True
         ex.response_framing = framing
         ex.sent = len(head)
-        if not ex.request_done:
+        if not ex.request_done and not self.can_discard(ex):
             ex.client_keep_alive = False
         self.write(head)
         self.producer = body
@@ -1047,10 +1087,7 @@ class ClientConnection(asyncio.Protocol):
         self.producer_ex = None
         if ex.response_framing is Framing.CHUNKED:
             self.write(http1.LAST_CHUNK)
-        self.log_exchange(ex)
-        if self.exchange is ex:
-            self.exchange = None
-        self.next_request(ex)
+        self.finish_local(ex)
 
     def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
         if ex.sink is not None:
