@@ -405,7 +405,10 @@ class FilterComponent:
     def _deny(
         self, conn: ClientConnection, ex: Exchange, policy: Policy, v: Verdict, stage: str
     ) -> None:
-        keep = ex.client_keep_alive and ex.request_done and not conn.server.draining
+        # Mirrors respond_local: the connection stays when the request is complete or its
+        # remaining body is small enough to read and discard.
+        done = ex.request_done or conn.can_discard(ex)
+        keep = ex.client_keep_alive and done and not conn.server.draining
         data = block_response(policy, v, ex.url, ex.head.method == b"HEAD", keep)
         ex.content_type = "text/html"
         log.info(
