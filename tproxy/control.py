@@ -211,6 +211,7 @@ def snapshot(daemon: Daemon, meter: RateMeter | None, now: float | None = None) 
         },
         "overloaded": overloaded(server),
         "draining": server.draining,
+        "limits": server.limiter.stats(),
         "components": components,
     }
 

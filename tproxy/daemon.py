@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from tproxy import component, netfilter, preflight
 from tproxy import config as config_mod
 from tproxy.accesslog import AccessLog
 from tproxy.config import Config, ConfigError
+from tproxy.limits import LimitsConfig
 from tproxy.server import Server
 
 log = logging.getLogger("tproxy.daemon")
@@ -209,6 +211,9 @@ class Daemon:
             self.access_log.reopen()
             self.cfg = new
             self.server.cfg = new
+            limits = new.sections.get("limits")
+            if isinstance(limits, LimitsConfig):
+                self.server.limiter.reconfigure(limits, time.monotonic())
             for hook in self.reload_hooks:
                 hook(new)
             log.info("reloaded %s", new.path)

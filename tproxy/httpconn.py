@@ -19,6 +19,7 @@ import asyncio
 import html
 import logging
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,8 @@ WRITE_BUFFER_LOW = 64 * 1024
 # Bytes held for a peer that is not connected yet (or while a pipelined request waits); above
 # this the producing side stops reading.
 PENDING_LIMIT = 256 * 1024
+# SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
 # A request answered by the proxy itself before its body arrived: a body up to this size is read
 # and dropped so the connection stays usable; a larger (or chunked) one closes it.
 DISCARD_LIMIT = 64 * 1024
@@ -86,7 +89,12 @@ ERROR_REASONS = {
 }
 
 
-def error_response(status: int, detail: str, keep_alive: bool = False) -> bytes:
+def error_response(
+    status: int,
+    detail: str,
+    keep_alive: bool = False,
+    headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """A small HTML error page. Proxies generate these for 4xx/5xx (RFC 9110 §15.5, §15.6)."""
     reason = ERROR_REASONS.get(status, "Error")
     body = (
@@ -99,7 +107,8 @@ def error_response(status: int, detail: str, keep_alive: bool = False) -> bytes:
         f"Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"Cache-Control: no-store\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     ).encode()
     return head + body
 
@@ -396,6 +405,8 @@ class ClientConnection(asyncio.Protocol):
         # An exchange answered locally whose request (body) has not ended yet: its remaining
         # body is dropped and the next request waits for its EndOfMessage.
         self.discarding: Exchange | None = None
+        self.limit_key: str | None = None  # the limiter's client key while counted
+        self.refused = False
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
 
@@ -409,8 +420,17 @@ class ClientConnection(asyncio.Protocol):
         self.peername = transport.get_extra_info("peername")
         self.sockname = transport.get_extra_info("sockname")
         self.client_ip = str(self.peername[0])
-        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         sock = transport.get_extra_info("socket")
+        if not self.server.admit(self):
+            # Over a limit: refuse at once with a reset (SO_LINGER 0) rather than read, parse
+            # and answer — that would be the very work the limit is there to refuse.
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            self.state = CLOSING
+            self.refused = True
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.accepted(self)
@@ -456,6 +476,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state = CLOSING
+        if self.refused:
+            return
+        self.server.release(self)
         if self.opaque:
             self.log_tunnel("TCP_TUNNEL")
         if self.connecting is not None and not self.connecting.done():
@@ -647,6 +670,14 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(head, self.request_url(head))
         self.exchange = ex
         self.set_deadline(0)
+        refusal = self.server.limit_request(self)
+        if refusal is not None:
+            # RFC 6585 §4: 429 with Retry-After; closing caps a flood at the connect rate.
+            ex.client_keep_alive = False
+            retry = [("Retry-After", str(refusal.retry_after))]
+            data = error_response(refusal.status, refusal.reason, headers=retry)
+            self.respond_local(ex, data, refusal.status, "TCP_DENIED")
+            return
         # Policy hooks (filter, cache) may answer the request themselves.
         for hook in self.server.request_hooks:
             if hook(self, ex):

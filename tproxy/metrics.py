@@ -237,6 +237,19 @@ class TproxyCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_draining", "1 while the daemon drains before exit", int(snap["draining"])
         )
+        limits = snap.get("limits", {})
+        refused = CounterMetricFamily(
+            f"{PREFIX}_limits_refused",
+            "Connections and requests refused by the per-client limits and the ceiling",
+            labels=["kind"],
+        )
+        for kind, count in sorted(limits.get("refused", {}).items()):
+            refused.add_metric([kind], count)
+        yield refused
+        yield GaugeMetricFamily(
+            f"{PREFIX}_limits_active_clients", "Clients (IPv4 or IPv6 /64) with connections",
+            limits.get("active_clients", 0),
+        )  # fmt: skip
         seen: set[str] = set()
         for comp in self.daemon.components:
             # A component may publish its own families (labels, histograms) instead of a

@@ -20,6 +20,7 @@ from tproxy import http1, netutil
 from tproxy.accesslog import AccessLog, AccessRecord
 from tproxy.config import Config
 from tproxy.httpconn import ClientConnection, Exchange, Pool, Upstream, open_connection
+from tproxy.limits import Limiter, LimitsConfig, Refusal
 
 log = logging.getLogger("tproxy.server")
 
@@ -54,6 +55,8 @@ class Server:
         self.stats = Stats()
         self.limits = http1.Limits()
         self.pool = Pool(cfg.proxy.idle_timeout)
+        limits = cfg.sections.get("limits")
+        self.limiter = Limiter(limits if isinstance(limits, LimitsConfig) else LimitsConfig())
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.sweeper: asyncio.Task[None] | None = None
@@ -69,6 +72,43 @@ class Server:
     def access(self, record: AccessRecord) -> None:
         self.stats.requests_total += 1
         self.access_log.write(record)
+
+    # -- limits (DDoS defence): one client must not take browsing away from the others -----
+
+    def admit(self, conn: ClientConnection) -> bool:
+        """May this new connection be served? Refusals are logged once per client and interval."""
+        key = self.limiter.client_key(conn.client_ip)
+        now = time.monotonic()
+        refusal = self.limiter.on_accept(key, now)
+        if refusal is None:
+            conn.limit_key = key
+            return True
+        self.note_refusal(key, refusal, now)
+        return False
+
+    def limit_request(self, conn: ClientConnection) -> Refusal | None:
+        key = conn.limit_key
+        if key is None:
+            return None
+        now = time.monotonic()
+        refusal = self.limiter.on_request(key, now)
+        if refusal is not None:
+            self.note_refusal(key, refusal, now)
+        return refusal
+
+    def note_refusal(self, key: str, refusal: Refusal, now: float) -> None:
+        if self.limiter.should_log(key, refusal.kind, now):
+            log.warning("limit: %s refused: %s (further refusals of it logged once per interval)",
+                        key, refusal.reason)  # fmt: skip
+
+    def release(self, conn: ClientConnection) -> None:
+        if conn.limit_key is not None:
+            self.limiter.on_close(conn.limit_key, time.monotonic())
+            conn.limit_key = None
+
+    @property
+    def overloaded(self) -> bool:
+        return self.limiter.overloaded
 
     def accepted(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
