@@ -167,15 +167,15 @@ def packet_case(data: bytes, seed: int, then_hello: bool) -> None:
 # Known deviations, reported to the lead; the corpus files named here are replayed strictly and
 # expected to fail until tproxy/tls.py changes, while the lenient harness tolerates them.
 #
-# assembler-rebase-beyond-bound: without the SYN, an earlier segment arriving late rebases the
+# Was: assembler-rebase-beyond-bound: without the SYN, an earlier segment arriving late rebases the
 # stream and shifts the stored segments up by as much as max_bytes, so data ends up stored at
 # offsets >= max_bytes, where add() itself would refuse it. (Memory stays bounded by
 # MAX_SEGMENTS segments; the data is merely useless.) Minimal: ClientHelloAssembler() then
 # add(100_000, b"\0" * 10), add(100_000 - MAX_HELLO_BYTES, b"\x16\x03\x01\x00\x05\x01").
-KNOWN = {
-    "known-assembler-rebase-beyond-bound.bin": "a late earlier segment rebases stored "
-    "segments to offsets >= max_bytes",
-}
+# Fixed in tproxy/tls.py (the rebase drops what it pushes past max_bytes); the file stays as a
+# regression case, replayed with the strict checks.
+KNOWN: dict[str, str] = {}
+REGRESSIONS = {"regress-assembler-rebase-beyond-bound.bin"}
 
 
 def one_input(data: bytes, strict: bool = False) -> None:
@@ -351,12 +351,11 @@ def corpus_files() -> list[Path]:
     ids=lambda p: p.name,
 )
 def test_corpus(path: Path) -> None:
-    one_input(path.read_bytes(), strict=path.name in KNOWN)
+    one_input(path.read_bytes(), strict=path.name in KNOWN or path.name in REGRESSIONS)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN["known-assembler-rebase-beyond-bound.bin"])
-def test_known_assembler_rebase_minimal() -> None:
-    """The minimal form of the known deviation (passes once tproxy/tls.py drops such data)."""
+def test_assembler_rebase_stays_within_bound() -> None:
+    """A late earlier segment rebases the stream; nothing is kept at offsets >= max_bytes."""
     a = ClientHelloAssembler()
     a.add(100_000, bytes(10))
     info = a.add(100_000 - MAX_HELLO_BYTES, b"\x16\x03\x01\x00\x05\x01")

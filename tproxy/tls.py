@@ -325,7 +325,12 @@ class ClientHelloAssembler:
             elif -offset <= self.max_bytes:
                 # An earlier segment arrived late: it becomes the start.
                 shift = -offset
-                self._segments = {o + shift: d for o, d in self._segments.items()}
+                # Keep the bound: data pushed past max_bytes by the new start is dropped.
+                self._segments = {
+                    o + shift: d[: self.max_bytes - o - shift]
+                    for o, d in self._segments.items()
+                    if o + shift < self.max_bytes
+                }
                 self._base = seq
                 offset = 0
             else:
