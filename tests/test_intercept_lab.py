@@ -83,13 +83,31 @@ def test_stop_removes_everything_and_clients_browse_directly(lab: Lab) -> None:
     assert len(proxy.log_lines()) == 1  # the second request did not pass the daemon
 
 
+def timewait_on_port_80(lab: Lab) -> list[str]:
+    out = lab.run("gateway", ["ss", "-Htan", "state", "time-wait"]).stdout
+    return [line for line in out.splitlines() if ":80 " in line + " " or ":http" in line]
+
+
+def test_stop_leaves_no_time_wait_sockets_that_would_stall_routed_flows(lab: Lab) -> None:
+    # The proxy's closed upstream connections (source = the client's address) sit in TIME_WAIT;
+    # once the same 4-tuple is merely routed, early demux would hand its packets to them and
+    # ip_forward drops packets that carry a socket. Stopping must clear them.
+    proxy = Proxy(lab).start()
+    for _ in range(5):
+        assert lab.curl("client", lab.url("/ip", v6=False)).status == 200
+    proxy.stop(signal.SIGTERM)
+    assert timewait_on_port_80(lab) == []
+    assert lab.curl("client", lab.url("/ip", v6=False)).status == 200
+
+
 def test_sigkill_then_rules_flush_leaves_nothing(lab: Lab) -> None:
     proxy = Proxy(lab).start()
     proxy.stop(signal.SIGKILL)
     assert "TPROXY-" in proxy.rules()  # a killed daemon cannot clean up ...
     out = proxy.tproxy("rules", "flush")
     assert "removed" in out.stdout
-    assert_nothing_of_ours(proxy)  # ... but `tproxy rules flush` can, with no config at all
+    assert_nothing_of_ours(proxy)
+    assert timewait_on_port_80(lab) == []  # ... but `tproxy rules flush` can, with no config at all
     assert lab.curl("client", lab.url("/ip", v6=False)).status == 200
 
 

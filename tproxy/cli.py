@@ -83,6 +83,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
         else:
             defaults = netfilter.plan_from_config(config_mod.load(None))
             netfilter.flush_routing(defaults.route_table, defaults.rule_priority)
+        from tproxy.netfilter.sockets import forget_timewait
+
+        forget_timewait(cfg.proxy.ports if cfg is not None else (80,))
         print("tproxy rules and routes removed")
         return 0
     cfg = config_mod.with_overrides(

@@ -27,6 +27,7 @@ from tproxy import config as config_mod
 from tproxy.accesslog import AccessLog
 from tproxy.config import Config, ConfigError
 from tproxy.limits import LimitsConfig
+from tproxy.netfilter.sockets import forget_timewait
 from tproxy.server import Server
 
 log = logging.getLogger("tproxy.daemon")
@@ -117,6 +118,8 @@ class Daemon:
             netfilter.flush_routing(self.plan.route_table, self.plan.rule_priority)
         except netfilter.RulesError as exc:
             log.error("removing policy routing failed: %s", exc)
+        # Routed flows must not meet our dead connections' TIME_WAIT sockets (see sockets.py).
+        forget_timewait(self.cfg.proxy.ports)
         self.rules_applied = False
 
     # -- lifecycle ------------------------------------------------------------------------
