@@ -29,6 +29,33 @@ def demo_config(lab: Lab, cache_dir: Path) -> str:
         f"""
         [proxy]
         lan_interfaces = ["{lab.gw_lan_if}"]
+
+        [cache]
+        disk_dir = "{cache_dir}"
+
+        # Every client, every time: blocked.lab is not allowed.
+        [[filter.rule]]
+        group = "*"
+        action = "deny"
+        domains = ["blocked.lab"]
+
+        # Downloads (by content type) share 2 Mbit/s; everything else gets 50 Mbit/s.
+        [shaping]
+        enabled = true
+        default_class = "web"
+
+        [[shaping.class]]
+        name = "web"
+        rate = "50mbit"
+
+        [[shaping.class]]
+        name = "downloads"
+        rate = "2mbit"
+        ceil = "2mbit"
+
+        [[shaping.select]]
+        class = "downloads"
+        content_type = "application/octet-stream"
         """
     )
 
@@ -79,8 +106,37 @@ def main() -> int:
         origin_saw = sum("/files/64k" in line for line in lab.origin_log())
         show("origin saw", f"{origin_saw} request(s) for it")
 
+        step("A blocked site: tproxy answers with its block page; the origin never sees it")
+        blocked = lab.curl(
+            "client", "http://blocked.lab/", "--resolve", f"blocked.lab:80:{lab.origin_v4}"
+        )
+        title = blocked.body.decode(errors="replace").split("<title>")[-1].split("</title>")[0]
+        show("status", str(blocked.status))
+        show("block page title", title.strip())
+        reached = sum("blocked.lab" in line for line in lab.origin_log())
+        show("origin saw", f"{reached} request(s) for it")
+        failed |= blocked.status != 403 or reached != 0
+
+        step("A shaped download: the 'downloads' class is capped at 2 Mbit/s by the kernel (HTB)")
+        out = lab.run(
+            "client",
+            ["curl", "-s", "-o", "/dev/null", "--max-time", "3", "-w", "%{speed_download}",
+             lab.url("/nocache/16m", v6=False)],
+            check=False,
+        ).stdout  # fmt: skip
+        rate = float(out or 0) * 8 / 1e6
+        show("measured at client", f"{rate:.2f} Mbit/s (class rate 2 Mbit/s)")
+        failed |= not 1.6 <= rate <= 2.4
+        shown = lab.run(
+            "gateway",
+            [sys.executable, "-m", "tproxy.cli", "shaping", "show", "-c", str(proxy.config_path)],
+            check=False,
+        ).stdout
+        for line in shown.splitlines()[:6]:
+            print("    " + line, flush=True)
+
         step("tproxy's access log (Squid native format)")
-        for line in proxy.log_lines(4):
+        for line in proxy.log_lines(6):
             print("    " + line, flush=True)
 
         step("Stopping tproxy: its rules go away and clients browse directly again")

@@ -819,6 +819,7 @@ class ClientConnection(asyncio.Protocol):
                 if ex.held:
                     # One send for the head and the first body bytes: one segment, not two.
                     out = ex.held + out
+                    ex.sent += len(ex.held)  # Squid logs head + body bytes
                     ex.held = b""
                     ex.response_started = True
                 self.write(out)
@@ -883,6 +884,7 @@ class ClientConnection(asyncio.Protocol):
 
     def release_head(self, ex: Exchange) -> None:
         ex.response_started = True
+        ex.sent += len(ex.held)
         self.write(ex.held)
         ex.held = b""
 
