@@ -102,7 +102,7 @@ def locate_keys(text: str) -> dict[str, int]:
     return lines
 
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
 
@@ -241,7 +241,7 @@ class Reader:
             if not m:
                 self.error(key, f'not a duration: {value!r} (use e.g. "500ms", "30s", "5m")')
                 return default
-            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}[m.group(2) or "s"]
             value = float(m.group(1)) * scale
         if value < 0:
             self.error(key, f"must not be negative; got {value}")
