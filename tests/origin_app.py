@@ -198,6 +198,16 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     sent += n
                     await writer.drain()
                     await asyncio.sleep(pause)
+            elif path == "/dies":
+                # Promises 1 MiB, sends half, then the connection dies: nothing may be stored.
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n"
+                    b"Cache-Control: max-age=600\r\n\r\n" + b"d" * 524288
+                )
+                await writer.drain()
+                transport = writer.transport
+                transport.abort()
+                return
             elif path == "/chunked":
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"

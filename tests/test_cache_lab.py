@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -220,3 +221,75 @@ def test_restart_keeps_a_warm_disk_cache_and_kill9_never_serves_a_torn_object(
         ) == 2
     finally:
         restarted.stop()
+
+
+def test_stale_while_revalidate_serves_stale_and_refreshes_behind(
+    env: tuple[Lab, Proxy, Origin],
+) -> None:
+    lab, proxy, origin = env
+    cc = "max-age%3D1%2C%20stale-while-revalidate%3D30"
+    assert lab.curl("client", app(lab, f"/set?etag=%22s1%22&cc={cc}")).status == 200
+    first = lab.curl("client", app(lab, "/v?swr"))
+    assert first.body.startswith(b'version "s1"')
+    assert lab.curl("client", app(lab, "/set?etag=%22s2%22")).status == 200
+    time.sleep(1.5)  # now stale, but within stale-while-revalidate
+    stale = lab.curl("client", app(lab, "/v?swr"))
+    assert stale.body == first.body  # served at once from the cache (RFC 5861 §3)
+    deadline = time.monotonic() + 5
+    while origin_hits(origin, "/v?swr") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert origin_hits(origin, "/v?swr") == 2  # the background revalidation
+    time.sleep(0.3)
+    fresh = lab.curl("client", app(lab, "/v?swr"))
+    assert fresh.body.startswith(b'version "s2"')
+    assert results(proxy, "/v?swr", 3)[1:] == ["TCP_MEM_HIT/200", "TCP_MEM_HIT/200"]
+
+
+def test_failed_upstream_transfer_is_not_stored(env: tuple[Lab, Proxy, Origin]) -> None:
+    lab, _proxy, origin = env
+    broken = lab.curl("client", app(lab, "/dies"))
+    assert len(broken.body) < 1048576  # the client sees a short body, not a complete one
+    lab.curl("client", app(lab, "/dies"))
+    assert origin_hits(origin, "/dies") == 2  # nothing was stored: a miss again
+
+
+def test_a_leaving_client_does_not_abort_a_store_others_wait_for(
+    env: tuple[Lab, Proxy, Origin],
+) -> None:
+    lab, proxy, origin = env
+    url = app(lab, "/slowbig?size=1048576&step=65536&ms=60")  # about one second
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # The first client gives up after 0.3 s; the second is collapsed onto its fetch.
+        quitter = pool.submit(lab.curl, "client", url, timeout=0.3)
+        time.sleep(0.1)
+        waiter = pool.submit(lab.curl, "client", url, timeout=10)
+        assert len(quitter.result().body) < 1048576
+        whole = waiter.result()
+    assert whole.status == 200 and len(whole.body) == 1048576
+    assert whole.body == bytes(i % 251 for i in range(1048576))
+    assert origin_hits(origin, "/slowbig?size=1048576&step=65536&ms=60") == 1
+    assert lab.curl("client", url).body == whole.body
+    assert results(proxy, "slowbig?size=1048576", 3)[-1] == "TCP_MEM_HIT/200"
+
+
+def test_cache_stats_purge_and_x_cache(lab: Lab) -> None:
+    Origin(lab)
+    with Proxy(lab, CONFIG + "\n[cache]\nx_cache_header = true\n") as proxy:
+        url = lab.url("/files/1k?t=cli", v6=False)
+        miss = lab.curl("client", url, "-D", "/dev/stderr")
+        hit = lab.curl("client", url, "-D", "/dev/stderr")
+        assert "x-cache: miss" in miss.stderr.lower()
+        assert "x-cache: hit" in hit.stderr.lower()
+        sock = str(proxy.control_socket)
+        stats = json.loads(proxy.tproxy("cache", "stats", "--json", "--socket", sock).stdout)
+        assert stats["objects"] >= 1 and stats["hits"] >= 1 and stats["hit_ratio"] > 0
+        out = proxy.tproxy("cache", "purge", url, "--socket", sock).stdout
+        assert "purged 1 object" in out
+        again = lab.curl("client", url, "-D", "/dev/stderr")
+        assert "x-cache: miss" in again.stderr.lower()
+        out = proxy.tproxy("cache", "purge", "--all", "--socket", sock).stdout
+        assert "purged" in out
+        assert (
+            json.loads(proxy.tproxy("cache", "stats", "--json", "--socket", sock).stdout)["objects"]
+            == 0
+        )

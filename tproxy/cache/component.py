@@ -48,6 +48,12 @@ HOST_CACHE_TTL = 300.0
 RESOLVE_TIMEOUT = 2.0
 # Request fields that a conditional request of ours replaces (RFC 9111 §4.3.1).
 CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-range", b"range"})
+# Background revalidations (RFC 5861 stale-while-revalidate) at once, and how long each may take.
+MAX_REFRESHES = 64
+REFRESH_TIMEOUT = 30.0
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
 # Stored fields never sent from the cache: the proxy frames the body itself.
 FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 
@@ -71,6 +77,9 @@ class Lookup:
     client_headers: http1.Headers
     revalidating: CacheEntry | None = None
     inflight: Inflight | None = None
+    # A StoreSink is copying the body: it resolves the waiters when it ends, even if the
+    # client that started the fetch has left (its upstream then reads on, orphaned).
+    storing: bool = False
 
 
 @dataclass
@@ -142,6 +151,7 @@ class StoreSink:
             self.writer.write(chunk)
 
     def end(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.lookup.storing = False
         stored = self.writer.commit()
         if stored:
             self.cache.counters.stored += 1
@@ -150,6 +160,7 @@ class StoreSink:
         self.cache.resolve(self.lookup)
 
     def abort(self) -> None:
+        self.lookup.storing = False
         self.writer.abort()
         self.cache.counters.store_aborted += 1
         self.cache.resolve(self.lookup)
@@ -168,6 +179,7 @@ class Cache:
         self.counters = Counters()
         self.verifier = HostVerifier()
         self.inflight: dict[str, Inflight] = {}
+        self.refreshing: dict[str, asyncio.Task[None]] = {}
         self.daemon: Daemon | None = None
 
     # -- component protocol ---------------------------------------------------------------
@@ -203,7 +215,91 @@ class Cache:
                 memory_size=self.cfg.memory_size,
             )
 
+    def refresh_later(
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        entry: CacheEntry,
+        conditional: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        oid = _oid(entry)
+        if oid in self.refreshing or len(self.refreshing) >= MAX_REFRESHES:
+            return
+        dst = (str(conn.sockname[0]), int(conn.sockname[1]))
+        headers = _without(ex.head.headers, CONDITIONALS | HOP_BY_HOP) + list(conditional)
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(entry, dst, ex.head.target, headers), name=f"refresh {entry.url}"
+        )
+        self.refreshing[oid] = task
+        task.add_done_callback(lambda _t: self.refreshing.pop(oid, None))
+
+    async def _refresh(
+        self,
+        entry: CacheEntry,
+        dst: tuple[str, int],
+        target: bytes,
+        headers: http1.Headers,
+    ) -> None:
+        """A conditional GET of our own (from the gateway's address) to refresh ``entry``."""
+        writer: asyncio.StreamWriter | None = None
+        store_writer: Any = None
+        try:
+            request_time = self.now()
+            reader, stream = await asyncio.wait_for(
+                asyncio.open_connection(dst[0], dst[1]), REFRESH_TIMEOUT
+            )
+            writer = stream
+            lines = [b"GET " + target + b" HTTP/1.1"]
+            lines += [n + b": " + v for n, v in headers]
+            lines += [b"Connection: close", b"", b""]
+            stream.write(b"\r\n".join(lines))
+            parser = http1.ResponseParser()
+            parser.expect(b"GET")
+            deadline = asyncio.get_running_loop().time() + REFRESH_TIMEOUT
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                data = await asyncio.wait_for(reader.read(65536), max(left, 0.01))
+                events = parser.feed(data) if data else parser.feed_eof()
+                for event in events:
+                    if isinstance(event, http1.ResponseHead):
+                        now = self.now()
+                        if event.status == 304:
+                            fresh = policy.refresh_entry(entry, event.headers, request_time, now)
+                            self.store.update_entry(fresh)
+                            self.counters.refresh_unmodified += 1
+                            return
+                        ok, _ = policy.storable(b"GET", headers, event.status, event.headers)
+                        if not ok:
+                            return
+                        new = policy.make_entry(
+                            method=b"GET", key=entry.key, url=entry.url, status=event.status,
+                            request_headers=headers, response_headers=event.headers,
+                            request_time=request_time, response_time=now,
+                            body_length=event.content_length, reason=event.reason,
+                        )  # fmt: skip
+                        store_writer = self.store.begin(new)
+                    elif isinstance(event, http1.Body) and store_writer is not None:
+                        store_writer.write(event.data)
+                    elif isinstance(event, http1.EndOfMessage):
+                        if store_writer is not None and store_writer.commit():
+                            self.counters.refresh_modified += 1
+                        store_writer = None
+                        return
+                    elif isinstance(event, http1.ProtocolError):
+                        return
+                if not data:
+                    return
+        except (OSError, TimeoutError) as exc:
+            log.info("cache: background refresh of %s failed: %r", entry.url, exc)
+        finally:
+            if store_writer is not None:
+                store_writer.abort()
+            if writer is not None:
+                writer.close()
+
     async def stop(self, daemon: Daemon) -> None:
+        for task in list(self.refreshing.values()):
+            task.cancel()
         for inflight in list(self.inflight.values()):
             inflight.waiters.clear()
         self.inflight.clear()
@@ -281,6 +377,9 @@ class Cache:
             heuristic_max=self.cfg.heuristic_max,
         )
         if entry is not None and decision.kind in (Kind.FRESH, Kind.STALE_OK):
+            if decision.background_revalidate:
+                # RFC 5861 §3: serve the stale response now, revalidate behind the client.
+                self.refresh_later(conn, ex, entry, decision.conditional)
             if self.serve(conn, ex, entry, decision.age, None):
                 return True
             entry = None  # gone or corrupt meanwhile: a miss
@@ -333,7 +432,7 @@ class Cache:
 
     def finished(self, ex: Exchange) -> None:
         lookup = ex.notes.get("cache")
-        if isinstance(lookup, Lookup):
+        if isinstance(lookup, Lookup) and not lookup.storing:
             self.resolve(lookup)
 
     # -- responses ------------------------------------------------------------------------
@@ -393,6 +492,7 @@ class Cache:
             self.resolve(lookup)
             return False
         ex.sink = StoreSink(self, writer, lookup)
+        lookup.storing = True
         if self.cfg.x_cache_header:
             ex.extra_headers.append((b"X-Cache", b"MISS"))
         return False
