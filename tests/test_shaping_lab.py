@@ -230,13 +230,20 @@ def select(cls: str, **kw: object) -> str:
     return "[[shaping.select]]\n" + "\n".join(lines) + "\n"
 
 
-def reader(lab: Lab, host: str, seconds: float, path: str = BIG, name: str | None = None) -> str:
+def reader(
+    lab: Lab,
+    host: str,
+    seconds: float,
+    path: str = BIG,
+    name: str | None = None,
+    addr: str | None = None,
+) -> str:
     """Start the reading client in ``host``; returns its raw output when it ends."""
     assert lab.tmpdir is not None
     res = lab.run(
         host,
         [sys.executable, str(lab.tmpdir / "reader.py"), name or lab.origin_name, path,
-         lab.origin_v4, str(seconds)],
+         addr or lab.origin_v4, str(seconds)],
         timeout=seconds + 20,
     )  # fmt: skip
     return res.stdout
@@ -302,6 +309,21 @@ def test_capped_class_delivers_its_rate_and_stop_removes_the_qdisc(lab2: Lab) ->
     assert proxy.proc is not None and proxy.proc.returncode == 0, proxy.stderr()
     assert "htb" not in qdiscs(lab2)
     assert "CLASSIFY" not in proxy.rules()
+
+
+@lab_test
+def test_ipv6_downloads_are_shaped_too(lab2: Lab) -> None:
+    # Squid's per-host delay pools are IPv4-only; marks and CLASSIFY work the same for IPv6.
+    cfg = shaping(klass("web", "50mbit", "1gbit") + klass("slow", "2mbit"),
+                  select("slow", url_prefix="http://origin.lab/nocache/"),
+                  'default_class = "web"')  # fmt: skip
+    with Proxy(lab2, cfg):
+        lab2.set_forwarding(False)
+        try:
+            out = reader(lab2, "client", WARMUP + WINDOW, addr=lab2.origin_v6)
+            assert_near(rate(out), 2 * MBIT)
+        finally:
+            lab2.set_forwarding(True)
 
 
 @lab_test
