@@ -403,3 +403,43 @@ domains = ["video.example"]
     assert day.returncode == 0, day.stderr
     assert "TLS server name video.example" in day.stdout
     assert "verdict: ALLOW" in day.stdout
+
+
+def test_https_flows_are_shaped_by_their_sni(tls_lab: Lab) -> None:
+    # The NFQUEUE verdict carries the shaping class (chosen by the ClientHello's name) in the
+    # connmark; CLASSIFY in POSTROUTING then puts the whole forwarded HTTPS flow into it.
+    lab = tls_lab
+    config = """
+[shaping]
+enabled = true
+default_class = "web"
+
+[[shaping.class]]
+name = "web"
+rate = "200mbit"
+
+[[shaping.class]]
+name = "video"
+rate = "2mbit"
+ceil = "2mbit"
+
+[[shaping.select]]
+class = "video"
+domains = ["videos.example"]
+"""
+    with Proxy(lab, config) as proxy:
+        assert "NFQUEUE" in proxy.rules()
+
+        def speed(name: str) -> float:
+            res = lab.run(
+                "client",
+                ["curl", "-sk", "-o", "/dev/null", "--max-time", "4", "-w", "%{speed_download}",
+                 "--resolve", f"{name}:443:{lab.origin_v4}", f"https://{name}/{BIG_FILE}"],
+                check=False,
+            )  # fmt: skip
+            return float(res.stdout or 0) * 8
+
+        video = speed("videos.example")
+        other = speed("other.example")
+    assert 1.6e6 <= video <= 2.3e6, video
+    assert other > 10e6, other

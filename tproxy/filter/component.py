@@ -186,6 +186,13 @@ class FilterStats:
     list_warnings: int = 0
 
 
+def _shaping_needs_sni(cfg: Config) -> bool:
+    """Shaping selectors (domain, group, window) classify HTTPS flows by their ClientHello too:
+    the queue's verdict carries the class mark in the connmark."""
+    shaping = cfg.sections.get("shaping")
+    return bool(getattr(shaping, "enabled", False) and getattr(shaping, "selectors", ()))
+
+
 class FilterComponent:
     name = "filter"
 
@@ -222,7 +229,7 @@ class FilterComponent:
     def rules_extras(self, cfg: Config) -> dict[str, Any]:
         policy = Policy.compile(filter_config(cfg))
         extras: dict[str, Any] = {}
-        if sni_can_deny(policy):
+        if sni_can_deny(policy) or _shaping_needs_sni(cfg):
             extras.update(https_ports=HTTPS_PORTS, nfqueue_num=NFQUEUE_NUM)
         if policy.quic_reject:
             extras["quic_reject"] = True
