@@ -4,7 +4,8 @@ The box tests run in file order against one booted box (module fixture): install
 reload, SIGKILL, SIGSTOP, stop, purge — the life of the package on an admin's gateway. Each test
 leaves the unit running again for the next, except the last two, which end it.
 
-Also here, without the box: the shipped conffile documents every option with its real default.
+The shipped conffile itself (every option documented with its default) is checked without a box
+in tests/test_conffile.py.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import re
 import shutil
 import subprocess
 import time
-import tomllib
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from tests import box
-from tproxy import config as config_mod
 
 REPO = box.REPO
-CONFFILE = REPO / "packaging" / "tproxy.toml"
 # Fail-open budget after the daemon dies (brief: clients keep browsing within 2 s).
 FAIL_OPEN_SECONDS = 2.0
 # A hung daemon is only detected by the watchdog (WatchdogSec=1s, WatchdogSignal=SIGKILL), then
@@ -42,53 +39,6 @@ drain_timeout = "2s"
 [log]
 access_log = "/var/log/tproxy/access.log"
 """
-
-
-# -- the conffile (no box needed) --------------------------------------------------------------
-
-
-def _uncommented(text: str) -> str:
-    """The conffile with its first commented example of each key switched on."""
-    out: list[str] = []
-    seen: set[tuple[str, str]] = set()
-    section = ""
-    for line in text.splitlines():
-        header = re.match(r"^\[(\w+)\]\s*$", line)
-        if header:
-            section = header.group(1)
-            out.append(line)
-            continue
-        setting = re.match(r"^# (\w+) = (.+)$", line)
-        if setting and (section, setting.group(1)) not in seen:
-            seen.add((section, setting.group(1)))
-            out.append(f"{setting.group(1)} = {setting.group(2)}")
-    return "\n".join(out) + "\n"
-
-
-def test_conffile_parses_as_shipped() -> None:
-    cfg = config_mod.parse(tomllib.loads(CONFFILE.read_text()), str(CONFFILE))
-    assert cfg.proxy == config_mod.ProxyConfig()
-
-
-def test_conffile_documents_every_option_with_its_default() -> None:
-    """Each [section] key of the foundation is shown, and the shown value is the default."""
-    data = tomllib.loads(_uncommented(CONFFILE.read_text()))
-    documented = {(s, k) for s, table in data.items() for k in table}
-    for section, cls in (
-        ("proxy", config_mod.ProxyConfig),
-        ("rules", config_mod.RulesConfig),
-        ("log", config_mod.LogConfig),
-    ):
-        for f in fields(cls):
-            assert (section, f.name) in documented, f"{section}.{f.name} is not documented"
-    # lan_interfaces' first example is a real interface name, the rest must equal the defaults.
-    data["proxy"].pop("lan_interfaces")
-    for key in ("bypass_clients", "bypass_destinations"):
-        data["rules"].pop(key)
-    cfg = config_mod.parse(data, "uncommented")
-    assert cfg.proxy == config_mod.ProxyConfig()
-    assert cfg.rules == config_mod.RulesConfig()
-    assert cfg.log == config_mod.LogConfig()
 
 
 # -- the box -----------------------------------------------------------------------------------
