@@ -565,19 +565,22 @@ class ClientConnection(asyncio.Protocol):
     # -- sniffing and tunnels -------------------------------------------------------------
 
     def sniff(self, data: bytes) -> None:
+        first = not self.sniff_buf
         buf = self.sniff_buf + data if self.sniff_buf else data
+        if first:
+            # The head's deadline runs from its first byte and is not re-armed by later ones:
+            # a client trickling a byte at a time must not stretch it (slowloris).
+            self.set_deadline(self.server.cfg.proxy.request_timeout)
         verdict = http1.sniff(buf)
         if verdict is Sniff.HTTP:
             self.sniff_buf = b""
             self.state = HEAD
-            self.set_deadline(self.server.cfg.proxy.request_timeout)
             self.on_request_events(self.parser.feed(buf))
         elif verdict is Sniff.OPAQUE or len(buf) > SNIFF_LIMIT:
             self.sniff_buf = b""
             self.start_tunnel(buf)
         else:
             self.sniff_buf = buf
-            self.set_deadline(self.server.cfg.proxy.request_timeout)
 
     def start_tunnel(self, first: bytes) -> None:
         """Relay everything opaquely to the original destination."""
