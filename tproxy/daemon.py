@@ -198,6 +198,11 @@ class Daemon:
             new = config_mod.with_overrides(config_mod.load(path), **self.overrides)
             if not new.proxy.lan_interfaces:
                 raise ConfigError(new.path, "proxy.lan_interfaces", "no LAN interface configured")
+            for key in ("listen_port", "ipv6"):
+                if getattr(new.proxy, key) != getattr(self.cfg.proxy, key):
+                    # The listeners are bound once; rules pointing at an unbound port would
+                    # strand every new connection.
+                    raise ConfigError(new.path, f"proxy.{key}", "changing it needs a restart")
             for comp in self.components:
                 await comp.reload(self, new)
             plan = self.make_plan(new)
