@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -129,3 +130,18 @@ def test_bad_config_is_refused_with_file_line_key(lab: Lab) -> None:
     assert res.returncode == 2
     assert f"{proxy.config_path}:3: proxy.listen_port: must be at least 1" in res.stderr
     assert "TPROXY" not in proxy.rules()
+
+
+def test_reload_refuses_what_needs_a_restart_and_keeps_running(lab: Lab) -> None:
+    with Proxy(lab) as proxy:
+        text = proxy.config_path.read_text()
+        proxy.config_path.write_text("[proxy]\nlisten_port = 3199\n" + text)
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "needs a restart" not in proxy.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "proxy.listen_port: changing it needs a restart" in proxy.stderr()
+        lab.set_forwarding(False)
+        assert lab.curl("client", lab.url("/ip", v6=False)).status == 200
+        assert "--on-port 3129" in proxy.rules()
