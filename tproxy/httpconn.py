@@ -185,7 +185,25 @@ class Exchange:
         )
 
 
-class Upstream(asyncio.Protocol):
+class _Side(asyncio.Protocol):
+    """Reading control shared by both ends of a proxied connection (back-pressure)."""
+
+    transport: asyncio.Transport | None
+    paused: bool
+    closed: bool
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+
+class Upstream(_Side):
     """A connection to an origin; pooled between requests when both sides allow it."""
 
     def __init__(self, pool: Pool, key: tuple[Any, ...]) -> None:
@@ -293,16 +311,6 @@ class Upstream(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def pause_reading(self) -> None:
-        if not self.paused and self.transport is not None and not self.closed:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.paused and self.transport is not None and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
-
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.close()
@@ -373,7 +381,7 @@ class Pool:
                 up.close()
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(_Side):
     """The client side of one intercepted connection."""
 
     def __init__(self, server: Server) -> None:
@@ -524,16 +532,6 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.bytes_out += len(data)
             self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        if not self.paused and self.transport is not None and not self.closed:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.paused and self.transport is not None and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
 
     def close(self) -> None:
         self.state = CLOSING
