@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_filter.py [--domains 1000000] [--packets 40000]
                                              [--download-mb 256] [--rounds 3] [--skip-lab]
+                                             [--https-only]
 
 1. **Lookup** — a category list of ``--domains`` random names is written, loaded with
    ``load_categories`` (the daemon does this in a worker thread) and compiled; then request and
@@ -327,7 +328,11 @@ def main() -> int:
     p.add_argument("--download-mb", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-lab", action="store_true", help="only the lookup figures")
+    p.add_argument("--https-only", action="store_true", help="only the HTTPS download figures")
     args = p.parse_args()
+    if args.https_only:
+        bench_https(args.download_mb, args.rounds)
+        return 0
     policy = bench_lookup(args.domains)
     if not args.skip_lab:
         bench_queue(policy, args.packets)

@@ -19,8 +19,9 @@ bits           meaning
                lo``, which delivers diverted packets to our socket.
 ``0x2``        NFQUEUE verdict "accept": the handler sets it (``pkt.set_mark(m);
                pkt.repeat()``); saved in the connmark, later packets skip the queue.
-``0x4``        NFQUEUE verdict "reset": saved in the connmark; a filter FORWARD rule
-               answers every packet of the flow, in both directions, with a TCP reset.
+``0x4``        NFQUEUE verdict "reset": saved in the connmark and restored into the mark of
+               every later packet; a filter FORWARD rule answers every packet carrying it,
+               in both directions, with a TCP reset.
 ``0xff00``     shaping class number (``class << 8``); CLASSIFY rules in mangle POSTROUTING
                map it to an HTB class per egress interface.
 ``0xff0000``   client slot inside a per-client fair shaping class (``slot << 16``); kept in
@@ -29,10 +30,18 @@ bits           meaning
 
 Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
 
-1. destination of type LOCAL → RETURN: the gateway's own services are never intercepted. The
-   gateway's own outgoing traffic is never touched because we only hook PREROUTING.
-2. NFQUEUE verdict bookkeeping (only with ``nfqueue_num``): save a fresh verdict into the
-   connmark, restore a known one, RETURN for flows that have one.
+1. NFQUEUE verdict bookkeeping (only with ``nfqueue_num``), first because it is what nearly every
+   packet of a forwarded HTTPS flow hits: a packet of an accepted flow (connmark verdict bits
+   ``0x2``) on an HTTPS port RETURNs after one connmark match; a reset flow's packets get the
+   verdict restored into their mark (the ``TPROXY-FWD`` REJECT tests the packet mark, a native
+   nftables comparison, not the connmark); a packet re-injected with a fresh verdict saves it
+   into the connmark; packets carrying a verdict RETURN (they skip the queue and TPROXY: HTTPS
+   ports are never intercepted ones). Only HTTPS flows ever get a verdict, so every
+   connmark match is behind a native ``--sport``/``--dport`` test and other traffic pays two
+   port comparisons and one mark comparison.
+2. destination of type LOCAL → RETURN: the gateway's own services are never intercepted. The
+   gateway's own outgoing traffic is never touched because we only hook PREROUTING. (The
+   addrtype match is a FIB lookup per packet, which is why decided flows leave before it.)
 3. bypass clients/destinations, for packets from LAN interfaces → RETURN.
 4. ``--syn`` from the LAN to the intercepted ports → TPROXY. This must come *before* the socket
    rule: a new SYN whose 4-tuple matches one of our TIME_WAIT sockets would otherwise be
@@ -224,16 +233,20 @@ class TableRules:
     hooks: tuple[tuple[str, str], ...]
 
 
-def _port_groups(ports: Sequence[int]) -> list[str]:
-    """Port match fragments, split at the multiport limit."""
+def _port_groups(ports: Sequence[int], side: str = "dport") -> list[str]:
+    """Port match fragments for ``side`` ("dport" or "sport"), split at the multiport limit.
+
+    A single port is rendered as ``--dport``/``--sport``, which iptables-nft turns into a native
+    payload comparison; ``-m multiport`` runs as an xtables match through nft_compat.
+    """
     unique = sorted(set(ports))
     groups = [unique[i : i + MULTIPORT_MAX] for i in range(0, len(unique), MULTIPORT_MAX)]
     out: list[str] = []
     for group in groups:
         if len(group) == 1:
-            out.append(f"--dport {group[0]}")
+            out.append(f"--{side} {group[0]}")
         else:
-            out.append("-m multiport --dports " + ",".join(str(p) for p in group))
+            out.append(f"-m multiport --{side}s " + ",".join(str(p) for p in group))
     return out
 
 
@@ -252,20 +265,40 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
     def add(rule: str) -> None:
         pre.append(f"-A {CHAIN_PRE} {rule}")
 
-    add("-m addrtype --dst-type LOCAL -j RETURN")
     if plan.nfqueue_num is not None:
+        # Every packet of a forwarded flow traverses this chain, so the common case (a packet of
+        # an accepted HTTPS flow) must leave after as little work as possible. iptables-nft
+        # compiles -p/--sport/--dport/-m mark to native nftables expressions, while connmark,
+        # CONNMARK and addrtype run as xtables extensions through nft_compat (addrtype also does
+        # a FIB lookup), so the native tests come first in each rule and guard the rest.
         verdict = f"0x0/{MARK_VERDICT_MASK:#x}"
+        accepted = f"{MARK_VERDICT_ACCEPT:#x}/{MARK_VERDICT_MASK:#x}"
+        reset = f"{MARK_VERDICT_RESET:#x}/{MARK_VERDICT_RESET:#x}"
         conn = f"--nfmask {MARK_CONN_MASK:#x} --ctmask {MARK_CONN_MASK:#x}"
+        # A plan without HTTPS ports but with a queue is the drain plan (no new flows are
+        # queued): flows decided before keep their verdict, matched on any TCP port.
+        sides = [
+            f"-p tcp {ports}"
+            for side in ("sport", "dport")
+            for ports in _port_groups(plan.https_ports, side)
+        ] or ["-p tcp"]
+        # Packets of an accepted flow, both directions (server → client first: the bulk of a
+        # download), RETURN: past the queue, and past TPROXY (HTTPS ports are never intercepted
+        # ones). The shaping class stays in the connmark; TPROXY-POST restores it.
+        for ports in sides:
+            add(f"{ports} -m connmark --mark {accepted} -j RETURN")
+        # A reset flow's packets carry the verdict in their mark, for the TPROXY-FWD REJECT.
+        for ports in sides:
+            add(f"{ports} -m connmark --mark {reset} -j CONNMARK --restore-mark {conn}")
         # A packet re-injected by the queue handler (NF_REPEAT) carries a fresh verdict that the
         # connection does not have yet: remember it, with the class bits, in the connmark.
         add(
-            f"-m connmark --mark {verdict} -m mark ! --mark {verdict} "
+            f"-m mark ! --mark {verdict} -m connmark --mark {verdict} "
             f"-j CONNMARK --save-mark {conn}"
         )
-        # Later packets of a decided flow (both directions) get the verdict and class back ...
-        add(f"-m connmark ! --mark {verdict} -j CONNMARK --restore-mark {conn}")
-        # ... and skip the rest: the queue, and TPROXY (HTTPS ports are never intercepted ones).
+        # Packets with a verdict skip the rest: the queue and TPROXY.
         add(f"-m mark ! --mark {verdict} -j RETURN")
+    add("-m addrtype --dst-type LOCAL -j RETURN")
     for lan in plan.lan_interfaces:
         for net in _nets(plan.bypass_clients, family):
             add(f"-i {lan} -s {net} -j RETURN")
@@ -297,10 +330,17 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
     if plan.classify:
         # The class lives in the connmark (saved with the verdict); packets the daemon sends
         # carry it already via SO_MARK, so restore only into packets without class bits.
+        # The connmark test keeps flows without a class (most forwarded traffic) from running
+        # the CONNMARK target, which would rewrite their mark for nothing.
         post.append(
-            f"-A {CHAIN_POST} -m mark --mark 0x0/{MARK_CLASS_MASK:#x} -j CONNMARK --restore-mark "
+            f"-A {CHAIN_POST} -m mark --mark 0x0/{MARK_CLASS_MASK:#x} "
+            f"-m connmark ! --mark 0x0/{MARK_CLASS_MASK:#x} -j CONNMARK --restore-mark "
             f"--nfmask {MARK_SHAPING_MASK:#x} --ctmask {MARK_SHAPING_MASK:#x}"
         )
+        if all(rule.mark & MARK_CLASS_MASK for rule in plan.classify):
+            # Every CLASSIFY rule needs class bits: packets without them leave after one native
+            # comparison instead of testing each rule.
+            post.append(f"-A {CHAIN_POST} -m mark --mark 0x0/{MARK_CLASS_MASK:#x} -j RETURN")
         for rule in plan.classify:
             out = f"-o {rule.out_interface} " if rule.out_interface else ""
             post.append(
@@ -314,6 +354,16 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
 
 def _filter(plan: RulesPlan, family: int) -> TableRules | None:
     rules: list[str] = []
+    if plan.nfqueue_num is not None:
+        # Both directions: the client gets a reset for its next packet, and so does the server
+        # when it sends, instead of staying half-open (DESIGN.md §3). TPROXY-PRE restored the
+        # verdict into the mark of every packet of a reset flow, so this is a native mark test
+        # (no connmark lookup) for every forwarded packet; first, as it is the one every packet
+        # is tested against.
+        rules.append(
+            f"-A {CHAIN_FWD} -p tcp -m mark --mark {MARK_VERDICT_RESET:#x}/"
+            f"{MARK_VERDICT_RESET:#x} -j REJECT --reject-with tcp-reset"
+        )
     if plan.quic_reject:
         # QUIC (RFC 9000) carries its handshake encrypted per connection ID and cannot be peeked
         # cheaply; an ICMP port unreachable makes browsers fall back to TCP at once.
@@ -323,13 +373,6 @@ def _filter(plan: RulesPlan, family: int) -> TableRules | None:
                 rules.append(
                     f"-A {CHAIN_FWD} -i {lan} -p udp {ports} -j REJECT --reject-with {icmp}"
                 )
-    if plan.nfqueue_num is not None:
-        # Both directions: the client gets a reset for its next packet, and so does the server
-        # when it sends, instead of staying half-open (DESIGN.md §3).
-        rules.append(
-            f"-A {CHAIN_FWD} -p tcp -m connmark --mark {MARK_VERDICT_RESET:#x}/"
-            f"{MARK_VERDICT_RESET:#x} -j REJECT --reject-with tcp-reset"
-        )
     if not rules:
         return None
     return TableRules("filter", (CHAIN_FWD,), tuple(rules), (("FORWARD", CHAIN_FWD),))
