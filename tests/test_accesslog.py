@@ -52,3 +52,12 @@ def test_reopen_after_rotation(tmp_path: Path) -> None:
     log.close()
     assert "http://one/" in (tmp_path / "access.log.1").read_text()
     assert "http://two/" in path.read_text()
+
+
+def test_enabled_follows_the_open_file(tmp_path: Path) -> None:
+    off = AccessLog("")
+    assert not off.enabled
+    on = AccessLog(str(tmp_path / "access.log"))
+    assert on.enabled
+    on.close()
+    assert not on.enabled

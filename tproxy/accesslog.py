@@ -72,6 +72,12 @@ class AccessLog:
                 os.makedirs(directory, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
+    @property
+    def enabled(self) -> bool:
+        """Whether records are written at all: with the log off the shell skips building them
+        (one AccessRecord per exchange is measurable on the 1 KiB keep-alive path)."""
+        return self._fh is not None
+
     def write(self, record: AccessRecord) -> None:
         fh = self._fh
         if fh is None:

@@ -1131,6 +1131,8 @@ class ClientConnection(_Side):
         if ex.on_finish is not None:
             finish, ex.on_finish = ex.on_finish, None
             finish(ex)
+        if self.server.access_skipped():
+            return
         dst = str(self.sockname[0])
         self.server.access(
             AccessRecord(

@@ -73,6 +73,14 @@ class Server:
         self.stats.requests_total += 1
         self.access_log.write(record)
 
+    def access_skipped(self) -> bool:
+        """With the access log off, count the exchange and tell the caller to build no record
+        (an AccessRecord per exchange is ~3% of the 1 KiB keep-alive path)."""
+        if self.access_log.enabled:
+            return False
+        self.stats.requests_total += 1
+        return True
+
     # -- limits (DDoS defence): one client must not take browsing away from the others -----
 
     def admit(self, conn: ClientConnection) -> bool:
