@@ -238,6 +238,53 @@ per_client_new_burst = 5000
     assert out["status_408"] == SLOW_CONNECTIONS, out["other"]
 
 
+SLOW_SECOND_HEAD = """
+import json, select, socket, sys, time
+run = float(sys.argv[2])
+s = socket.create_connection((sys.argv[1], 80), timeout=5)
+s.sendall(b"GET /ip HTTP/1.1\\r\\nHost: origin.lab\\r\\n\\r\\n")
+buf = b""
+while b"\\r\\n\\r\\n" not in buf or not buf.endswith(b"\\n"):
+    buf += s.recv(4096)
+assert buf.startswith(b"HTTP/1.1 200 "), buf
+# The next request on the kept-alive connection, one byte every 0.5 s.
+head = b"GET /ip HTTP/1.1\\r\\nHost: origin.lab\\r\\nX-Slow: " + b"s" * 100
+t0 = time.monotonic()
+got, closed, pos = b"", None, 0
+while closed is None and time.monotonic() - t0 < run:
+    try:
+        s.send(head[pos:pos + 1])
+    except OSError:
+        closed = time.monotonic() - t0
+        break
+    pos += 1
+    if select.select([s], [], [], 0.5)[0]:
+        try:
+            data = s.recv(4096)
+        except OSError:
+            data = b""
+        got += data
+        if not data:
+            closed = time.monotonic() - t0
+print(json.dumps([closed, got[:20].decode("latin-1")]))
+"""
+SECOND_HEAD_RUN = 5.0
+
+
+def test_slow_second_head_on_keep_alive_times_out(lab: Lab) -> None:
+    config = f"""
+[proxy]
+request_timeout = "{REQUEST_TIMEOUT - 1:g}s"
+keepalive_timeout = "30s"
+"""
+    with Proxy(lab, config):
+        slow = client_script(lab, "client", SLOW_SECOND_HEAD, ORIGIN_V4, SECOND_HEAD_RUN)
+        closed, got = finish(slow, SECOND_HEAD_RUN + 10)
+    assert closed is not None, "still open"
+    assert closed <= REQUEST_TIMEOUT - 1 + SWEEP_INTERVAL + SLACK, closed
+    assert got.startswith("HTTP/1.1 408 "), got
+
+
 # -- 2. connection flood and request flood ---------------------------------------------------
 
 FLOOD = """

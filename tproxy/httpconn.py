@@ -414,6 +414,8 @@ class ClientConnection(_Side):
         # body is dropped and the next request waits for its EndOfMessage.
         self.discarding: Exchange | None = None
         self.limit_key: str | None = None  # the limiter's client key while counted
+        # The current head's request_timeout is armed (the first head's by sniff()).
+        self.head_armed = True
         self.refused = False
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
@@ -453,6 +455,11 @@ class ClientConnection(_Side):
         elif state == SNIFF:
             self.sniff(data)
         elif state != CLOSING:
+            if state == HEAD and not self.head_armed:
+                # The next head on a kept-alive connection began: request_timeout from its first
+                # byte replaces the keep-alive wait (the slowloris bound sniff() sets up).
+                self.head_armed = True
+                self.set_deadline(self.server.cfg.proxy.request_timeout)
             self.on_request_events(self.parser.feed(data))
 
     def eof_received(self) -> bool:
@@ -928,6 +935,7 @@ class ClientConnection(_Side):
             return
         self.state = HEAD
         self.set_deadline(self.server.cfg.proxy.keepalive_timeout)
+        self.head_armed = False
         self.resume_reading()
         events = self.parser.resume()
         if events:
