@@ -1167,18 +1167,15 @@ class ClientConnection(_Side):
         if self.state == SNIFF and not self.bytes_in:
             self.start_tunnel(b"")
         elif self.state in (SNIFF, HEAD):
-            # Slow or silent client: RFC 9110 §15.5.9 408, then close.
-            if self.bytes_in and (self.sniff_buf or self.parser.buffered or self.state == HEAD):
+            # A slow client that started a request gets RFC 9110 §15.5.9 408; an idle
+            # keep-alive connection (no byte of a next request) is just closed (§9.3 RFC 9112).
+            if self.sniff_buf or (self.state == HEAD and self.head_armed):
                 self.write(error_response(408, "The request was not completed in time."))
             self.close()
         elif ex is not None and not ex.response_started:
             self.fail_exchange(ex, 504, "The origin server did not answer in time.")
         else:
             self.abort()
-
-
-def connect_timeout_error() -> TimeoutError:
-    return TimeoutError("connect timeout")
 
 
 async def open_connection(
