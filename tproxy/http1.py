@@ -73,7 +73,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from httptools import (
     HttpParserError,
@@ -148,6 +148,16 @@ class Limits:
 Headers = list[tuple[bytes, bytes]]
 
 
+# A head's field section as received, so forwarding can copy it instead of rebuilding it:
+# (headers, len(headers), raw, special).  ``raw`` is the bytes from the start line's CRLF up to
+# (not including) the empty line that ends the head, every field line preceded by CRLF; it is
+# kept only when it has the form the serializers write.  ``special`` lists (lower-cased name,
+# value) of the framing and hop-by-hop fields present, which forwarding may have to cut.
+# ``headers`` is the list object the parser produced: a head whose fields were changed
+# (``replace(head, headers=...)``) no longer owns its wire, and the serializers rebuild it.
+Wire = tuple[list[tuple[bytes, bytes]], int, bytes, list[tuple[bytes, bytes]]]
+
+
 class BodyKind(enum.Enum):
     NONE = "none"  # no body (GET, HEAD response, 1xx/204/304)
     LENGTH = "length"  # Content-Length bytes
@@ -170,6 +180,8 @@ class RequestHead:
     # the target's authority wins over Host (RFC 9112 §3.2.2): the shell decides.
     host: bytes | None
     connection: frozenset[bytes]  # lower-cased Connection options
+    # The received field section, for forwarding without rebuilding (None: always rebuild).
+    wire: Wire | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +194,7 @@ class ResponseHead:
     body_kind: BodyKind
     content_length: int | None
     connection: frozenset[bytes]
+    wire: Wire | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,9 +276,16 @@ _CONNECTION = b"connection"
 _HOST_NAME = b"host"
 _EXPECT = b"expect"
 _UPGRADE = b"upgrade"
-_SPECIAL = frozenset(
-    {_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HOST_NAME, _EXPECT, _UPGRADE}
+_TRAILER = b"trailer"
+# RFC 9110 §7.6.1 hop-by-hop fields (plus the de-facto Proxy-Connection); Transfer-Encoding is
+# re-framed by us and TE is meaningful only for this hop.
+_HOP_BY_HOP = frozenset(
+    {_CONNECTION, b"keep-alive", b"proxy-connection", b"te", _TRANSFER_ENCODING, _UPGRADE}
 )
+# Fields the parser interprets or forwarding edits; collected (lower-cased) while parsing.
+_SPECIAL = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, _EXPECT, _TRAILER}
+# Connection options that name no field of their own to remove (RFC 9112 §9.6, §9.3).
+_PLAIN_OPTIONS = frozenset({b"keep-alive", b"close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
 
 # Parser states.
@@ -337,9 +357,17 @@ class _Parser:
             self._special.append((lname, value))
 
     def _parse_fields(
-        self, parser: HttpRequestParser | HttpResponseParser, buf: bytes, pos: int, end: int
-    ) -> tuple[Headers, str]:
-        """Run llhttp over the complete head ``buf[pos:end]``; (fields, error reason or "")."""
+        self,
+        parser: HttpRequestParser | HttpResponseParser,
+        buf: bytes,
+        pos: int,
+        line_end: int,
+        end: int,
+    ) -> tuple[Headers, str, Wire | None]:
+        """Run llhttp over the complete head ``buf[pos:end]`` (start line ends at ``line_end``).
+
+        Returns (fields, error reason or "", the received field section if it is in the form
+        the serializers write)."""
         fields: Headers = []
         self._fields = fields
         self._special = []
@@ -348,20 +376,29 @@ class _Parser:
         except HttpParserUpgrade:
             pass  # Upgrade/CONNECT/101: decided by the caller, not by llhttp
         except HttpParserInvalidMethodError:
-            return fields, "method"
+            return fields, "method", None
         except HttpParserError as exc:
             # llhttp pauses (reported as an error, after the last field) on some 101 responses;
             # the response parser decides about those itself.
             reason = str(exc)
             if not (self._err and reason.startswith("Pause on")):
-                return fields, reason or "invalid head"
+                return fields, reason or "invalid head", None
+        count = len(fields)
+        if count > self._limits.max_header_count:
+            return fields, "too many header fields", None
         if buf.find(b" \r\n", pos, end) >= 0 or buf.find(b"\t\r\n", pos, end) >= 0:
             # llhttp strips leading OWS but keeps trailing OWS (RFC 9112 §5: not in the value).
             fields[:] = [(n, v.rstrip(b" \t")) for n, v in fields]
             self._special = [(n, v.rstrip(b" \t")) for n, v in self._special]
-        if len(fields) > self._limits.max_header_count:
-            return fields, "too many header fields"
-        return fields, ""
+            return fields, "", None
+        raw = buf[line_end : end - 4]
+        # The serializers write "name: value"; a section with fewer ": " than lines ("name:v",
+        # empty values) is rebuilt in that form.  Other spacing after a colon is forwarded as
+        # received: the same field (RFC 9112 §5, OWS is optional), and checking it costs more
+        # than the rebuild it saves.
+        if raw.count(b": ") < count:
+            return fields, "", None
+        return fields, "", (fields, count, raw, self._special)
 
     def _error(self, status: int, reason: str) -> ProtocolError:
         self._state = _S_DEAD
@@ -549,7 +586,7 @@ class _Meta:
                 self.te.extend(_split_tokens((value,)) or [b""])
             elif lname == _EXPECT:
                 self.expect = value.lower() == b"100-continue"
-            else:
+            elif lname == _UPGRADE:
                 self.upgrade = True
         if conn is None:
             self.conn: frozenset[bytes] = _NO_TOKENS
@@ -682,7 +719,7 @@ class RequestParser(_Parser):
                     return self._error(400, "asterisk-form only with OPTIONS")
             elif not _ABSOLUTE_FORM.fullmatch(target):
                 return self._error(400, "invalid request-target")
-        fields, why = self._parse_fields(HttpRequestParser(self), buf, pos, end)
+        fields, why, wire = self._parse_fields(HttpRequestParser(self), buf, pos, line_end, end)
         if why:
             if why == "method":
                 # Our regex accepted the token, so llhttp just does not know it (RFC 9110 §9.1).
@@ -737,6 +774,7 @@ class RequestParser(_Parser):
             expect,
             host,
             conn,
+            wire,
         )
 
 
@@ -831,7 +869,7 @@ class ResponseParser(_Parser):
             return False
         minor, code, reason = m.group(1, 2, 3)
         status = int(code)
-        fields, why = self._parse_fields(HttpResponseParser(self), buf, pos, end)
+        fields, why, wire = self._parse_fields(HttpResponseParser(self), buf, pos, line_end, end)
         if why:
             events.append(self._error(502, f"invalid response head: {why}"))
             return False
@@ -873,7 +911,9 @@ class ResponseParser(_Parser):
             # RFC 9110 §9.3.6: the connection becomes a tunnel right after this head.
             self._pending.popleft()
             events.append(
-                ResponseHead(status, reason, version, fields, keep_alive, BodyKind.NONE, cl, conn)
+                ResponseHead(
+                    status, reason, version, fields, keep_alive, BodyKind.NONE, cl, conn, wire
+                )
             )
             self._state = _S_DEAD
             return True
@@ -889,7 +929,9 @@ class ResponseParser(_Parser):
         else:
             kind = BodyKind.CLOSE
             keep_alive = False
-        events.append(ResponseHead(status, reason, version, fields, keep_alive, kind, cl, conn))
+        events.append(
+            ResponseHead(status, reason, version, fields, keep_alive, kind, cl, conn, wire)
+        )
         return False
 
 
@@ -921,13 +963,6 @@ def forward_framing(head: RequestHead | ResponseHead, peer_version: bytes = b"1.
     return Framing.CHUNKED if peer_version == b"1.1" else Framing.CLOSE
 
 
-# RFC 9110 §7.6.1 hop-by-hop fields (plus the de-facto Proxy-Connection); Transfer-Encoding is
-# re-framed by us and TE is meaningful only for this hop.
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
-)
-
-
 def _serialize_fields(
     out: list[bytes],
     headers: Headers,
@@ -948,6 +983,54 @@ def _serialize_fields(
         if lname == b"trailer" and framing is not Framing.CHUNKED:
             continue
         out.append(name + b": " + value + b"\r\n")
+
+
+def _wire_fields(
+    head: RequestHead | ResponseHead,
+    framing: Framing,
+    relay_upgrade: bool,
+    drop: Collection[bytes],
+) -> bytes | None:
+    """The received field section with the lines ``_serialize_fields`` would skip cut out, or
+    None when it cannot be used (rebuild then).  Each line is preceded by CRLF.
+
+    Forwarding a head mostly changes nothing but the hop-by-hop fields, so copying the bytes
+    as received and cutting a line or two is cheaper than rebuilding every field line.
+    """
+    wire = head.wire
+    if wire is None or drop or relay_upgrade:
+        return None
+    headers, count, raw, special = wire
+    if headers is not head.headers or count != len(headers):
+        return None
+    if not special:
+        return raw
+    if head.connection and not head.connection <= _PLAIN_OPTIONS:
+        return None  # Connection names fields to remove (RFC 9110 §7.6.1)
+    lower = b""
+    parts: list[bytes] = []
+    last = 0
+    # ``special`` is in line order, so each hop-by-hop line is the first one with its name
+    # after the previous cut.  Field names are tokens and values hold no CR/LF, so
+    # "CRLF name:" in the lower-cased section is exactly the start of that line.
+    for name, _ in special:
+        if name not in _HOP_BY_HOP:
+            if (name == _TRAILER and framing is not Framing.CHUNKED) or (
+                name == _CONTENT_LENGTH and (framing is Framing.CHUNKED or framing is Framing.CLOSE)
+            ):
+                return None
+            continue
+        if not lower:
+            lower = raw.lower()
+        start = lower.find(b"\r\n" + name + b":", last)
+        parts.append(raw[last:start])
+        last = raw.find(b"\r\n", start + 2)
+        if last < 0:
+            last = len(raw)
+    if not parts:
+        return raw
+    parts.append(raw[last:])
+    return b"".join(parts)
 
 
 def _connection_field(
@@ -983,8 +1066,13 @@ def serialize_request_head(
     """
     if framing is None:
         framing = forward_framing(head)
-    out = [head.method, b" ", head.target if target is None else target, b" HTTP/1.1\r\n"]
-    _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
+    raw = _wire_fields(head, framing, relay_upgrade, drop)
+    if raw is not None:
+        out = [head.method, b" ", head.target if target is None else target, b" HTTP/1.1", raw]
+        out.append(b"\r\n")
+    else:
+        out = [head.method, b" ", head.target if target is None else target, b" HTTP/1.1\r\n"]
+        _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
     for name, value in add:
         out.append(name + b": " + value + b"\r\n")
     if framing is Framing.CHUNKED:
@@ -1017,8 +1105,12 @@ def serialize_response_head(
         keep_alive = True
     elif framing is None:
         framing = forward_framing(head, peer_version)
-    out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
-    _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
+    raw = None if isinstance(head, Informational) else _wire_fields(head, framing, False, drop)
+    if raw is not None and not relay_upgrade:
+        out = [b"HTTP/1.1 %d " % head.status, head.reason, raw, b"\r\n"]
+    else:
+        out = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
+        _serialize_fields(out, head.headers, head.connection, framing, relay_upgrade, drop)
     for name, value in add:
         out.append(name + b": " + value + b"\r\n")
     if framing is Framing.CHUNKED:
