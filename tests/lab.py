@@ -902,6 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabError as e:
         print(f"lab: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `scripts/lab list | head` closed the pipe: not an error
+        return 0
 
 
 if __name__ == "__main__":

@@ -293,3 +293,16 @@ def test_cache_stats_purge_and_x_cache(lab: Lab) -> None:
             json.loads(proxy.tproxy("cache", "stats", "--json", "--socket", sock).stdout)["objects"]
             == 0
         )
+
+
+def test_requests_by_name_hit_before_and_after_the_host_check(
+    env: tuple[Lab, Proxy, Origin],
+) -> None:
+    # The first request is stored under a destination key (the Host is not verified yet); once
+    # the Host is known to resolve to the destination, the same object is still found.
+    lab, proxy, origin = env
+    url = f"http://origin.lab:{APP_PORT}/inv?byname"
+    bodies = [lab.curl("client", url, "-4").body for _ in range(3)]
+    assert len(set(bodies)) == 1
+    assert origin_hits(origin, "/inv?byname") == 1
+    assert results(proxy, "/inv?byname", 3) == ["TCP_MISS/200"] + ["TCP_MEM_HIT/200"] * 2

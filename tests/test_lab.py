@@ -215,7 +215,7 @@ def test_cli_up_exec_down() -> None:
         set -euo pipefail
         T=$(scripts/lab up --tag {tag} --clients 2)
         [ "$T" = {tag} ]
-        scripts/lab list | grep -q "^$T"
+        scripts/lab list | grep "^$T" >/dev/null
         scripts/lab exec "$T" client2 -- curl -sS --max-time 5 -4 http://origin.lab/ip
         scripts/lab exec "$T" gateway -- sysctl -n net.ipv4.ip_forward
         scripts/lab down "$T"

@@ -360,6 +360,12 @@ class Cache:
         shared = self.cfg.share_on_host_match and self.verifier.shared(head.host, dst_ip)
         key = policy.cache_key("http", head.host, dst_ip, dst_port, head.target, shared)
         url = policy.request_url("http", head.host, head.target) or key
+        if shared and self.store.select(key, head.headers) is None:
+            # Stored before the Host was verified (or while it did not resolve here): that copy
+            # came from this very destination, so it is safe for this client as well.
+            dest_key = policy.cache_key("http", head.host, dst_ip, dst_port, head.target, False)
+            if self.store.select(dest_key, head.headers) is not None:
+                key = dest_key
         return self.lookup(conn, ex, key, url, collapse=True)
 
     def lookup(
