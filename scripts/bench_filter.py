@@ -14,6 +14,11 @@
 3. **HTTPS** — in the netns lab, ``openssl s_server -WWW`` serves a file; curl downloads it
    routed (no daemon) and through the gateway with the daemon queueing HTTPS for SNI. Only the
    first packets of a flow touch user space, so the two should be within a few percent.
+   Throughput on a shared machine is noisy (other work moves it by ±40 %), so when ``perf``
+   is installed we also report CPU time per GB: the ``task-clock`` of curl and of s_server,
+   which includes the softirq work done in their context — on veth that is most of the
+   gateway's forwarding, netfilter rules and conntrack included. It varies by a few percent
+   where throughput varies by tens.
 
 Needs root. Only loopback and namespaces this script creates are used.
 """
@@ -28,6 +33,8 @@ import os
 import random
 import resource
 import secrets
+import shutil
+import signal
 import socket
 import statistics
 import string
@@ -272,30 +279,58 @@ def bench_https(size_mb: int, rounds: int) -> None:
             chunk = os.urandom(1 << 20)
             for _ in range(size_mb):
                 fh.write(chunk)
-        lab.popen(
+        server = lab.popen(
             "origin",
             ["openssl", "s_server", "-accept", "443", "-cert", str(d / "cert.pem"), "-key",
              str(d / "key.pem"), "-WWW", "-quiet"],
             cwd=str(d), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         lab.wait_port("origin", 443)
+        perf = shutil.which("perf")
         config = (
             '[filter]\n[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["bad.example"]\n'
         )
 
-        def download() -> float:
+        def task_ms(path: Path) -> float:
+            # perf stat -x, lines: value,unit,event,...
+            for line in path.read_text().splitlines():
+                fields = line.split(",")
+                if len(fields) > 2 and fields[2] == "task-clock":
+                    return float(fields[0])
+            raise RuntimeError(f"no task-clock in {path}: {path.read_text()!r}")
+
+        def download() -> tuple[float, float | None]:
+            """Mbit/s, and CPU ms per GB of curl + s_server (None without perf)."""
             argv = [
                 "curl", "-sS", "-k", "--noproxy", "*", "-o", "/dev/null", "-w",
                 "%{speed_download}", "--resolve", f"dl.example:443:{lab.origin_v4}",
                 "https://dl.example/big.bin",
             ]  # fmt: skip
-            res = lab.run("client", argv, timeout=300)
-            return float(res.stdout) * 8 / 1e6  # Mbit/s
+            if perf is None:
+                res = lab.run("client", argv, timeout=300)
+                return float(res.stdout) * 8 / 1e6, None
+            srv_stat, cli_stat = d / "server.stat", d / "client.stat"
+            stat = [perf, "stat", "-x,", "-e", "task-clock"]
+            watcher = subprocess.Popen(
+                [*stat, "-p", str(server.pid), "-o", str(srv_stat)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                time.sleep(0.2)  # perf attaches
+                res = lab.run("client", [*stat, "-o", str(cli_stat), *argv], timeout=300)
+            finally:
+                watcher.send_signal(signal.SIGINT)
+                watcher.wait(10)
+            cpu = (task_ms(srv_stat) + task_ms(cli_stat)) * 1024 / size_mb
+            return float(res.stdout) * 8 / 1e6, cpu
 
         # "tproxy only": the daemon without filter rules (TPROXY for port 80, no queue), to
         # tell the cost of the base rules from the cost of the SNI filter's rules.
         configs = {"tproxy only": "", "SNI filter": config}
-        figures: dict[str, list[float]] = {"routed": [], **{k: [] for k in configs}}
+        figures: dict[str, list[tuple[float, float | None]]] = {
+            "routed": [],
+            **{k: [] for k in configs},
+        }
         for _ in range(rounds):
             figures["routed"].append(download())
             for label, text in configs.items():
@@ -311,14 +346,23 @@ def bench_https(size_mb: int, rounds: int) -> None:
                         assert blocked.status == 0, "bad.example was not blocked"
                 finally:
                     proxy.stop()
-        routed = statistics.median(figures["routed"])
-        print(f"https:  {size_mb} MB download, median of {rounds}: routed {routed:,.0f} Mbit/s")
+
+        def med(label: str, i: int) -> float:
+            return statistics.median(v[i] or 0.0 for v in figures[label])
+
+        routed, routed_cpu = med("routed", 0), med("routed", 1)
+        cpu_note = f", {routed_cpu:,.0f} CPU ms/GB" if perf else ""
+        print(f"https:  {size_mb} MB download, median of {rounds}: routed {routed:,.0f} Mbit/s"
+              f"{cpu_note}")  # fmt: skip
         for label in configs:
-            mbit = statistics.median(figures[label])
+            mbit, cpu = med(label, 0), med(label, 1)
+            if perf:
+                cpu_note = f", {cpu:,.0f} CPU ms/GB ({(cpu / routed_cpu - 1) * 100:+.1f} %)"
             print(f"        through the gateway, {label}: {mbit:,.0f} Mbit/s "
-                  f"({(mbit / routed - 1) * 100:+.1f} %)")  # fmt: skip
+                  f"({(mbit / routed - 1) * 100:+.1f} %){cpu_note}")  # fmt: skip
         for label, values in figures.items():
-            print(f"        {label}: {', '.join(f'{v:,.0f}' for v in values)}")
+            print(f"        {label}: {', '.join(f'{v[0]:,.0f}' for v in values)} Mbit/s", end="")
+            print(f"; {', '.join(f'{v[1]:,.0f}' for v in values)} ms/GB" if perf else "")
 
 
 def main() -> int:
