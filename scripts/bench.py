@@ -127,7 +127,9 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
-DEFAULT_SCENARIOS = ("1k-ka", "1k-close", "64k-ka", "16m", "idle-conns")
+DEFAULT_SCENARIOS = (
+    "1k-ka", "1k-close", "64k-ka", "16m", "1k-hit-ka", "1k-hit-close", "64k-hit-disk", "idle-conns"
+)  # fmt: skip
 
 
 def cache_wired() -> bool:
@@ -469,7 +471,21 @@ def measure_wrk(lab: Lab, runner: Runner, s: Scenario, seconds: float, lua: Path
         cpu = watch.cpu_seconds() - cpu0
         cell.values["cpu_us_per_req"] = cpu / n * 1e6 if n else None
         cell.values["rss_mib"] = watch.peak_kib() / 1024
+    if s.cache != "off" and getattr(runner, "name", "") == "tproxy":
+        # The cache index's RAM per stored object, from the daemon itself.
+        cell.values["index_bytes_per_object"] = cache_index_bytes(runner)
     return cell
+
+
+def cache_index_bytes(runner: Runner) -> float | None:
+    from tproxy import status_cli
+
+    try:
+        st = status_cli.request(str(runner.scratch / "control.sock"), "cache-stats")
+    except (status_cli.ControlUnavailable, status_cli.CommandFailed):
+        return None
+    value = st.get("index_bytes_per_object")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def origin_requests(lab: Lab) -> int:
