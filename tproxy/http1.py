@@ -287,6 +287,11 @@ _SPECIAL = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, _EXPECT, _TRAILER}
 # Connection options that name no field of their own to remove (RFC 9112 §9.6, §9.3).
 _PLAIN_OPTIONS = frozenset({b"keep-alive", b"close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# Connection values nearly every message carries, parsed once (values arrive without OWS).
+_COMMON_CONNECTION = {
+    v: frozenset((v.lower(),))
+    for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 # Parser states.
 _S_HEAD = 0
@@ -406,6 +411,20 @@ class _Parser:
         return ProtocolError(self._err or status, reason)
 
     # -- head boundary ------------------------------------------------------------------
+    def _head_end(self, buf: bytes, pos: int, events: list[Event]) -> tuple[int, int]:
+        """(index past the head's CRLFCRLF, index of its start line's CRLF); (-1, -1) if the
+        head is incomplete or bad (then an error may be in ``events``)."""
+        if not self._scan:
+            # Fast path: a whole head with a start line within the limit (the usual case).
+            lim = self._limits
+            end = buf.find(b"\r\n\r\n", pos, pos + lim.max_head_size)
+            if end >= 0:
+                line_end = buf.find(b"\r\n", pos)
+                if line_end - pos <= lim.max_request_line:
+                    return end + 4, line_end
+        end = self._find_head(buf, pos, events)
+        return end, (buf.find(b"\r\n", pos) if end >= 0 else -1)
+
     def _find_head(self, buf: bytes, pos: int, events: list[Event]) -> int:
         """Index just past CRLFCRLF of the head starting at ``pos``; -1 if incomplete (or error
         appended to ``events``)."""
@@ -590,6 +609,8 @@ class _Meta:
                 self.upgrade = True
         if conn is None:
             self.conn: frozenset[bytes] = _NO_TOKENS
+        elif len(conn) == 1 and conn[0] in _COMMON_CONNECTION:
+            self.conn = _COMMON_CONNECTION[conn[0]]
         elif len(conn) == 1 and b"," not in conn[0]:
             self.conn = frozenset((conn[0].strip(b" \t").lower(),))
         else:
@@ -675,15 +696,17 @@ class RequestParser(_Parser):
                     pos += 2
                 if pos == len(buf):
                     break
-                end = self._find_head(buf, pos, events)
+                end, line_end = self._head_end(buf, pos, events)
                 if end < 0:
                     break
-                head = self._parse_head(buf, pos, end)
+                head = self._parse_head(buf, pos, line_end, end)
                 pos = end
                 events.append(head)
                 if isinstance(head, ProtocolError):
                     return events
-                if not self._start_body(head.body_kind, head.content_length):
+                if head.body_kind is not BodyKind.NONE and not self._start_body(
+                    head.body_kind, head.content_length
+                ):
                     continue
                 events.append(_EOM)
                 self._state = _S_PAUSED
@@ -698,9 +721,10 @@ class RequestParser(_Parser):
         self._buf = buf[pos:] if pos else buf
         return events
 
-    def _parse_head(self, buf: bytes, pos: int, end: int) -> RequestHead | ProtocolError:
+    def _parse_head(
+        self, buf: bytes, pos: int, line_end: int, end: int
+    ) -> RequestHead | ProtocolError:
         lim = self._limits
-        line_end = buf.find(b"\r\n", pos)
         m = _REQUEST_LINE.fullmatch(buf, pos, line_end)
         if m is None:
             if _ANY_VERSION.fullmatch(buf, pos, line_end):
@@ -833,10 +857,10 @@ class ResponseParser(_Parser):
                     # RFC 9112 §6.3: never forward data as a response nobody asked for.
                     events.append(self._error(502, "unsolicited data from origin"))
                     return events
-                end = self._find_head(buf, pos, events)
+                end, line_end = self._head_end(buf, pos, events)
                 if end < 0:
                     break
-                tunnel = self._parse_head(buf, pos, end, events)
+                tunnel = self._parse_head(buf, pos, line_end, end, events)
                 pos = end
                 if self._state == _S_DEAD:
                     if tunnel:
@@ -846,7 +870,15 @@ class ResponseParser(_Parser):
                 if isinstance(head, Informational):
                     continue
                 assert isinstance(head, ResponseHead)
-                if self._start_body(head.body_kind, head.content_length):
+                cl = head.content_length
+                if head.body_kind is BodyKind.LENGTH and cl is not None and 0 < cl <= n - pos:
+                    # The whole body arrived with the head (small responses): no body state.
+                    events.append(Body(buf[pos : pos + cl]))
+                    events.append(_EOM)
+                    pos += cl
+                    self._pending.popleft()
+                    continue
+                if self._start_body(head.body_kind, cl):
                     events.append(_EOM)
                     self._pending.popleft()
                 continue
@@ -860,9 +892,10 @@ class ResponseParser(_Parser):
         self._buf = buf[pos:] if pos else buf
         return events
 
-    def _parse_head(self, buf: bytes, pos: int, end: int, events: list[Event]) -> bool:
+    def _parse_head(
+        self, buf: bytes, pos: int, line_end: int, end: int, events: list[Event]
+    ) -> bool:
         """Append the head event (or error); True if a tunnel starts after it."""
-        line_end = buf.find(b"\r\n", pos)
         m = _STATUS_LINE.fullmatch(buf, pos, line_end)
         if m is None:
             events.append(self._error(502, "invalid status-line"))
