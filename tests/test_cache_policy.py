@@ -16,10 +16,12 @@ from tproxy.cache.policy import (
     Fields,
     Headers,
     Kind,
+    age_value,
     cache_key,
     conditional_headers,
     current_age,
     decide,
+    decide_hit,
     delta_seconds,
     evaluate_conditionals,
     format_http_date,
@@ -38,6 +40,7 @@ from tproxy.cache.policy import (
     plan_range,
     refresh_entry,
     request_cache_control,
+    request_is_plain,
     request_url,
     select_for_304,
     stale_if_error_ok,
@@ -371,105 +374,105 @@ def test_current_age(
 # -- decide (RFC 9111 §4, §5.2) ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("resp", "age", "req", "kind", "reason"),
-    [
-        (["Cache-Control: max-age=100"], 10, [], Kind.FRESH, "fresh"),
-        (["Cache-Control: max-age=100"], 200, [], Kind.REVALIDATE, "stale"),
-        (["Cache-Control: max-age=100, no-cache"], 10, [], Kind.REVALIDATE, "response-no-cache"),
-        (['Cache-Control: max-age=100, no-cache="Set-Cookie"'], 10, [], Kind.REVALIDATE, None),
-        (["Cache-Control: max-age=100"], 10, ["Cache-Control: no-cache"], Kind.REVALIDATE, None),
-        (["Cache-Control: max-age=100"], 10, ["Pragma: no-cache"], Kind.REVALIDATE, None),
-        (
-            ["Cache-Control: max-age=100"],
-            10,
-            ["Pragma: no-cache", "Cache-Control: max-stale"],
-            Kind.FRESH,
-            None,
-        ),
-        (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=0"], Kind.REVALIDATE, None),
-        (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=50"], Kind.FRESH, None),
-        (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=x"], Kind.REVALIDATE, None),
-        (
-            ["Cache-Control: max-age=100"],
-            60,
-            ["Cache-Control: min-fresh=50"],
-            Kind.REVALIDATE,
-            None,
-        ),
-        (["Cache-Control: max-age=100"], 60, ["Cache-Control: min-fresh=30"], Kind.FRESH, None),
-        (["Cache-Control: max-age=100"], 500, ["Cache-Control: max-stale"], Kind.STALE_OK, None),
-        (["Cache-Control: max-age=100"], 105, ["Cache-Control: max-stale=10"], Kind.STALE_OK, None),
-        (
-            ["Cache-Control: max-age=100"],
-            150,
-            ["Cache-Control: max-stale=10"],
-            Kind.REVALIDATE,
-            None,
-        ),
-        (
-            ["Cache-Control: max-age=100"],
-            150,
-            ["Cache-Control: max-stale=x"],
-            Kind.REVALIDATE,
-            None,
-        ),
-        (
-            ["Cache-Control: max-age=100, must-revalidate"],
-            500,
-            ["Cache-Control: max-stale"],
-            Kind.REVALIDATE,
-            "must-revalidate",
-        ),
-        (
-            ["Cache-Control: max-age=100, proxy-revalidate"],
-            500,
-            ["Cache-Control: max-stale"],
-            Kind.REVALIDATE,
-            "must-revalidate",
-        ),
-        (
-            ["Cache-Control: s-maxage=100"],
-            500,
-            ["Cache-Control: max-stale"],
-            Kind.REVALIDATE,
-            "must-revalidate",
-        ),
-        (
-            ["Cache-Control: max-age=100, stale-while-revalidate=60"],
-            130,
-            [],
-            Kind.STALE_OK,
-            "stale-while-revalidate",
-        ),
-        (["Cache-Control: max-age=100, stale-while-revalidate=60"], 190, [], Kind.REVALIDATE, None),
-        (
-            ["Cache-Control: max-age=100, stale-while-revalidate=60, must-revalidate"],
-            130,
-            [],
-            Kind.REVALIDATE,
-            None,
-        ),
-        (["Cache-Control: max-age=100"], 10, ["Cache-Control: only-if-cached"], Kind.FRESH, None),
-        (
-            ["Cache-Control: max-age=100"],
-            200,
-            ["Cache-Control: only-if-cached"],
-            Kind.GATEWAY_TIMEOUT,
-            None,
-        ),
-        (
-            ["Cache-Control: max-age=100"],
-            200,
-            ["Cache-Control: only-if-cached, max-stale"],
-            Kind.STALE_OK,
-            None,
-        ),
-        (["Last-Modified: " + D(NOW - 100_000)], 100, [], Kind.FRESH, "fresh"),  # heuristic
-        (["Cache-Control: max-age=100", "Expires: 0"], 10, [], Kind.FRESH, None),
-        (["Expires: 0"], 0, [], Kind.REVALIDATE, None),
-    ],
-)
+DECIDE_CASES: list[tuple[list[str], float, list[str], Kind, str | None]] = [
+    (["Cache-Control: max-age=100"], 10, [], Kind.FRESH, "fresh"),
+    (["Cache-Control: max-age=100"], 200, [], Kind.REVALIDATE, "stale"),
+    (["Cache-Control: max-age=100, no-cache"], 10, [], Kind.REVALIDATE, "response-no-cache"),
+    (['Cache-Control: max-age=100, no-cache="Set-Cookie"'], 10, [], Kind.REVALIDATE, None),
+    (["Cache-Control: max-age=100"], 10, ["Cache-Control: no-cache"], Kind.REVALIDATE, None),
+    (["Cache-Control: max-age=100"], 10, ["Pragma: no-cache"], Kind.REVALIDATE, None),
+    (
+        ["Cache-Control: max-age=100"],
+        10,
+        ["Pragma: no-cache", "Cache-Control: max-stale"],
+        Kind.FRESH,
+        None,
+    ),
+    (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=0"], Kind.REVALIDATE, None),
+    (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=50"], Kind.FRESH, None),
+    (["Cache-Control: max-age=100"], 10, ["Cache-Control: max-age=x"], Kind.REVALIDATE, None),
+    (
+        ["Cache-Control: max-age=100"],
+        60,
+        ["Cache-Control: min-fresh=50"],
+        Kind.REVALIDATE,
+        None,
+    ),
+    (["Cache-Control: max-age=100"], 60, ["Cache-Control: min-fresh=30"], Kind.FRESH, None),
+    (["Cache-Control: max-age=100"], 500, ["Cache-Control: max-stale"], Kind.STALE_OK, None),
+    (["Cache-Control: max-age=100"], 105, ["Cache-Control: max-stale=10"], Kind.STALE_OK, None),
+    (
+        ["Cache-Control: max-age=100"],
+        150,
+        ["Cache-Control: max-stale=10"],
+        Kind.REVALIDATE,
+        None,
+    ),
+    (
+        ["Cache-Control: max-age=100"],
+        150,
+        ["Cache-Control: max-stale=x"],
+        Kind.REVALIDATE,
+        None,
+    ),
+    (
+        ["Cache-Control: max-age=100, must-revalidate"],
+        500,
+        ["Cache-Control: max-stale"],
+        Kind.REVALIDATE,
+        "must-revalidate",
+    ),
+    (
+        ["Cache-Control: max-age=100, proxy-revalidate"],
+        500,
+        ["Cache-Control: max-stale"],
+        Kind.REVALIDATE,
+        "must-revalidate",
+    ),
+    (
+        ["Cache-Control: s-maxage=100"],
+        500,
+        ["Cache-Control: max-stale"],
+        Kind.REVALIDATE,
+        "must-revalidate",
+    ),
+    (
+        ["Cache-Control: max-age=100, stale-while-revalidate=60"],
+        130,
+        [],
+        Kind.STALE_OK,
+        "stale-while-revalidate",
+    ),
+    (["Cache-Control: max-age=100, stale-while-revalidate=60"], 190, [], Kind.REVALIDATE, None),
+    (
+        ["Cache-Control: max-age=100, stale-while-revalidate=60, must-revalidate"],
+        130,
+        [],
+        Kind.REVALIDATE,
+        None,
+    ),
+    (["Cache-Control: max-age=100"], 10, ["Cache-Control: only-if-cached"], Kind.FRESH, None),
+    (
+        ["Cache-Control: max-age=100"],
+        200,
+        ["Cache-Control: only-if-cached"],
+        Kind.GATEWAY_TIMEOUT,
+        None,
+    ),
+    (
+        ["Cache-Control: max-age=100"],
+        200,
+        ["Cache-Control: only-if-cached, max-stale"],
+        Kind.STALE_OK,
+        None,
+    ),
+    (["Last-Modified: " + D(NOW - 100_000)], 100, [], Kind.FRESH, "fresh"),  # heuristic
+    (["Cache-Control: max-age=100", "Expires: 0"], 10, [], Kind.FRESH, None),
+    (["Expires: 0"], 0, [], Kind.REVALIDATE, None),
+]
+
+
+@pytest.mark.parametrize(("resp", "age", "req", "kind", "reason"), DECIDE_CASES)
 def test_decide(
     resp: list[str], age: float, req: list[str], kind: Kind, reason: str | None
 ) -> None:
@@ -521,6 +524,138 @@ def test_decision_age_header() -> None:
     d = decide(b"GET", [], entry("Cache-Control: max-age=100", age=12, delay=0.7), NOW)
     assert d.age == pytest.approx(12.7)
     assert d.age_header == b"12"
+
+
+# -- the hit fast path gives decide()'s answers -----------------------------------------------
+
+# Request variants tried against every stored response: as in the vector, plain, plain with
+# fields that do not matter, and ones that must leave the fast path.
+_REQUEST_VARIANTS = (
+    [],
+    ["Accept: */*", "User-Agent: t"],
+    ["Accept-Encoding: gzip"],
+    ["cache-control: max-age=0"],
+    [" Pragma : no-cache"],
+    ['If-None-Match: "v1"'],
+    ["Range: bytes=0-1"],
+)
+
+
+def _same_decisions(e: CacheEntry, requests: list[list[str]], ages: list[float]) -> int:
+    """Compare decide_hit() with decide() for every method, request and clock reading."""
+    fast_hits = 0
+    for method in (b"GET", b"HEAD", b"get", b"POST"):
+        for req in requests:
+            headers = H(*req)
+            for dt in ages:
+                now = e.response_time + dt
+                slow = decide(method, headers, e, now)
+                for plain in (None, request_is_plain(headers)):
+                    assert decide_hit(method, headers, e, now, plain=plain) == slow
+                for fraction, cap in ((0.5, 10.0), (0.1, 86400.0)):
+                    ref = decide(
+                        method, headers, e, now, heuristic_fraction=fraction, heuristic_max=cap
+                    )
+                    got = decide_hit(
+                        method, headers, e, now, heuristic_fraction=fraction, heuristic_max=cap
+                    )
+                    assert got == ref
+                fast_hits += slow.kind is Kind.FRESH and request_is_plain(headers)
+    return fast_hits
+
+
+@pytest.mark.parametrize(("resp", "age", "req", "kind", "reason"), DECIDE_CASES)
+def test_decide_hit_matches_decide(
+    resp: list[str], age: float, req: list[str], kind: Kind, reason: str | None
+) -> None:
+    e = entry(*resp, age=age)
+    ages = [age, 0.0, 9.0, 99.9, 100.0, 150.0, 10_000.0, -5.0]
+    _same_decisions(e, [req, *_REQUEST_VARIANTS], ages)
+
+
+def test_decide_hit_matches_decide_on_vary_heuristics_and_refresh() -> None:
+    gz = H("Accept-Encoding: gzip")
+    lm = D(NOW - 100_000)
+    stored = [
+        entry("Cache-Control: max-age=100", "Vary: Accept-Encoding", request_headers=gz),
+        entry("Cache-Control: max-age=100", "Vary: *"),
+        entry("Last-Modified: " + lm),  # heuristic: depends on the fraction and the cap
+        entry("Last-Modified: " + lm, status=404),
+        entry("Expires: " + D(NOW + 50)),
+        entry("Cache-Control: max-age=100", "Age: 40"),
+        entry("Cache-Control: s-maxage=5, max-age=100", 'ETag: "v1"'),
+        entry("Cache-Control: max-age=10, stale-while-revalidate=60", 'ETag: "v1"'),
+        entry("Cache-Control: max-age=100", status=301),
+    ]
+    ages = [0.0, 4.0, 6.0, 30.0, 61.0, 99.0, 101.0, 5000.0, 20_000.0]
+    requests = [*_REQUEST_VARIANTS, ["Accept-Encoding: br"], ["accept-encoding:  gzip"]]
+    fast_hits = sum(_same_decisions(e, requests, ages) for e in stored)
+    assert fast_hits > 50  # the comparison exercised the shortcut, not only the fallback
+    # A 304 refresh makes a new entry with its own derived values (new times, new headers).
+    old = entry("Cache-Control: max-age=100", age=90)
+    assert decide_hit(b"GET", [], old, NOW + 20).kind is Kind.REVALIDATE
+    fresh = refresh_entry(old, H("Date: " + D(NOW + 20)), NOW + 20, NOW + 20)
+    assert decide_hit(b"GET", [], fresh, NOW + 20) == decide(b"GET", [], fresh, NOW + 20)
+    assert decide_hit(b"GET", [], fresh, NOW + 20).kind is Kind.FRESH
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    directives=st.lists(
+        st.sampled_from(
+            [
+                "max-age=60",
+                "s-maxage=30",
+                "no-cache",
+                "must-revalidate",
+                "public",
+                "stale-while-revalidate=30",
+                "max-age=x",
+                "proxy-revalidate",
+                "private",
+            ]
+        ),
+        max_size=3,
+    ),
+    extra=st.lists(
+        st.sampled_from(["Expires: 0", "Age: 20", "Vary: Accept", 'ETag: "e"', "Pragma: x"]),
+        max_size=2,
+    ),
+    req=st.lists(
+        st.sampled_from(
+            [
+                "Accept: a",
+                "Accept: b",
+                "Cache-Control: max-stale",
+                "Cache-Control: min-fresh=5",
+                "Pragma: no-cache",
+                "Cache-Control: only-if-cached",
+                "If-Modified-Since: x",
+            ]
+        ),
+        max_size=2,
+    ),
+    age=st.floats(min_value=-10, max_value=200, allow_nan=False),
+)
+def test_decide_hit_matches_decide_generated(
+    directives: list[str], extra: list[str], req: list[str], age: float
+) -> None:
+    lines = [*(["Cache-Control: " + ", ".join(directives)] if directives else []), *extra]
+    e = entry(*lines, "Last-Modified: " + D(NOW - 5000), request_headers=H("Accept: a"))
+    _same_decisions(e, [req], [age])
+
+
+def test_request_is_plain() -> None:
+    assert request_is_plain(H("Host: a", "Accept: */*", "Accept-Encoding: gzip"))
+    for name in ("Cache-Control", "PRAGMA", "If-Match", "if-none-match", "If-Modified-Since",
+                 "If-Unmodified-Since", "If-Range", "Range"):  # fmt: skip
+        assert not request_is_plain(H("Host: a", name + ": x"))
+
+
+def test_age_value() -> None:
+    assert age_value(12.7) == b"12"
+    assert age_value(-3.0) == b"0"
+    assert age_value(1e12) == str(DELTA_SECONDS_MAX).encode()
 
 
 @pytest.mark.parametrize(

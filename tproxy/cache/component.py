@@ -48,6 +48,8 @@ HOST_CACHE_TTL = 300.0
 RESOLVE_TIMEOUT = 2.0
 # Request fields that a conditional request of ours replaces (RFC 9111 §4.3.1).
 CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-range", b"range"})
+# Entries in each per-request memo (Host checks, cache keys); cleared when full.
+MEMO_SIZE = 4096
 # Background revalidations (RFC 5861 stale-while-revalidate) at once, and how long each may take.
 MAX_REFRESHES = 64
 REFRESH_TIMEOUT = 30.0
@@ -102,6 +104,10 @@ class HostVerifier:
     def __init__(self) -> None:
         self.addresses: TTLCache[str, frozenset[str]] = TTLCache(HOST_CACHE_SIZE, HOST_CACHE_TTL)
         self.pending: dict[str, asyncio.Task[None]] = {}
+        # Per-request parsing is memoised: an IP-literal Host's answer never changes, and a
+        # name's normalised form neither (its addresses still come from the TTL cache).
+        self._literal: dict[tuple[bytes, str], bool] = {}
+        self._names: dict[bytes, str | None] = {}
 
     @staticmethod
     def hostname(host: bytes) -> str:
@@ -113,11 +119,19 @@ class HostVerifier:
     def shared(self, host: bytes | None, dest_ip: str) -> bool:
         if not host:
             return False
-        name = self.hostname(host).rstrip(".")
-        try:
-            return ipaddress.ip_address(name) == ipaddress.ip_address(dest_ip)
-        except ValueError:
-            pass
+        literal = self._literal.get((host, dest_ip))
+        if literal is not None:
+            return literal
+        name = self._names.get(host)
+        if name is None:
+            name = self.hostname(host).rstrip(".")
+            try:
+                literal = ipaddress.ip_address(name) == ipaddress.ip_address(dest_ip)
+            except ValueError:
+                _bounded(self._names)[host] = name
+            else:
+                _bounded(self._literal)[(host, dest_ip)] = literal
+                return literal
         known = self.addresses.get(name)
         if known is not None:
             return dest_ip in known
@@ -166,6 +180,13 @@ class StoreSink:
         self.cache.resolve(self.lookup)
 
 
+def _bounded(memo: dict[Any, Any]) -> dict[Any, Any]:
+    """``memo``, emptied first when full: request-derived keys must not grow without bound."""
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    return memo
+
+
 def _without(headers: http1.Headers, names: frozenset[bytes]) -> http1.Headers:
     return [(n, v) for n, v in headers if n.lower() not in names]
 
@@ -181,6 +202,9 @@ class Cache:
         self.inflight: dict[str, Inflight] = {}
         self.refreshing: dict[str, asyncio.Task[None]] = {}
         self.daemon: Daemon | None = None
+        # (host, target, dst ip, dst port, shared) → (cache key, URL): both are pure functions
+        # of these, and a client repeats the same few requests.
+        self._keys: dict[tuple[bytes | None, bytes, str, int, bool], tuple[str, str]] = {}
 
     # -- component protocol ---------------------------------------------------------------
 
@@ -356,29 +380,51 @@ class Cache:
             return False
         if head.upgrade:
             return False
-        dst_ip, dst_port = str(conn.sockname[0]), int(conn.sockname[1])
+        sockname = conn.sockname
+        dst_ip, dst_port = str(sockname[0]), int(sockname[1])
         shared = self.cfg.share_on_host_match and self.verifier.shared(head.host, dst_ip)
-        key = policy.cache_key("http", head.host, dst_ip, dst_port, head.target, shared)
-        url = policy.request_url("http", head.host, head.target) or key
-        if shared and self.store.select(key, head.headers) is None:
+        key, url = self.key_of(head.host, head.target, dst_ip, dst_port, shared)
+        entry = self.store.select(key, head.headers)
+        if shared and entry is None:
             # Stored before the Host was verified (or while it did not resolve here): that copy
             # came from this very destination, so it is safe for this client as well.
-            dest_key = policy.cache_key("http", head.host, dst_ip, dst_port, head.target, False)
-            if self.store.select(dest_key, head.headers) is not None:
-                key = dest_key
-        return self.lookup(conn, ex, key, url, collapse=True)
+            dest_key = self.key_of(head.host, head.target, dst_ip, dst_port, False)[0]
+            dest_entry = self.store.select(dest_key, head.headers)
+            if dest_entry is not None:
+                key, entry = dest_key, dest_entry
+        return self.lookup(conn, ex, key, url, entry, collapse=True)
+
+    def key_of(
+        self, host: bytes | None, target: bytes, dst_ip: str, dst_port: int, shared: bool
+    ) -> tuple[str, str]:
+        """The cache key and URL of a request (memoised :func:`policy.cache_key`)."""
+        memo_key = (host, target, dst_ip, dst_port, shared)
+        found = self._keys.get(memo_key)
+        if found is None:
+            key = policy.cache_key("http", host, dst_ip, dst_port, target, shared)
+            found = (key, policy.request_url("http", host, target) or key)
+            _bounded(self._keys)[memo_key] = found
+        return found
 
     def lookup(
-        self, conn: ClientConnection, ex: Exchange, key: str, url: str, collapse: bool
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        key: str,
+        url: str,
+        entry: CacheEntry | None,
+        collapse: bool,
     ) -> bool:
+        """Answer, hold or forward ``ex`` given the stored ``entry`` selected for ``key``."""
         head = ex.head
         now = self.now()
-        entry = self.store.select(key, head.headers)
-        decision = policy.decide(
+        plain = entry is not None and policy.request_is_plain(head.headers)
+        decision = policy.decide_hit(
             head.method,
             head.headers,
             entry,
             now,
+            plain=plain,
             heuristic_fraction=self.cfg.heuristic_fraction,
             heuristic_max=self.cfg.heuristic_max,
         )
@@ -386,6 +432,8 @@ class Cache:
             if decision.background_revalidate:
                 # RFC 5861 §3: serve the stale response now, revalidate behind the client.
                 self.refresh_later(conn, ex, entry, decision.conditional)
+            if plain and self.serve_plain(conn, ex, entry, decision.age):
+                return True
             if self.serve(conn, ex, entry, decision.age, None):
                 return True
             entry = None  # gone or corrupt meanwhile: a miss
@@ -430,7 +478,8 @@ class Cache:
                 continue
             try:
                 # Now a hit, usually; otherwise the waiter forwards on its own.
-                if not self.lookup(conn, ex, lookup.key, lookup.url, collapse=False):
+                entry = self.store.select(lookup.key, ex.head.headers)
+                if not self.lookup(conn, ex, lookup.key, lookup.url, entry, collapse=False):
                     conn.forward_request(ex)
             except Exception:
                 log.exception("serving a collapsed request failed")
@@ -516,6 +565,33 @@ class Cache:
 
     # -- serving from the store -----------------------------------------------------------
 
+    def serve_plain(
+        self, conn: ClientConnection, ex: Exchange, entry: CacheEntry, age: float
+    ) -> bool:
+        """:meth:`serve` for a request without conditionals or Range
+        (:func:`policy.request_is_plain`) and a body in the memory tier: the same bytes, from
+        a head serialised once per entry with only Age filled in. False: use serve()."""
+        body = self.store.memory_body(entry)
+        if body is None:
+            return False
+        head = ex.head
+        keep = head.keep_alive and not conn.server.draining
+        x_cache = self.cfg.x_cache_header
+        memo = policy.hot(entry).memo
+        shape = (x_cache, keep, head.version == b"1.0", len(body))
+        parts = memo.get(shape)
+        if not isinstance(parts, _HitHead):
+            parts = _HitHead.build(entry, shape)
+            memo[shape] = parts
+        ex.client_keep_alive = keep
+        ex.content_type = parts.content_type
+        self.counters.mem_hits += 1
+        data = parts.prefix + policy.age_value(age) + parts.suffix
+        if head.method != b"HEAD" and body:
+            data += body
+        conn.respond_local(ex, data, entry.status, "TCP_MEM_HIT")
+        return True
+
     def serve(
         self,
         conn: ClientConnection,
@@ -588,6 +664,27 @@ class Cache:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class _HitHead:
+    """A stored response's head as serve() writes it, split around the Age value."""
+
+    prefix: bytes  # status line, stored fields (hit_headers minus framing), "Age: "
+    suffix: bytes  # "\r\n" after Age, X-Cache, Content-Length, Connection, blank line
+    content_type: str
+
+    @classmethod
+    def build(cls, entry: CacheEntry, shape: tuple[bool, bool, bool, int]) -> _HitHead:
+        x_cache, keep, http10, length = shape
+        # The order of policy.hit_headers(): stored fields, Age, X-Cache.
+        fields = [(n, v) for n, v in entry.headers
+                  if n.lower() not in policy.HIT_REPLACED and n.lower() not in FRAMING]  # fmt: skip
+        prefix = _head_start(entry.status, entry.reason or b"OK", fields) + b"Age: "
+        after = [(b"X-Cache", b"HIT")] if x_cache else []
+        suffix = b"\r\n" + _head_start(None, b"", after)
+        suffix += _head_end(length, b"1.0" if http10 else b"1.1", keep)
+        return cls(prefix, suffix, _content_type(entry))
+
+
 def _oid(entry: CacheEntry) -> str:
     from tproxy.cache.store import object_id
 
@@ -611,8 +708,19 @@ def _head(
     client_version: bytes,
     keep_alive: bool,
 ) -> bytes:
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    return _head_start(status, reason, fields) + _head_end(length, client_version, keep_alive)
+
+
+def _head_start(status: int | None, reason: bytes, fields: http1.Headers) -> bytes:
+    """The status line (None: none) and ``fields``."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)] if status is not None else []
     out.extend(n + b": " + v + b"\r\n" for n, v in fields)
+    return b"".join(out)
+
+
+def _head_end(length: int | None, client_version: bytes, keep_alive: bool) -> bytes:
+    """The framing fields the proxy adds, and the blank line ending the head."""
+    out = []
     if length is not None:
         out.append(b"Content-Length: %d\r\n" % length)
     if not keep_alive:

@@ -371,6 +371,9 @@ class CacheEntry:
     body_length: int | None = None
     reason: bytes = b""
     fields: Fields = field(init=False, repr=False, compare=False, hash=False)
+    # Values every hit needs, derived once (see :func:`hot`). An entry never changes: a 304
+    # refresh or a HEAD freshening builds a new one, so nothing here can go stale.
+    _hot: HotEntry | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", Fields(self.headers))
@@ -514,6 +517,8 @@ def vary_key(vary_values: Iterable[bytes], request_headers: Headers | Fields) ->
                 return None
             if name:
                 names.add(name)
+    if not names:
+        return ""  # no Vary: every request selects alike (and no Fields index to build)
     f = _fields(request_headers)
     parts: list[str] = []
     for name in sorted(names):
@@ -647,6 +652,12 @@ def freshness_lifetime(
 
 def current_age(entry: CacheEntry, now: float) -> float:
     """RFC 9111 §4.2.3, step by step."""
+    resident_time = now - entry.response_time
+    return corrected_initial_age(entry) + resident_time
+
+
+def corrected_initial_age(entry: CacheEntry) -> float:
+    """The part of :func:`current_age` fixed when the response arrived (RFC 9111 §4.2.3)."""
     f = entry.fields
     age_value = 0
     age_lines = f.values(b"age")
@@ -659,9 +670,7 @@ def current_age(entry: CacheEntry, now: float) -> float:
     apparent_age = max(0.0, entry.response_time - date_value)
     response_delay = entry.response_time - entry.request_time
     corrected_age_value = age_value + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
-    resident_time = now - entry.response_time
-    return corrected_initial_age + resident_time
+    return max(apparent_age, corrected_age_value)
 
 
 # -- serving (RFC 9111 §4) -------------------------------------------------------------------
@@ -789,6 +798,108 @@ def decide(
     return revalidate("stale")
 
 
+# -- the hit fast path -----------------------------------------------------------------------
+
+# Request fields that can change what decide(), evaluate_conditionals() or plan_range() return.
+# A request with none of them ("plain") meets an empty request Cache-Control (RFC 9111 §5.2.1,
+# §5.4), no preconditions (RFC 9110 §13) and no Range (RFC 9110 §14.2).
+_NOT_PLAIN = frozenset(
+    {
+        b"cache-control",
+        b"pragma",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
+)
+
+
+def request_is_plain(request_headers: Headers) -> bool:
+    """True when the request carries no caching, conditional or range field: then a stored
+    2xx is served as is, and only the stored response decides whether it is fresh."""
+    for name, _ in request_headers:  # noqa: SIM110 - a plain loop beats all(<generator>) here
+        if name.strip().lower() in _NOT_PLAIN:
+            return False
+    return True
+
+
+class HotEntry:
+    """What :func:`decide_hit` needs from a stored response, derived once per entry.
+
+    ``memo`` is for the shell: serialised forms of the same immutable entry (head bytes)."""
+
+    __slots__ = ("_lifetime", "initial_age", "memo", "no_cache", "vary_free")
+
+    def __init__(self, entry: CacheEntry) -> None:
+        cc = response_cache_control(entry.fields)
+        self.no_cache = "no-cache" in cc
+        # No Vary: vary_key() of any request is "", so the entry matches iff it stored "".
+        self.vary_free = not entry.fields.values(b"vary") and entry.vary_key == ""
+        self.initial_age = corrected_initial_age(entry)
+        self._lifetime: tuple[float, float, float] | None = None
+        self.memo: dict[object, object] = {}
+
+    def lifetime(self, entry: CacheEntry, fraction: float, maximum: float) -> float:
+        cached = self._lifetime
+        if cached is not None and cached[0] == fraction and cached[1] == maximum:
+            return cached[2]
+        value = freshness_lifetime(
+            entry.fields, entry.status, fraction, maximum, response_time=entry.response_time
+        )
+        self._lifetime = (fraction, maximum, value)
+        return value
+
+
+def hot(entry: CacheEntry) -> HotEntry:
+    """The entry's :class:`HotEntry`, computed on first use."""
+    h = entry._hot
+    if h is None:
+        h = HotEntry(entry)
+        object.__setattr__(entry, "_hot", h)
+    return h
+
+
+def decide_hit(
+    request_method: bytes,
+    request_headers: Headers,
+    entry: CacheEntry | None,
+    now: float,
+    *,
+    plain: bool | None = None,
+    heuristic_fraction: float = DEFAULT_HEURISTIC_FRACTION,
+    heuristic_max: float = DEFAULT_HEURISTIC_MAX,
+) -> Decision:
+    """Exactly :func:`decide`, with a shortcut for the common hit: a plain request (``plain``
+    as :func:`request_is_plain` says; None: check here) for a fresh stored GET without
+    ``no-cache``. With an empty request Cache-Control, decide() reaches FRESH through these
+    checks alone; anything else takes the full rules."""
+    if (
+        entry is not None
+        and (request_method == b"GET" or request_method == b"HEAD")
+        and entry.method == b"GET"
+    ):
+        if plain is None:
+            plain = request_is_plain(request_headers)
+        if plain:
+            h = hot(entry)
+            if not h.no_cache and (h.vary_free or vary_matches(entry, request_headers)):
+                age = h.initial_age + (now - entry.response_time)
+                lifetime = h.lifetime(entry, heuristic_fraction, heuristic_max)
+                if lifetime - age > 0:
+                    return Decision(Kind.FRESH, "fresh", age, lifetime)
+    return decide(
+        request_method,
+        request_headers,
+        entry,
+        now,
+        heuristic_fraction=heuristic_fraction,
+        heuristic_max=heuristic_max,
+    )
+
+
 def stale_if_error_ok(
     entry: CacheEntry,
     request_headers: Headers,
@@ -846,11 +957,20 @@ def conditional_headers(entries: CacheEntry | Sequence[CacheEntry]) -> tuple[Hea
     return tuple(out)
 
 
+# Stored fields that hit_headers() replaces with the cache's own.
+HIT_REPLACED = frozenset({b"age", b"x-cache"})
+
+
+def age_value(age: float) -> bytes:
+    """The Age field value for ``age`` seconds: a non-negative integer (RFC 9111 §5.1)."""
+    return b"%d" % min(int(max(age, 0.0)), DELTA_SECONDS_MAX)
+
+
 def hit_headers(entry: CacheEntry, age: float, x_cache: bytes | None = None) -> list[Header]:
     """The stored header block for a response served from cache: Age replaced (RFC 9111 §5.1),
     an optional ``X-Cache`` line appended. For HEAD send these with no content."""
-    out = [(n, v) for n, v in entry.headers if n.lower() not in (b"age", b"x-cache")]
-    out.append((b"Age", str(min(int(max(age, 0.0)), DELTA_SECONDS_MAX)).encode()))
+    out = [(n, v) for n, v in entry.headers if n.lower() not in HIT_REPLACED]
+    out.append((b"Age", age_value(age)))
     if x_cache is not None:
         out.append((b"X-Cache", x_cache))
     return out

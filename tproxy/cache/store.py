@@ -49,7 +49,7 @@ from typing import Any, BinaryIO, Literal
 
 from cachetools import LRUCache
 
-from tproxy.cache.policy import CacheEntry, Headers, vary_matches
+from tproxy.cache.policy import CacheEntry, Headers, hot, vary_matches
 from tproxy.config import Reader, register_section
 
 KiB = 1024
@@ -651,10 +651,33 @@ class CacheStore:
 
     def select(self, key: str, request_headers: Headers) -> CacheEntry | None:
         """The newest variant whose Vary selection matches the request (RFC 9111 §4.1)."""
+        with self._lock:
+            ids = self._by_key.get(key)
+            if not ids:
+                return None
+            single = len(ids) == 1  # the common case: no list, no sorting
+            only = self._entry_of(next(iter(ids))) if single else None
+        if single:
+            if only is None or not (hot(only).vary_free or vary_matches(only, request_headers)):
+                return None
+            return only
         for entry in self.variants(key):
             if vary_matches(entry, request_headers):
                 return entry
         return None
+
+    def memory_body(self, entry: CacheEntry) -> bytes | None:
+        """The body of ``entry`` when the memory tier holds exactly that entry — what
+        :meth:`open` returns for a memory hit, without building a :class:`StoredObject`.
+        None when it is not (or no longer) there: use :meth:`open`."""
+        oid = object_id(entry)
+        with self._lock:
+            obj = self._mem.get(oid)  # also refreshes its LRU position, as open() does
+            if obj is None or obj.entry is not entry:
+                return None
+            if self.disk is not None and oid in self.disk.index:
+                self.disk.index.move_to_end(oid)
+            return obj.data
 
     def object_ids_for_url(self, url: str) -> list[str]:
         with self._lock:
