@@ -120,7 +120,7 @@ def test_serve_plain_writes_what_serve_writes(
         ex = Exchange(head, "http://example.com/a?b=1")
         age = 12.9
         if fast:
-            assert cache.serve_plain(conn, ex, entry, age)  # type: ignore[arg-type]
+            assert cache.serve_plain(conn, ex, entry, age, None)  # type: ignore[arg-type]
         else:
             assert cache.serve(conn, ex, entry, age, None)  # type: ignore[arg-type]
         assert len(conn.sent) == 1

@@ -393,6 +393,35 @@ def test_update_entry_after_304_keeps_body(disk: Path) -> None:
     assert not store.update_entry(mk("http://a/none"))
 
 
+def test_select_hit_matches_select_and_open(disk: Path) -> None:
+    """select_hit() = select() + the memory body open() would give, for every kind of object."""
+    store = disk_store(disk)
+    gz = [(b"Accept-Encoding", b"gzip")]
+    small, big = os.urandom(5000), os.urandom(300_000)
+    put(store, mk("http://a/small"), small)  # memory (and disk)
+    put(store, mk("http://a/big"), big)  # disk only
+    put(store, mk("http://a/vary", vary=b"Accept-Encoding", req=gz), b"gz")
+    put(store, mk("http://a/two", vary=b"Accept-Encoding", req=gz), b"two gz")
+    put(store, mk("http://a/two", vary=b"Accept-Encoding", req=[]), b"two plain")
+    for key in ("http://a/small", "http://a/big", "http://a/vary", "http://a/two", "http://a/x"):
+        for req in ([], gz, [(b"Accept-Encoding", b"br")]):
+            entry, body = store.select_hit(key, req)
+            assert entry == store.select(key, req)
+            if body is not None:
+                assert entry is not None and store.memory_body(entry) == body
+                obj = store.open(entry)
+                assert obj is not None and obj.tier == "memory" and obj.body() == body
+    assert store.select_hit("http://a/small", [])[1] == small
+    entry, body = store.select_hit("http://a/big", [])
+    assert entry is not None and body is None and store.memory_body(entry) is None
+    # A refreshed entry replaces the one a hit holds: the old one no longer gets a body.
+    old = store.select("http://a/small", [])
+    assert old is not None and store.update_entry(mk("http://a/small", t=NOW + 5))
+    assert store.memory_body(old) is None
+    new, body = store.select_hit("http://a/small", [])
+    assert new is not None and new.response_time == NOW + 5 and body == small
+
+
 def test_threads_share_one_store(disk: Path) -> None:
     store = disk_store(disk, disk_size=2 * MiB, memory_size=256 * KiB)
     errors: list[BaseException] = []

@@ -384,15 +384,15 @@ class Cache:
         dst_ip, dst_port = str(sockname[0]), int(sockname[1])
         shared = self.cfg.share_on_host_match and self.verifier.shared(head.host, dst_ip)
         key, url = self.key_of(head.host, head.target, dst_ip, dst_port, shared)
-        entry = self.store.select(key, head.headers)
+        entry, body = self.store.select_hit(key, head.headers)
         if shared and entry is None:
             # Stored before the Host was verified (or while it did not resolve here): that copy
             # came from this very destination, so it is safe for this client as well.
             dest_key = self.key_of(head.host, head.target, dst_ip, dst_port, False)[0]
-            dest_entry = self.store.select(dest_key, head.headers)
+            dest_entry, dest_body = self.store.select_hit(dest_key, head.headers)
             if dest_entry is not None:
-                key, entry = dest_key, dest_entry
-        return self.lookup(conn, ex, key, url, entry, collapse=True)
+                key, entry, body = dest_key, dest_entry, dest_body
+        return self.lookup(conn, ex, key, url, entry, collapse=True, body=body)
 
     def key_of(
         self, host: bytes | None, target: bytes, dst_ip: str, dst_port: int, shared: bool
@@ -414,11 +414,26 @@ class Cache:
         url: str,
         entry: CacheEntry | None,
         collapse: bool,
+        body: bytes | None = None,
     ) -> bool:
-        """Answer, hold or forward ``ex`` given the stored ``entry`` selected for ``key``."""
+        """Answer, hold or forward ``ex`` given the stored ``entry`` selected for ``key``
+        (and its ``body`` when the memory tier handed it over with the entry)."""
         head = ex.head
         now = self.now()
         plain = entry is not None and policy.request_is_plain(head.headers)
+        if plain and entry is not None:
+            # The common hit: no request directives, conditionals or Range (see decide_hit).
+            cfg = self.cfg
+            fresh = policy.plain_fresh(
+                head.method,
+                head.headers,
+                entry,
+                now,
+                heuristic_fraction=cfg.heuristic_fraction,
+                heuristic_max=cfg.heuristic_max,
+            )
+            if fresh is not None and self.serve_plain(conn, ex, entry, fresh[0], body):
+                return True
         decision = policy.decide_hit(
             head.method,
             head.headers,
@@ -432,7 +447,7 @@ class Cache:
             if decision.background_revalidate:
                 # RFC 5861 §3: serve the stale response now, revalidate behind the client.
                 self.refresh_later(conn, ex, entry, decision.conditional)
-            if plain and self.serve_plain(conn, ex, entry, decision.age):
+            if plain and self.serve_plain(conn, ex, entry, decision.age, None):
                 return True
             if self.serve(conn, ex, entry, decision.age, None):
                 return True
@@ -566,14 +581,21 @@ class Cache:
     # -- serving from the store -----------------------------------------------------------
 
     def serve_plain(
-        self, conn: ClientConnection, ex: Exchange, entry: CacheEntry, age: float
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        entry: CacheEntry,
+        age: float,
+        body: bytes | None,
     ) -> bool:
         """:meth:`serve` for a request without conditionals or Range
-        (:func:`policy.request_is_plain`) and a body in the memory tier: the same bytes, from
-        a head serialised once per entry with only Age filled in. False: use serve()."""
-        body = self.store.memory_body(entry)
+        (:func:`policy.request_is_plain`) and a body in the memory tier (``body``, or looked
+        up here when None): the same bytes, from a head serialised once per entry with only
+        Age filled in. False: use serve()."""
         if body is None:
-            return False
+            body = self.store.memory_body(entry)
+            if body is None:
+                return False
         head = ex.head
         keep = head.keep_alive and not conn.server.draining
         x_cache = self.cfg.x_cache_header

@@ -862,6 +862,31 @@ def hot(entry: CacheEntry) -> HotEntry:
     return h
 
 
+def plain_fresh(
+    request_method: bytes,
+    request_headers: Headers,
+    entry: CacheEntry,
+    now: float,
+    *,
+    heuristic_fraction: float = DEFAULT_HEURISTIC_FRACTION,
+    heuristic_max: float = DEFAULT_HEURISTIC_MAX,
+) -> tuple[float, float] | None:
+    """``(age, lifetime)`` when :func:`decide` would answer FRESH for a *plain* request
+    (:func:`request_is_plain`, which the caller checked); None when the full rules must run.
+
+    With an empty request Cache-Control, decide() reaches FRESH through exactly these checks:
+    a GET or HEAD, a stored GET whose Vary selection matches, no ``no-cache`` in the stored
+    response (§5.2.2.4), and a positive remaining freshness lifetime (§4.2)."""
+    if (request_method == b"GET" or request_method == b"HEAD") and entry.method == b"GET":
+        h = hot(entry)
+        if not h.no_cache and (h.vary_free or vary_matches(entry, request_headers)):
+            age = h.initial_age + (now - entry.response_time)
+            lifetime = h.lifetime(entry, heuristic_fraction, heuristic_max)
+            if lifetime - age > 0:
+                return age, lifetime
+    return None
+
+
 def decide_hit(
     request_method: bytes,
     request_headers: Headers,
@@ -872,24 +897,22 @@ def decide_hit(
     heuristic_fraction: float = DEFAULT_HEURISTIC_FRACTION,
     heuristic_max: float = DEFAULT_HEURISTIC_MAX,
 ) -> Decision:
-    """Exactly :func:`decide`, with a shortcut for the common hit: a plain request (``plain``
-    as :func:`request_is_plain` says; None: check here) for a fresh stored GET without
-    ``no-cache``. With an empty request Cache-Control, decide() reaches FRESH through these
-    checks alone; anything else takes the full rules."""
-    if (
-        entry is not None
-        and (request_method == b"GET" or request_method == b"HEAD")
-        and entry.method == b"GET"
-    ):
+    """Exactly :func:`decide`, through :func:`plain_fresh` first when the request is plain
+    (``plain`` as :func:`request_is_plain` says; None: check here)."""
+    if entry is not None:
         if plain is None:
             plain = request_is_plain(request_headers)
         if plain:
-            h = hot(entry)
-            if not h.no_cache and (h.vary_free or vary_matches(entry, request_headers)):
-                age = h.initial_age + (now - entry.response_time)
-                lifetime = h.lifetime(entry, heuristic_fraction, heuristic_max)
-                if lifetime - age > 0:
-                    return Decision(Kind.FRESH, "fresh", age, lifetime)
+            fresh = plain_fresh(
+                request_method,
+                request_headers,
+                entry,
+                now,
+                heuristic_fraction=heuristic_fraction,
+                heuristic_max=heuristic_max,
+            )
+            if fresh is not None:
+                return Decision(Kind.FRESH, "fresh", fresh[0], fresh[1])
     return decide(
         request_method,
         request_headers,
