@@ -95,6 +95,11 @@ class Server:
         return False
 
     def limit_request(self, conn: ClientConnection) -> Refusal | None:
+        limiter = self.limiter
+        # Fast path, taken on every request with limits off or without a request rate:
+        # Limiter.requests_unlimited() inlined (this runs once per proxied request).
+        if not limiter.limits_requests and limiter.active <= limiter.ceiling:
+            return None
         key = conn.limit_key
         if key is None:
             return None

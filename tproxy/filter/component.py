@@ -25,7 +25,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -202,6 +202,7 @@ class FilterComponent:
         self.now = clock or clock_from_env()
         # Until start() has loaded the lists: the rules without category entries.
         self.policy = Policy.compile(self.fcfg)
+        self.allows_all = allows_everything(self.policy)
         self.stats = FilterStats()
         self.queue: SniQueue | None = None
         self.neighbours = Neighbours()
@@ -239,10 +240,7 @@ class FilterComponent:
         self._daemon = daemon
         policy, warnings = await asyncio.to_thread(load_policy, self.fcfg)
         self._adopt(policy, warnings)
-        # Appended: after shaping (which classifies first, also block pages); the cache
-        # component must come after us in COMPONENTS so a denied URL is never served a hit.
-        daemon.server.request_hooks.append(self.on_request)
-        daemon.server.response_hooks.append(self.on_response)
+        self._sync_hooks()
         if self._sni_class is None:
             for comp in daemon.components:
                 hook = getattr(comp, "sni_class", None)
@@ -268,13 +266,11 @@ class FilterComponent:
         self.cfg, self.fcfg = cfg, fcfg
         self.stats.reloads += 1
         self._adopt(policy, warnings)
+        self._sync_hooks()
         self._sync_neighbours()
 
     async def stop(self, daemon: Daemon) -> None:
-        if self.on_request in daemon.server.request_hooks:
-            daemon.server.request_hooks.remove(self.on_request)
-        if self.on_response in daemon.server.response_hooks:
-            daemon.server.response_hooks.remove(self.on_response)
+        self._unhook()
         if self.queue is not None:
             self.queue.close()
             self.queue = None
@@ -301,6 +297,44 @@ class FilterComponent:
             "sni_queue": self.queue.status() if self.queue is not None else None,
         }
 
+    # -- hooks on the server ----------------------------------------------------------------
+
+    @property
+    def hooked(self) -> bool:
+        daemon = self._daemon
+        return daemon is not None and self.on_request in daemon.server.request_hooks
+
+    def _sync_hooks(self) -> None:
+        """The HTTP hooks are on the server exactly while some rule can deny: a policy that
+        allows everything costs a request nothing, not even a call. A reload that lifts every
+        rule also lifts the response check of exchanges in flight (the new policy allows them).
+        """
+        if self.allows_all:
+            self._unhook()
+            return
+        daemon = self._daemon
+        if daemon is None or self.hooked:
+            return
+        server = daemon.server
+        # After shaping (which classifies first, also block pages) and before the components
+        # that follow us in COMPONENTS — the cache: a denied URL is never served a hit. Hooks
+        # are kept in component order, so a filter turned on by a reload slots in before the
+        # cache's hooks instead of behind them.
+        comps = daemon.components
+        later = comps[comps.index(self) + 1 :] if self in comps else []
+        _insert_before(server.request_hooks, self.on_request, later)
+        _insert_before(server.response_hooks, self.on_response, later)
+
+    def _unhook(self) -> None:
+        daemon = self._daemon
+        if daemon is None:
+            return
+        # Bound methods compare equal when they bind the same object and function.
+        if self.on_request in daemon.server.request_hooks:
+            daemon.server.request_hooks.remove(self.on_request)
+        if self.on_response in daemon.server.response_hooks:
+            daemon.server.response_hooks.remove(self.on_response)
+
     # -- internals --------------------------------------------------------------------------
 
     def _adopt(self, policy: Policy, warnings: list[str]) -> None:
@@ -308,6 +342,7 @@ class FilterComponent:
             log.warning("%s", text)
         self.stats.list_warnings = len(warnings)
         self.policy = policy
+        self.allows_all = allows_everything(policy)
         loaded = ", ".join(f"{c.name}={c.domains + c.urls}" for c in policy.categories.stats)
         log.info(
             "filter: %d rules, %d groups%s; HTTPS by SNI %s",
@@ -360,7 +395,7 @@ class FilterComponent:
 
     def on_request(self, conn: ClientConnection, ex: Exchange) -> bool:
         policy = self.policy
-        if allows_everything(policy):
+        if self.allows_all:  # only between a reload's adopt and its hook sync
             return False
         self.stats.requests_checked += 1
         head = ex.head
@@ -480,7 +515,16 @@ class FilterComponent:
         return FlowDecision(v.allowed, v.reason)
 
 
+def _insert_before(hooks: list[Any], hook: Any, later: Sequence[object]) -> None:
+    """Insert ``hook`` before the first hook bound to one of the ``later`` components."""
+    for index, other in enumerate(hooks):
+        if any(getattr(other, "__self__", None) is comp for comp in later):
+            hooks.insert(index, hook)
+            return
+    hooks.append(hook)
+
+
 def make_component(cfg: Config) -> FilterComponent:
     """Factory for ``tproxy.component.COMPONENTS``. Always present, so that a reload can turn
-    filtering on; with no rules the hooks return at once and no HTTPS packet is queued."""
+    filtering on; with no rules it registers no hooks and no HTTPS packet is queued."""
     return FilterComponent(cfg)

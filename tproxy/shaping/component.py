@@ -5,7 +5,9 @@ What it does, in the daemon's order:
 * ``rules_extras``: the CLASSIFY rules (mangle POSTROUTING) that map socket marks to HTB classes
   on the LAN interfaces (downloads) and on ``shaping.wan_interfaces`` (uploads).
 * ``start``: applies the HTB plan (pyroute2, in a worker thread: pyroute2 runs its own asyncio
-  loop and cannot run inside ours) and registers the HTTP hooks.
+  loop and cannot run inside ours) and registers the HTTP hooks — only while shaping is active
+  (a plan with interfaces, applied); ``reload`` adds or removes them as it turns shaping on or
+  off, so with shaping off a request costs nothing here.
 * the request hook chooses the class from the request head (client group, time window, host,
   URL) and keeps it in ``ex.notes``; the upstream socket gets the mark when it is bound to the
   exchange (uploads); the client-facing socket gets it when the origin's response head arrives,
@@ -211,6 +213,7 @@ class ShapingComponent:
         self.marked = 0  # requests put into a class
         self.reclassified = 0  # flows moved by their response head
         self.upstream_hooked = False
+        self.hooked = False  # our HTTP hooks are registered on the server (while active)
         # The mark each client socket carries, so a keep-alive connection is re-marked only
         # when its class changes (setsockopt per request would be wasted syscalls).
         self._client_marks: weakref.WeakKeyDictionary[ClientConnection, int] = (
@@ -229,17 +232,9 @@ class ShapingComponent:
         return {"classify": rules} if rules else {}
 
     async def start(self, daemon: Daemon) -> None:
-        server = daemon.server
-        self.server = server
-        # First, so the class is known before the filter or the cache answer a request, and
-        # so our response hook re-marks before any other hook writes the head.
-        server.request_hooks.insert(0, self.on_request)
-        server.response_hooks.insert(0, self.on_response)
-        upstream_hooks: list[Callable[..., Any]] | None = getattr(server, "upstream_hooks", None)
-        if upstream_hooks is not None:
-            upstream_hooks.append(self.on_upstream)
-            self.upstream_hooked = True
+        self.server = daemon.server
         await self._apply(ShapingPlan(), self.plan)
+        self._sync_hooks()
         self._task = asyncio.get_running_loop().create_task(
             self._counter_loop(), name="shaping counters"
         )
@@ -263,18 +258,13 @@ class ShapingComponent:
         self.applied = True
         self.error = None
         self.remark_live()
+        self._sync_hooks()
 
     async def stop(self, daemon: Daemon) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        server = self.server
-        if server is not None:
-            # Bound methods compare equal when they bind the same object and function.
-            if self.on_request in server.request_hooks:
-                server.request_hooks.remove(self.on_request)
-            if self.on_response in server.response_hooks:
-                server.response_hooks.remove(self.on_response)
+        self._unhook()
         if self.plan.interfaces and self.applied:
             from tproxy.shaping.apply import ShapingError, remove_plan
 
@@ -316,6 +306,45 @@ class ShapingComponent:
             else None,
             "classes": classes,
         }
+
+    # -- hooks on the server ------------------------------------------------------------------
+
+    def _sync_hooks(self) -> None:
+        """The HTTP hooks are on the server exactly while shaping is active: with shaping off
+        (or its plan refused by the kernel) a request pays nothing for it, not even a call."""
+        if self.active:
+            self._hook()
+        else:
+            self._unhook()
+
+    def _hook(self) -> None:
+        server = self.server
+        if server is None or self.hooked:
+            return
+        # First, so the class is known before the filter or the cache answer a request, and
+        # so our response hook re-marks before any other hook writes the head.
+        server.request_hooks.insert(0, self.on_request)
+        server.response_hooks.insert(0, self.on_response)
+        upstream_hooks: list[Callable[..., Any]] | None = getattr(server, "upstream_hooks", None)
+        if upstream_hooks is not None:
+            upstream_hooks.append(self.on_upstream)
+            self.upstream_hooked = True
+        self.hooked = True
+
+    def _unhook(self) -> None:
+        server = self.server
+        if server is None or not self.hooked:
+            return
+        # Bound methods compare equal when they bind the same object and function.
+        if self.on_request in server.request_hooks:
+            server.request_hooks.remove(self.on_request)
+        if self.on_response in server.response_hooks:
+            server.response_hooks.remove(self.on_response)
+        upstream_hooks: list[Callable[..., Any]] = getattr(server, "upstream_hooks", [])
+        if self.on_upstream in upstream_hooks:
+            upstream_hooks.remove(self.on_upstream)
+        self.upstream_hooked = False
+        self.hooked = False
 
     # -- kernel -------------------------------------------------------------------------------
 
@@ -514,5 +543,5 @@ def with_rates(
 
 def component(cfg: Config) -> ShapingComponent:
     """Factory for ``tproxy.component.COMPONENTS``. Always built, so that a reload can turn
-    shaping on; with ``enabled = false`` it installs nothing and its hooks return at once."""
+    shaping on; with ``enabled = false`` it installs nothing and registers no hooks."""
     return ShapingComponent(cfg)
