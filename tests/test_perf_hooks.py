@@ -1,14 +1,18 @@
-"""Features that are off cost a request nothing: their hooks are not on the server at all.
+"""The fast paths of the HTTP engine keep their behaviour.
 
-Unit tests drive the real components against a real :class:`~tproxy.server.Server` (no sockets
-are opened) and read its hook lists; the lab test shows that a filter turned on by a reload
-still comes before the cache (a denied URL is never served a stored copy) and that turning it
-off again lets the request through.
+Features that are off cost a request nothing: their hooks are not on the server at all. Unit
+tests drive the real components against a real :class:`~tproxy.server.Server` (no sockets are
+opened) and read its hook lists; a lab test shows that a filter turned on by a reload still
+comes before the cache (a denied URL is never served a stored copy) and that turning it off
+again lets the request through. Large body pieces go out as gather writes (head + body, chunk
+header + data without a joined copy): a lab test checks big chunked, re-chunked and
+length-delimited responses byte for byte, with the access log's lazily read content type.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import time
 from dataclasses import dataclass, field
@@ -177,3 +181,67 @@ def test_filter_turned_on_by_reload_comes_before_the_cache(lab: Lab) -> None:
         while proxy.stderr().count("reloaded") < 2 and time.monotonic() < deadline + 5:
             time.sleep(0.05)
         assert lab.curl("client", url, *resolve).status == 200
+
+
+BIG_ORIGIN = r"""
+import hashlib, socket, sys, threading
+
+PIECES = [bytes([i % 251]) * n for i, n in enumerate((100, 70000, 9000, 8192, 8193, 300000, 1))]
+
+def serve(conn):
+    with conn:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            more = conn.recv(4096)
+            if not more:
+                return
+            buf += more
+        path = buf.split(b" ", 2)[1]
+        if path == b"/chunked":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/x-big; q=1\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            for piece in PIECES:
+                conn.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+            conn.sendall(b"0\r\n\r\n")
+        elif path == b"/close":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/x-close\r\n"
+                         b"Connection: close\r\n\r\n")
+            for piece in PIECES:
+                conn.sendall(piece)
+        else:
+            body = b"".join(PIECES)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+BIG_PIECES = [bytes([i % 251]) * n for i, n in enumerate((100, 70000, 9000, 8192, 8193, 300000, 1))]
+BIG_PORT = 8090
+
+
+@pytest.mark.lab
+def test_big_bodies_arrive_intact_through_gather_writes(lab: Lab) -> None:
+    lab.start_origin_python(BIG_ORIGIN, BIG_PORT)
+    want = hashlib.sha256(b"".join(BIG_PIECES)).hexdigest()
+    with Proxy(lab, f"[proxy]\nports = [80, {BIG_PORT}]\n") as proxy:
+        for path, ctype in (("/chunked", "text/x-big"), ("/close", "text/x-close"), ("/cl", "-")):
+            res = lab.curl("client", f"http://{lab.origin_v4}:{BIG_PORT}{path}", "--raw")
+            assert res.status == 200, path
+            body = res.body
+            if path != "/cl":  # chunked to the client (re-chunked for /close): decode
+                out, rest = b"", body
+                while True:
+                    size_line, _, rest = rest.partition(b"\r\n")
+                    size = int(size_line.split(b";")[0], 16)
+                    if size == 0:
+                        break
+                    out, rest = out + rest[:size], rest[size + 2 :]
+                body = out
+            assert hashlib.sha256(body).hexdigest() == want, path
+            deadline = time.monotonic() + 5
+            while path not in proxy.access_log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            line = [x for x in proxy.access_log.read_text().splitlines() if path in x][-1]
+            assert line.endswith(" " + ctype), line

@@ -50,6 +50,9 @@ WRITE_BUFFER_LOW = 64 * 1024
 # Bytes held for a peer that is not connected yet (or while a pipelined request waits); above
 # this the producing side stops reading.
 PENDING_LIMIT = 256 * 1024
+# Body pieces up to this size are joined to the bytes before them (held head, chunk header)
+# and sent with one write; larger ones go out as a gather write without the copy.
+COALESCE_LIMIT = 8 * 1024
 # SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 # A request answered by the proxy itself before its body arrived: a body up to this size is read
@@ -129,8 +132,10 @@ class Exchange:
     """One request and its response, as seen by the client connection."""
 
     __slots__ = (
+        "_url",
         "client_keep_alive",
-        "content_type",
+        "ctype",
+        "dst_host",
         "extra_headers",
         "head",
         "held",
@@ -149,12 +154,15 @@ class Exchange:
         "status",
         "upstream",
         "upstream_framing",
-        "url",
     )
 
-    def __init__(self, head: RequestHead, url: str) -> None:
+    def __init__(self, head: RequestHead, url: str | None = None, dst_host: str = "") -> None:
         self.head = head
-        self.url = url
+        # The URL is built on first use (policy hooks, the access log): with neither, building
+        # it per request was wasted. ``dst_host`` (the original destination) stands in for a
+        # missing Host field.
+        self._url = url
+        self.dst_host = dst_host
         self.start = time.time()
         self.upstream: Upstream | None = None
         self.upstream_framing = http1.forward_framing(head)
@@ -170,7 +178,9 @@ class Exchange:
         self.sent = 0
         self.result = "TCP_MISS"
         self.hierarchy = "HIER_DIRECT"
-        self.content_type = "-"
+        # The access log's content type; None: the response head's media type, read when
+        # first asked for (only the access log asks, and it is often off).
+        self.ctype: str | None = None
         self.sink: BodySink | None = None
         # Called once when the exchange ends, however it ends (the cache releases waiters).
         self.on_finish: Callable[[Exchange], None] | None = None
@@ -183,6 +193,41 @@ class Exchange:
         self.retryable = head.method in (b"GET", b"HEAD", b"OPTIONS") and (
             head.body_kind is http1.BodyKind.NONE
         )
+
+    @property
+    def url(self) -> str:
+        url = self._url
+        if url is None:
+            url = self._url = request_url(self.head, self.dst_host)
+        return url
+
+    @url.setter
+    def url(self, value: str) -> None:
+        self._url = value
+
+    @property
+    def content_type(self) -> str:
+        """The media type for the access log ("-" when there is none)."""
+        ctype = self.ctype
+        if ctype is None:
+            head = self.response_head
+            value = None if head is None else http1.header_value(head.headers, b"content-type")
+            ctype = self.ctype = value.decode("latin-1").split(";")[0].strip() if value else "-"
+        return ctype
+
+    @content_type.setter
+    def content_type(self, value: str) -> None:
+        self.ctype = value
+
+
+def request_url(head: RequestHead, dst_host: str) -> str:
+    """The absolute URL of a request: its absolute-form target, or http:// + Host (else the
+    original destination address) + origin-form target (RFC 9112 §3.3)."""
+    target = head.target.decode("latin-1")
+    if target.startswith(("http://", "https://")):
+        return target
+    host = head.host.decode("latin-1") if head.host else format_host(dst_host)
+    return f"http://{host}{target}"
 
 
 class _Side(asyncio.Protocol):
@@ -540,6 +585,29 @@ class ClientConnection(_Side):
             self.bytes_out += len(data)
             self.transport.write(data)
 
+    def write_body(self, head: bytes, data: bytes, chunked: bool) -> None:
+        """Response body bytes, behind ``head`` (b"" or the held response head) in one send.
+
+        Above COALESCE_LIMIT the pieces go out as one gather write (uvloop's writelines is a
+        single writev) instead of being joined into a copy first; below it the copy is cheaper
+        than the gather bookkeeping (measured with uvloop over a socketpair: 1 KiB +0.1 µs,
+        64 KiB -1.7 µs per send)."""
+        if self.transport is None or self.closed:
+            return
+        if len(data) <= COALESCE_LIMIT:
+            out = http1.encode_chunk(data) if chunked else data
+            self.write(head + out if head else out)
+            return
+        if chunked:  # RFC 9112 §7.1: chunk-size CRLF chunk-data CRLF
+            parts: tuple[bytes, ...] = (head, b"%x\r\n" % len(data), data, b"\r\n")
+        elif head:
+            parts = (head, data)
+        else:
+            self.write(data)
+            return
+        self.bytes_out += sum(map(len, parts))
+        self.transport.writelines(parts)
+
     def close(self) -> None:
         self.state = CLOSING
         if self.transport is not None and not self.closed:
@@ -667,15 +735,11 @@ class ClientConnection(_Side):
             self.pause_reading()
 
     def request_url(self, head: RequestHead) -> str:
-        target = head.target.decode("latin-1")
-        if target.startswith(("http://", "https://")):
-            return target
-        host = head.host.decode("latin-1") if head.host else format_host(str(self.sockname[0]))
-        return f"http://{host}{target}"
+        return request_url(head, str(self.sockname[0]))
 
     def request_head(self, head: RequestHead) -> None:
         self.state = EXCHANGE
-        ex = Exchange(head, self.request_url(head))
+        ex = Exchange(head, None, self.sockname[0])
         self.exchange = ex
         self.set_deadline(0)
         refusal = self.server.limit_request(self)
@@ -823,15 +887,14 @@ class ClientConnection(_Side):
         for index, event in enumerate(events):
             if isinstance(event, Body):
                 data = event.data
-                out = http1.encode_chunk(data) if ex.response_framing is Framing.CHUNKED else data
-                if ex.held:
+                held = ex.held
+                if held:
                     # One send for the head and the first body bytes: one segment, not two.
-                    out = ex.held + out
-                    ex.sent += len(ex.held)  # Squid logs head + body bytes
+                    ex.sent += len(held)  # Squid logs head + body bytes
                     ex.held = b""
                     ex.response_started = True
-                self.write(out)
-                ex.sent += len(event.data)
+                self.write_body(held, data, ex.response_framing is Framing.CHUNKED)
+                ex.sent += len(data)
                 if ex.sink is not None:
                     ex.sink.data(event.data)
             elif isinstance(event, ResponseHead):
@@ -867,8 +930,7 @@ class ClientConnection(_Side):
     def response_head(self, ex: Exchange, head: ResponseHead) -> None:
         ex.response_head = head
         ex.status = head.status
-        ctype = http1.header_value(head.headers, b"content-type")
-        ex.content_type = ctype.decode("latin-1").split(";")[0].strip() if ctype else "-"
+        ex.ctype = None  # this head's, when the access log asks (Exchange.content_type)
         self.set_deadline(0)
         client_version = ex.head.version
         framing = http1.forward_framing(head, client_version)
