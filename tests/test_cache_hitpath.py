@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,7 +97,7 @@ CASES = [
     (b"GET", b"1.0", b"Connection: keep-alive\r\n", 200, b"y" * 10),
     (b"GET", b"1.1", b"Connection: close\r\n", 200, b"z" * 100),
     (b"GET", b"1.1", b"", 200, b""),
-    (b"GET", b"1.1", b"", 404, b"not here"),
+    (b"GET", b"1.1", b"", 404, b"not here " * 5),
     (b"GET", b"1.1", b"", 301, b""),
 ]
 
@@ -104,11 +105,17 @@ CASES = [
 @pytest.mark.parametrize(("method", "version", "extra", "status", "body"), CASES)
 @pytest.mark.parametrize("x_cache", [False, True])
 @pytest.mark.parametrize("draining", [False, True])
+@pytest.mark.parametrize("tier", ["memory", "disk"])
 def test_serve_plain_writes_what_serve_writes(
     method: bytes, version: bytes, extra: bytes, status: int, body: bytes, x_cache: bool,
-    draining: bool,
+    draining: bool, tier: str, tmp_path: Path,
 ) -> None:  # fmt: skip
-    cache = Cache(CacheConfig(disk_dir="", disk_size=0, x_cache_header=x_cache))
+    if tier == "memory":
+        cfg = CacheConfig(disk_dir="", disk_size=0, x_cache_header=x_cache)
+    else:  # bodies above 16 bytes stay on disk only and stream from their file
+        cfg = CacheConfig(disk_dir=str(tmp_path), disk_size=1 << 20, memory_size=1 << 20,
+                          max_memory_object_size=16, x_cache_header=x_cache)  # fmt: skip
+    cache = Cache(cfg)
     raw = method + b" /a?b=1 HTTP/" + version + b"\r\nHost: example.com\r\n" + extra + b"\r\n"
     head = request(raw)
     lines = [line % len(body) if b"%d" in line else line for line in STORED]
@@ -130,7 +137,9 @@ def test_serve_plain_writes_what_serve_writes(
     data = out[0][0][0]
     assert b"Age: 12\r\n" in data and b"Age: 7" not in data and b"MISS" not in data
     assert data.endswith(b"\r\n\r\n" + (body if method == b"GET" else b""))
-    assert cache.counters.mem_hits == 3
+    on_disk = tier == "disk" and len(body) > 16
+    assert out[0][0][2] == ("TCP_HIT" if on_disk else "TCP_MEM_HIT")
+    assert (cache.counters.hits, cache.counters.mem_hits) == ((3, 0) if on_disk else (0, 3))
 
 
 def test_on_request_fast_and_general_paths_agree() -> None:

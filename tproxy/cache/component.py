@@ -589,29 +589,45 @@ class Cache:
         body: bytes | None,
     ) -> bool:
         """:meth:`serve` for a request without conditionals or Range
-        (:func:`policy.request_is_plain`) and a body in the memory tier (``body``, or looked
-        up here when None): the same bytes, from a head serialised once per entry with only
-        Age filled in. False: use serve()."""
+        (:func:`policy.request_is_plain`): the same bytes, from a head serialised once per
+        entry with only Age filled in. ``body`` is the memory tier's copy when the lookup
+        handed it over; otherwise the object is looked up here. False: it is gone (a miss)."""
+        obj: StoredObject | None = None
         if body is None:
             body = self.store.memory_body(entry)
             if body is None:
-                return False
+                obj = self.store.open(entry)
+                if obj is None:
+                    return False
+                entry = obj.entry
+                if obj.tier == "memory":  # a small disk object, now promoted
+                    body, obj = obj.body(), None
         head = ex.head
         keep = head.keep_alive and not conn.server.draining
-        x_cache = self.cfg.x_cache_header
+        length = len(body) if body is not None else obj.length if obj is not None else 0
         memo = policy.hot(entry).memo
-        shape = (x_cache, keep, head.version == b"1.0", len(body))
+        shape = (self.cfg.x_cache_header, keep, head.version == b"1.0", length)
         parts = memo.get(shape)
         if not isinstance(parts, _HitHead):
             parts = _HitHead.build(entry, shape)
             memo[shape] = parts
         ex.client_keep_alive = keep
         ex.content_type = parts.content_type
-        self.counters.mem_hits += 1
         data = parts.prefix + policy.age_value(age) + parts.suffix
-        if head.method != b"HEAD" and body:
-            data += body
-        conn.respond_local(ex, data, entry.status, "TCP_MEM_HIT")
+        status = entry.status
+        if obj is None:
+            self.counters.mem_hits += 1
+            if head.method != b"HEAD" and body:
+                data += body
+            conn.respond_local(ex, data, status, "TCP_MEM_HIT")
+            return True
+        self.counters.hits += 1
+        if head.method == b"HEAD" or length == 0:
+            obj.close()
+            conn.respond_local(ex, data, status, "TCP_HIT")
+            return True
+        chunks = obj.iter_chunks() if status == 200 else obj.iter_range(0, length - 1)
+        conn.stream_local(ex, data, _closing(obj, chunks), status, "TCP_HIT")
         return True
 
     def serve(
