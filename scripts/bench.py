@@ -11,7 +11,9 @@ three see the same kernel, links and origin:
 
 The load generator (wrk) and the origin (nginx) are pinned to one core and the proxy to the other,
 so the proxy's CPU time is its own; with 2 cores the client side can be the bottleneck, which is
-why the proxy's CPU time per request is reported next to req/s.
+why the proxy's CPU time per request is reported next to req/s. Receive steering (RPS) keeps
+each flow's packets in order on the veth links and, by default, the kernel's receive work on the
+load core too, for every config alike (``--steer``, see :func:`steer_lab`).
 
 Each (round, config, cache mode) starts a fresh proxy, warms it up, and runs the scenarios of that
 cache mode; figures are medians over ``--rounds``. Only ratios within one run mean anything on a
@@ -28,7 +30,8 @@ run against a path on the origin; ``cache`` selects how both proxies are configu
 path, Squid with ``cache deny all``; memory / disk: hit path, primed before timing). Scenarios
 whose prerequisite is missing from the daemon are reported as pending and skipped.
 
-Usage: scripts/bench [--rounds N] [--short] [--scenarios a,b,...] [--configs ...] [--json FILE]
+Usage: scripts/bench [--rounds N] [--short] [--scenarios a,b,...] [--configs ...] [--steer MODE]
+             [--json FILE]
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ ROUTED = "noproxy"
 # taskset(1) CPU numbers: wrk, the idle client and nginx share LOAD_CPU, the proxy gets PROXY_CPU.
 LOAD_CPU = 0
 PROXY_CPU = 1
+# Receive steering of the lab's links: see steer_lab().
+STEER_MODES = ("hash", "split", "load", "none")
+DEFAULT_STEER = "load"
 
 PROXY_PORT = 3129  # the TPROXY --on-port of tproxy's default rules; Squid's tproxy port too
 SQUID_FORWARD_PORT = 3128  # Squid refuses to start with only intercepting ports
@@ -591,6 +597,7 @@ class Plan:
     rounds: int
     seconds: float
     idle_conns: int
+    steer: str = DEFAULT_STEER
 
 
 def groups(scenarios: Sequence[Scenario]) -> Iterator[tuple[CacheMode, list[Scenario]]]:
@@ -619,7 +626,9 @@ def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[tuple[str, str], li
         with Lab(clients=1) as lab:
             pin_origin(lab)
             tune_lab(lab)
-            log(f"lab {lab.tag} up; load+origin on cpu {LOAD_CPU}, proxy on cpu {PROXY_CPU}")
+            steer_lab(lab, plan.steer)
+            log(f"lab {lab.tag} up; load+origin on cpu {LOAD_CPU}, proxy on cpu {PROXY_CPU}, "
+                f"receive steering {plan.steer}")  # fmt: skip
             for rnd in range(plan.rounds):
                 # Rotate the order so no config always runs first (or last) in a round.
                 k = rnd % len(plan.configs)
@@ -677,10 +686,60 @@ CLIENT_SYSCTLS = {
 # The proxies' upstream sockets pick ephemeral ports in the gateway namespace.
 GATEWAY_SYSCTLS = {"net.ipv4.ip_local_port_range": "1024 65535"}
 
+# Receive steering (RPS, kernel Documentation/networking/scaling.rst) of the lab's veth links.
+#
+# Why at all: a veth transmit hands the packet to the backlog queue of the CPU that sent it
+# (netif_rx without RPS). A TCP socket sends from two CPUs - from its process (sendmsg) and
+# from the softirq that processes the peer's ACKs - so one flow's packets land in two CPUs'
+# backlogs and arrive reordered, and the sender takes the reordering for loss: 15,000-75,000
+# spurious fast retransmits and 60-100 ms stalls per 16m cell through a proxy (none when
+# routed, where every packet stays on the load CPU). A NIC's receive queue keeps a flow in
+# order; RPS does the same for veth: each receiving interface's packets go to the backlog of
+# one CPU chosen from its rps_cpus mask.
+#
+# Modes (--steer), the same for every config:
+#   hash     every receiving interface in all three namespaces hashes flows over both CPUs
+#            (rps_cpus=3). In order, but which CPU a flow's receive work lands on is chance,
+#            so a one-connection cell (16m) moves by up to 2x between rounds.
+#   split    the gateway's interfaces on PROXY_CPU, the client's and the origin's on LOAD_CPU:
+#            each host's packet processing on its own CPU, as on separate machines. Every
+#            hand-over between hosts is a cross-CPU interrupt, which costs several µs in this
+#            VM; routing pays it as much as the proxies do.
+#   load     every interface on LOAD_CPU: the proxy's CPU runs only the proxy; the load CPU
+#            does all receive processing (wrk, nginx and every host's kernel side).
+#   none     no steering (reordering through proxies, see above).
+
 
 def tune_lab(lab: Lab) -> None:
     lab.sysctl("client", CLIENT_SYSCTLS)
     lab.sysctl("gateway", GATEWAY_SYSCTLS)
+
+
+def _cpu_mask(*cpus: int) -> str:
+    return format(sum(1 << c for c in cpus), "x")
+
+
+def steer_lab(lab: Lab, mode: str = DEFAULT_STEER) -> dict[str, str]:
+    """Set rps_cpus on every rx queue of the lab's receiving interfaces; returns iface -> mask."""
+    if mode == "none":
+        return {}
+    both = _cpu_mask(LOAD_CPU, PROXY_CPU)
+    gateway = {"hash": both, "split": _cpu_mask(PROXY_CPU), "load": _cpu_mask(LOAD_CPU)}[mode]
+    ends = both if mode == "hash" else _cpu_mask(LOAD_CPU)
+    plan = [
+        *(("gateway", iface, gateway) for iface in (*lab.gw_lan_ports, lab.gw_wan_if)),
+        *((f"client{i + 1}", lab.client_if, ends) for i in range(len(lab.ns_clients))),
+        ("origin", lab.origin_if, ends),
+    ]
+    done: dict[str, str] = {}
+    for host, iface, mask in plan:
+        # `ip netns exec` mounts the namespace's own /sys, where its interfaces are.
+        script = f"for q in /sys/class/net/{iface}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"
+        res = lab.run(host, ["sh", "-c", script], check=False)
+        if res.returncode != 0:
+            raise LabError(f"rps_cpus on {iface} in {host}: {res.stderr.strip()}")
+        done[f"{host}/{iface}"] = mask
+    return done
 
 
 def clear_time_wait(lab: Lab) -> None:
@@ -828,6 +887,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--idle-conns", type=int, default=None, help=f"default {IDLE_CONNS}")
     ap.add_argument("--run-pending", action="store_true",
                     help="run scenarios whose daemon prerequisite looks missing")  # fmt: skip
+    ap.add_argument("--steer", choices=STEER_MODES, default=DEFAULT_STEER,
+                    help="receive steering of the lab links (see STEER_MODES in bench.py; "
+                    "default: %(default)s)")  # fmt: skip
     ap.add_argument("--json", metavar="FILE", help="write the medians as JSON")
     return ap.parse_args(argv)
 
@@ -856,6 +918,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         rounds=a.rounds or (1 if a.short else DEFAULT_ROUNDS),
         seconds=a.seconds or (SHORT_CELL_SECONDS if a.short else CELL_SECONDS),
         idle_conns=a.idle_conns or (SHORT_IDLE_CONNS if a.short else IDLE_CONNS),
+        steer=a.steer,
     )
 
 
@@ -909,6 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_cpu": LOAD_CPU,
                 "proxy_cpu": PROXY_CPU,
                 "reference": REFERENCE,
+                "steer": plan.steer,
                 "started": started,
                 "elapsed_s": round(time.time() - started, 1),
             },

@@ -20,15 +20,14 @@ from typing import Any
 
 import pytest
 
+from tests.lab import Lab
+from tests.proxy import Proxy
 from tproxy import config
 from tproxy.accesslog import AccessLog
 from tproxy.filter.component import FilterComponent
 from tproxy.limits import Limiter, LimitsConfig
 from tproxy.server import Server
 from tproxy.shaping.component import ShapingComponent
-
-from tests.lab import Lab
-from tests.proxy import Proxy
 
 DENY_BAD = """
 [filter]
