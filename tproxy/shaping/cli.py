@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from tproxy.shaping.model import UNSHAPED_CLASSID, classid_str, format_show, render_plan
+from tproxy.shaping.model import UNSHAPED_CLASSID, class_rows, format_show, render_plan
 
 # Seconds between the two counter reads that give the "now" rate column.
 DEFAULT_INTERVAL = 1.0
@@ -43,24 +43,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 3
     missing = [i for i in ifaces if (i, UNSHAPED_CLASSID) not in counters]
     if args.json:
-        rows = []
-        for ip in plan.interfaces:
-            for rec in ip.classes:
-                c = counters.get((ip.iface, rec.classid))
-                rows.append(
-                    {
-                        "interface": ip.iface,
-                        "role": ip.role,
-                        "class": rec.name or "(root)",
-                        "classid": classid_str(rec.classid),
-                        "rate": rec.rate,
-                        "ceil": rec.ceil,
-                        "bytes": c.bytes if c else None,
-                        "packets": c.packets if c else None,
-                        "drops": c.drops if c else None,
-                        "rate_bps": c.rate_bps if c else None,
-                    }
-                )
+        rows = class_rows(plan, counters)
         print(json.dumps({"classes": rows, "not_applied": missing}, indent=1))
         return 0
     print(format_show(plan, counters), end="")

@@ -55,7 +55,7 @@ from tproxy.shaping.model import (
     ShapingConfig,
     ShapingPlan,
     build_plan,
-    classid_str,
+    class_rows,
     classify_rules,
     mark_for,
     select_class,
@@ -276,24 +276,7 @@ class ShapingComponent:
         self.applied = False
 
     def status(self) -> dict[str, Any]:
-        classes: list[dict[str, Any]] = []
-        for ip in self.plan.interfaces:
-            for rec in ip.classes:
-                c = self.counters.get((ip.iface, rec.classid))
-                classes.append(
-                    {
-                        "interface": ip.iface,
-                        "role": ip.role,
-                        "class": rec.name or "(root)",
-                        "classid": classid_str(rec.classid),
-                        "rate": rec.rate,
-                        "ceil": rec.ceil,
-                        "bytes": c.bytes if c else None,
-                        "packets": c.packets if c else None,
-                        "drops": c.drops if c else None,
-                        "rate_bps": c.rate_bps if c else None,
-                    }
-                )
+        classes = class_rows(self.plan, self.counters)
         return {
             "enabled": self.config.enabled,
             "applied": self.active,

@@ -52,7 +52,7 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from tproxy.config import Reader, register_section
 
@@ -680,6 +680,31 @@ class ClassCounters:
     drops: int
     overlimits: int
     rate_bps: float | None = None  # bit/s over the sampling interval; None if not sampled
+
+
+def class_rows(
+    plan: ShapingPlan, counters: Mapping[tuple[str, int], ClassCounters]
+) -> list[dict[str, Any]]:
+    """The plan's classes with their counters as plain data (``--json``, ``tproxy status``)."""
+    rows: list[dict[str, Any]] = []
+    for ip in plan.interfaces:
+        for rec in ip.classes:
+            c = counters.get((ip.iface, rec.classid))
+            rows.append(
+                {
+                    "interface": ip.iface,
+                    "role": ip.role,
+                    "class": rec.name or "(root)",
+                    "classid": classid_str(rec.classid),
+                    "rate": rec.rate,
+                    "ceil": rec.ceil,
+                    "bytes": c.bytes if c else None,
+                    "packets": c.packets if c else None,
+                    "drops": c.drops if c else None,
+                    "rate_bps": c.rate_bps if c else None,
+                }
+            )
+    return rows
 
 
 def format_show(plan: ShapingPlan, counters: Mapping[tuple[str, int], ClassCounters]) -> str:
