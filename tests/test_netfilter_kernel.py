@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import ipaddress
 import os
 import re
@@ -348,7 +347,7 @@ def test_tproxy_delivers_to_the_listener(pair: Pair, family: int, listen_on: str
 
             # Drain (the daemon before a stop): no ports, so new connections are no longer
             # diverted, but the flow we own keeps working through the socket divert.
-            apply(dataclasses.replace(plan, ports=()), netns=pair.gateway)
+            apply(plan.draining(), netns=pair.gateway)
             newcomer = in_netns(pair.client, lambda: client_socket(family))
             with newcomer, pytest.raises(OSError):
                 newcomer.connect((addr["far"], 80))
@@ -373,6 +372,79 @@ def test_tproxy_delivers_to_the_listener(pair: Pair, family: int, listen_on: str
         lsock.close()
         flush(None, netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
+
+
+def socket_rule_packets(ns: str) -> int:
+    """Packets matched by our ``-m socket`` divert rule (iptables-save -c counters)."""
+    save = sh("iptables-save", "-c", "-t", "mangle", ns=ns)
+    counts = [
+        int(m.group(1))
+        for line in save.splitlines()
+        if "-A TPROXY-PRE " in line and "-m socket" in line
+        for m in [re.match(r"\[(\d+):\d+\]", line)]
+        if m
+    ]
+    assert counts, save
+    return sum(counts)
+
+
+def test_other_ports_never_reach_the_socket_divert(pair: Pair) -> None:
+    """A forwarded flow on a port we do not intercept is never looked up by ``-m socket``.
+
+    A transparent listener in the gateway bound to the origin's address and that port is what
+    the socket lookup would find for its packets (xt_socket ignores wildcard listeners): with
+    the lookup, even the SYN would be diverted to it. Port 80 flows
+    still go through TPROXY and the socket divert."""
+    plan = RulesPlan(lan_interfaces=("lan0",), ports=(80,), listen_port=LISTEN_PORT, ipv6=False)
+    other = 8443
+    lsock = in_netns(pair.gateway, lambda: listener(4, "0.0.0.0"))
+    decoy = in_netns(pair.gateway, lambda: listener_on(ORIGIN["origin"], other))
+    osock = in_netns(pair.origin, lambda: origin_listener(other))
+    try:
+        apply(plan, netns=pair.gateway)
+        apply_routing(plan, netns=pair.gateway)
+        csock = in_netns(pair.client, lambda: client_socket(4))
+        with csock:
+            csock.connect((ORIGIN["origin"], other))
+            conn, _ = osock.accept()
+            with conn:
+                for _ in range(5):
+                    csock.sendall(b"ping")
+                    assert conn.recv(16) == b"ping"
+                    conn.sendall(b"pong")
+                    assert csock.recv(16) == b"pong"
+        decoy.settimeout(SHORT_TIMEOUT)
+        with pytest.raises(TimeoutError):
+            decoy.accept()
+        assert socket_rule_packets(pair.gateway) == 0
+        # Port 80: intercepted, and its later packets are diverted by the socket rule.
+        csock = in_netns(pair.client, lambda: client_socket(4))
+        with csock:
+            csock.connect((V4["far"], 80))
+            lsock.settimeout(TIMEOUT)
+            conn, _ = lsock.accept()
+            with conn:
+                csock.sendall(b"ping")
+                assert conn.recv(16) == b"ping"
+                conn.sendall(b"pong")
+                assert csock.recv(16) == b"pong"
+        assert socket_rule_packets(pair.gateway) > 0
+    finally:
+        osock.close()
+        decoy.close()
+        lsock.close()
+        flush(None, netns=pair.gateway)
+        flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
+
+
+def listener_on(address: str, port: int) -> socket.socket:
+    """A transparent IPv4 listener on a (foreign) ``address`` and ``port``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(8)
+    return sock
 
 
 TIME_WAIT_ROUNDS = 5

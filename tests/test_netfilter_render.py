@@ -130,10 +130,10 @@ def test_minimal_plan_has_no_extras() -> None:
     assert "TPROXY-POST" not in text
     assert "NFQUEUE" not in text and "CONNMARK" not in text
     assert rules_of(text, "TPROXY-PRE") == [
-        "-A TPROXY-PRE -m addrtype --dst-type LOCAL -j RETURN",
+        "-A TPROXY-PRE -p tcp -m multiport --ports 80 -m addrtype --dst-type LOCAL -j RETURN",
         "-A TPROXY-PRE -i lan0 -p tcp --syn --dport 80 -j TPROXY --on-port 3129 "
         "--on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
-        "-A TPROXY-PRE -p tcp -m socket --transparent -j TPROXY-DIVERT",
+        "-A TPROXY-PRE -p tcp -m multiport --ports 80 -m socket --transparent -j TPROXY-DIVERT",
         "-A TPROXY-PRE -i lan0 -p tcp ! --syn --dport 80 -j TPROXY --on-port 3129 "
         "--on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
     ]
@@ -362,10 +362,68 @@ def test_plan_from_config_errors() -> None:
 
 def test_drain_plan_keeps_only_the_divert() -> None:
     """No ports: new connections are no longer diverted, flows we own still are."""
-    plan = dataclasses.replace(full_plan(), ports=(), https_ports=())
+    plan = full_plan().draining()
+    assert plan == dataclasses.replace(
+        full_plan(), ports=(), https_ports=(), divert_ports=(80, 8080)
+    )
     assert not plan.intercepts() and full_plan().intercepts()
     pre = rules_of(render(plan, 4), "TPROXY-PRE")
     assert not [r for r in pre if "-j TPROXY " in r or "-j NFQUEUE" in r]
-    assert "-A TPROXY-PRE -p tcp -m socket --transparent -j TPROXY-DIVERT" in pre
+    # The LOCAL test still comes before the divert, for the same ports.
+    local = (
+        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m addrtype --dst-type LOCAL -j RETURN"
+    )
+    divert = (
+        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m socket --transparent -j TPROXY-DIVERT"
+    )
+    assert pre.index(local) < pre.index(divert) == len(pre) - 1
     # Decided HTTPS flows keep their verdict (resets keep resetting).
     assert any("--restore-mark" in r for r in pre)
+
+
+def test_socket_divert_and_local_test_only_for_diverted_ports() -> None:
+    """Forwarded TCP on other ports never pays the socket lookup nor the addrtype FIB lookup."""
+    pre = rules_of(render(full_plan(), 4), "TPROXY-PRE")
+    for rule in pre:
+        if "-m socket" in rule:
+            assert "-p tcp -m multiport --ports 80,8080 -m socket" in rule, rule
+        if "-m addrtype" in rule:
+            # HTTPS ports too: the gateway's own HTTPS service is never queued for SNI.
+            assert "-p tcp -m multiport --ports 80,443,8080 -m addrtype" in rule, rule
+    # A plan that diverts nothing owns no flow: neither lookup is rendered.
+    bare = rules_of(render(minimal_plan(ports=()), 4), "TPROXY-PRE")
+    assert not [r for r in bare if "-m socket" in r or "-m addrtype" in r]
+
+
+def test_divert_ports_split_at_the_multiport_limit() -> None:
+    plan = minimal_plan(ports=tuple(range(1000, 1010)), divert_ports=tuple(range(1005, 1020)))
+    assert plan.diverted_ports() == tuple(range(1000, 1020))
+    pre = rules_of(render(plan, 4), "TPROXY-PRE")
+    socket_rules = [r for r in pre if "-m socket" in r]
+    local_rules = [r for r in pre if "-m addrtype" in r]
+    assert len(socket_rules) == len(local_rules) == 2
+    listed = [p for r in socket_rules for p in r.split("--ports ")[1].split()[0].split(",")]
+    assert sorted(map(int, listed)) == list(range(1000, 1020))
+    # Every LOCAL test comes before every TPROXY rule.
+    first_tproxy = next(i for i, r in enumerate(pre) if "-j TPROXY " in r)
+    assert all(pre.index(r) < first_tproxy for r in local_rules)
+    with pytest.raises(ValueError, match="not a TCP port"):
+        minimal_plan(divert_ports=(0,))
+
+
+def test_reload_keeps_the_divert_of_dropped_ports() -> None:
+    old = minimal_plan(ports=(80, 8080))
+    # Same ports: the plan is unchanged (a reload of an equal config changes no rule).
+    assert minimal_plan(ports=(80, 8080)).keeping_divert(old) == old
+    new = minimal_plan(ports=(80,)).keeping_divert(old)
+    assert new.ports == (80,) and new.diverted_ports() == (80, 8080)
+    pre = rules_of(render(new, 4), "TPROXY-PRE")
+    assert (
+        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m socket --transparent "
+        "-j TPROXY-DIVERT" in pre
+    )
+    assert not [r for r in pre if "-j TPROXY " in r and "8080" in r]
+    # Kept across a further reload, and through a drain.
+    again = minimal_plan(ports=(81,)).keeping_divert(new)
+    assert again.diverted_ports() == (80, 81, 8080)
+    assert again.draining().diverted_ports() == (80, 81, 8080)

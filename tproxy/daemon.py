@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -101,7 +100,7 @@ class Daemon:
         if not self.rules_applied:
             return
         try:
-            plan = dataclasses.replace(self.plan, ports=(), https_ports=())
+            plan = self.plan.draining()
             await asyncio.to_thread(netfilter.apply, plan)
         except netfilter.RulesError as exc:
             log.error("withdrawing interception rules failed: %s", exc)
@@ -205,7 +204,8 @@ class Daemon:
                     raise ConfigError(new.path, f"proxy.{key}", "changing it needs a restart")
             for comp in self.components:
                 await comp.reload(self, new)
-            plan = self.make_plan(new)
+            # A dropped port keeps its socket divert: its open connections go on.
+            plan = self.make_plan(new).keeping_divert(self.plan)
             if plan != self.plan:
                 old = self.plan
                 if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):

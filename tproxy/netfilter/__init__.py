@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from ..config import Config, ConfigError
 from .apply import RulesError, apply, flush, run_restore, show, show_by_family
 from .render import (
+    DEFAULT_ON_IP4,
+    DEFAULT_ON_IP6,
     MARK_CLASS_MASK,
     MARK_CLASS_SHIFT,
     MARK_VERDICT_ACCEPT,
@@ -66,11 +68,6 @@ def plan_from_config(
     without LAN interfaces is valid but intercepts nothing (check ``plan.intercepts()``)."""
     lan = tuple(lan_interfaces) if lan_interfaces else cfg.proxy.lan_interfaces
     rules = cfg.rules
-    extra: dict[str, str] = {}
-    if on_ip4 is not None:
-        extra["on_ip4"] = on_ip4
-    if on_ip6 is not None:
-        extra["on_ip6"] = on_ip6
     try:
         return RulesPlan(
             lan_interfaces=lan,
@@ -87,7 +84,8 @@ def plan_from_config(
             nfqueue_num=nfqueue_num,
             quic_reject=quic_reject,
             classify=tuple(classify),
-            **extra,
+            on_ip4=DEFAULT_ON_IP4 if on_ip4 is None else on_ip4,
+            on_ip6=DEFAULT_ON_IP6 if on_ip6 is None else on_ip6,
         )
     except ValueError as exc:
         raise ConfigError(cfg.path, "rules", str(exc)) from None
