@@ -303,6 +303,17 @@ class Upstream(_Side):
         self.abort()
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except Exception:
+            client = self.client
+            if client is not None:
+                client.fail_hard("origin data")
+            else:
+                log.exception("error handling data of an idle upstream connection")
+            self.abort()
+
+    def _data_received(self, data: bytes) -> None:
         if self.orphan:
             self.orphan_events(self.parser.feed(data))
             return
@@ -492,6 +503,23 @@ class ClientConnection(_Side):
         self.set_deadline(SNIFF_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        except Exception:
+            # A bug met by one connection's bytes ends that connection, logged, and nothing
+            # else: not the event loop, not the other connections.
+            self.fail_hard("client data")
+
+    def fail_hard(self, where: str) -> None:
+        log.exception("%s: error handling %s; closing the connection", self.client_ip, where)
+        up = self.upstream
+        if up is not None:
+            up.client = None
+            up.abort()
+            self.upstream = None
+        self.abort()
+
+    def _data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_activity = time.monotonic()
         state = self.state
