@@ -181,6 +181,27 @@ def flatten_status(status: Mapping[str, Any], depth: int = 0) -> Iterator[tuple[
                 yield f"{key}_{sub}", number
 
 
+# The daemon-wide figures of the status snapshot: (family, name, help, path in the snapshot).
+SERVER_FIGURES: tuple[tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str, str,
+                            tuple[str, ...]], ...] = (
+    (GaugeMetricFamily, "connections_active", "Client connections open now",
+     ("connections", "active")),
+    (CounterMetricFamily, "connections", "Client connections accepted", ("connections", "total")),
+    (CounterMetricFamily, "requests", "HTTP requests completed (access log lines)",
+     ("requests", "total")),
+    (CounterMetricFamily, "bad_requests", "Requests refused as malformed (400 and similar)",
+     ("bad_requests",)),
+    (CounterMetricFamily, "upstream_connects", "Upstream connections opened",
+     ("upstream", "connects")),
+    (CounterMetricFamily, "upstream_errors", "Upstream connections that failed",
+     ("upstream", "errors")),
+    (GaugeMetricFamily, "upstream_pool_idle", "Idle upstream connections kept for reuse",
+     ("upstream", "pool_idle")),
+    (GaugeMetricFamily, "overloaded", "1 while the daemon sheds load", ("overloaded",)),
+    (GaugeMetricFamily, "draining", "1 while the daemon drains before exit", ("draining",)),
+)  # fmt: skip
+
+
 class TproxyCollector(Collector):
     """Reads the daemon's figures at scrape time."""
 
@@ -197,46 +218,17 @@ class TproxyCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_start_time_seconds", "Daemon start, seconds since the epoch", snap["started"]
         )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_connections_active", "Client connections open now",
-            snap["connections"]["active"],
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            f"{PREFIX}_connections", "Client connections accepted",
-            snap["connections"]["total"],
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            f"{PREFIX}_requests", "HTTP requests completed (access log lines)",
-            snap["requests"]["total"],
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            f"{PREFIX}_bad_requests", "Requests refused as malformed (400 and similar)",
-            snap["bad_requests"],
-        )  # fmt: skip
+        for kind, name, help_text, path in SERVER_FIGURES:
+            value: Any = snap
+            for part in path:
+                value = value[part]
+            yield kind(f"{PREFIX}_{name}", help_text, int(value))
         traffic = CounterMetricFamily(
             f"{PREFIX}_client_bytes", "Bytes on client connections", labels=["direction"]
         )
         traffic.add_metric(["received"], snap["bytes"]["in"])
         traffic.add_metric(["sent"], snap["bytes"]["out"])
         yield traffic
-        yield CounterMetricFamily(
-            f"{PREFIX}_upstream_connects", "Upstream connections opened",
-            snap["upstream"]["connects"],
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            f"{PREFIX}_upstream_errors", "Upstream connections that failed",
-            snap["upstream"]["errors"],
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            f"{PREFIX}_upstream_pool_idle", "Idle upstream connections kept for reuse",
-            snap["upstream"]["pool_idle"],
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            f"{PREFIX}_overloaded", "1 while the daemon sheds load", int(snap["overloaded"])
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_draining", "1 while the daemon drains before exit", int(snap["draining"])
-        )
         limits = snap.get("limits", {})
         refused = CounterMetricFamily(
             f"{PREFIX}_limits_refused",
