@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz_util import corpus_files, corpus_params
 from tproxy.http1 import (
     Body,
     BodyKind,
@@ -462,28 +463,13 @@ def test_large_inputs_stay_bounded(mode: int, seed: int, blocks: int) -> None:
         one_input(Case(mode, seed, stream).encode())
 
 
-def corpus_files() -> list[Path]:
-    return sorted(p for p in CORPUS.iterdir() if p.is_file()) if CORPUS.is_dir() else []
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p, marks=pytest.mark.xfail(raises=Violation, strict=True, reason=KNOWN[p.name])
-        )
-        if p.name in KNOWN
-        else p
-        for p in corpus_files()
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", corpus_params(CORPUS, KNOWN, Violation), ids=lambda p: p.name)
 def test_corpus(path: Path) -> None:
     one_input(path.read_bytes(), strict=path.name in KNOWN)
 
 
 def test_corpus_is_there() -> None:
-    assert len(corpus_files()) >= 10
+    assert len(corpus_files(CORPUS)) >= 10
 
 
 def test_checker_catches_violations() -> None:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz_util import corpus_files, corpus_params
 from tests.test_tls_sni import ipv4, ipv6, real_hello, tcp_header, with_extensions
 from tproxy.tls import (
     EXT_ALPN,
@@ -334,22 +335,7 @@ def test_well_formed_packet_round_trip() -> None:
 # -- corpus ---------------------------------------------------------------------------------------
 
 
-def corpus_files() -> list[Path]:
-    return sorted(p for p in CORPUS.iterdir() if p.is_file()) if CORPUS.is_dir() else []
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            p, marks=pytest.mark.xfail(raises=Violation, strict=True, reason=KNOWN[p.name])
-        )
-        if p.name in KNOWN
-        else p
-        for p in corpus_files()
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", corpus_params(CORPUS, KNOWN, Violation), ids=lambda p: p.name)
 def test_corpus(path: Path) -> None:
     one_input(path.read_bytes(), strict=path.name in KNOWN or path.name in REGRESSIONS)
 
@@ -364,7 +350,7 @@ def test_assembler_rebase_stays_within_bound() -> None:
 
 
 def test_corpus_is_there() -> None:
-    assert len(corpus_files()) >= 10
+    assert len(corpus_files(CORPUS)) >= 10
 
 
 def test_oracle_can_fail() -> None:
