@@ -328,6 +328,22 @@ class Reader:
             )
         return out
 
+    def named_tables(self, key: str, parse: Callable[[Reader], T | None], what: str) -> list[T]:
+        """``[[key]]`` entries parsed by ``parse``, each with a ``name`` unique among them."""
+        out: list[T] = []
+        seen: set[str] = set()
+        for sub in self.tables(key):
+            item = parse(sub)
+            if item is None:
+                continue
+            name = str(getattr(item, "name", ""))
+            if name in seen:
+                sub.error("name", f"duplicate {what} name {name!r}")
+                continue
+            seen.add(name)
+            out.append(item)
+        return out
+
     def keys(self) -> list[str]:
         """All keys of this table (marks them as seen: for tables keyed by user names)."""
         self._seen.update(self.data)

@@ -440,29 +440,10 @@ def parse_filter(r: Reader) -> FilterConfig:
         quic_reject = "true" if value == "true" else "false" if value == "false" else "auto"
     https = r.boolean("https", d.https)
 
-    groups: list[GroupConfig] = []
-    seen: set[str] = set()
-    for sub in r.tables("group"):
-        g = _parse_group(sub)
-        if g is None:
-            continue
-        if g.name in seen:
-            sub.error("name", f"duplicate group name {g.name!r}")
-            continue
-        seen.add(g.name)
-        groups.append(g)
-
-    windows: list[WindowConfig] = []
-    wseen: set[str] = set()
-    for sub in r.tables("window"):
-        w = _parse_window(sub)
-        if w is None:
-            continue
-        if w.name in wseen:
-            sub.error("name", f"duplicate window name {w.name!r}")
-            continue
-        wseen.add(w.name)
-        windows.append(w)
+    groups = r.named_tables("group", _parse_group, "group")
+    windows = r.named_tables("window", _parse_window, "window")
+    seen = {g.name for g in groups}
+    wseen = {w.name for w in windows}
 
     rules = [_parse_rule(sub, seen, wseen, categories_dir) for sub in r.tables("rule")]
     r.finish()
