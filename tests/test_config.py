@@ -128,3 +128,12 @@ def test_sizes(text: str, value: int) -> None:
     r = config.Reader({"size": tomllib.loads(f"x = {text}")["x"]}, "f")
     assert r.size("size", 1) == value
     assert not r.errors
+
+
+def test_named_tables_report_duplicate_names_with_their_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[filter.group]]\nname = "kids"\ncidrs = ["10.0.0.0/24"]\n'
+        '[[filter.group]]\nname = "kids"\ncidrs = ["10.0.1.0/24"]\n',
+    )
+    assert f"{path}:5: filter.group[1].name: duplicate group name 'kids'" in errors_of(path)
