@@ -106,7 +106,8 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
 
-_SIZE_UNITS = {
+_DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS: dict[str, float] = {
     "": 1,
     "b": 1,
     "k": 1000,
@@ -127,7 +128,7 @@ _SIZE_UNITS = {
     "tib": 1024**4,
 }
 # Rates follow tc(8): "bit" units are bits per second, "bps" units are bytes per second.
-_RATE_UNITS = {
+_RATE_UNITS: dict[str, float] = {
     "bit": 1,
     "kbit": 1000,
     "mbit": 1000**2,
@@ -233,49 +234,50 @@ class Reader:
             return default
         return value
 
+    def _quantity(
+        self,
+        key: str,
+        default: float,
+        kinds: tuple[type, ...],
+        pattern: re.Pattern[str],
+        units: dict[str, float],
+        default_unit: str,
+        what: str,
+        example: str,
+        minimum: float,
+    ) -> float | None:
+        """A number, or a string ``<number><unit>``; None (and an error) when invalid."""
+        value = self._get(key, default, kinds, f"{what} like {example}")
+        if isinstance(value, str):
+            m = pattern.match(value)
+            unit = (m.group(2) or default_unit).lower() if m else ""
+            if not m or unit not in units:
+                self.error(key, f"not {what}: {value!r} (use e.g. {example})")
+                return None
+            value = float(m.group(1)) * units[unit]
+        if value < minimum:
+            bound = "must not be negative" if minimum == 0 else "must be positive"
+            self.error(key, f"{bound}; got {value:g}")
+            return None
+        return float(value)
+
     def duration(self, key: str, default: float) -> float:
         """Seconds, from a number or a string like ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
-        value = self._get(key, default, (int, float, str), 'a duration like 30 or "30s"')
-        if isinstance(value, str):
-            m = _DURATION.match(value)
-            if not m:
-                self.error(key, f'not a duration: {value!r} (use e.g. "500ms", "30s", "5m")')
-                return default
-            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}[m.group(2) or "s"]
-            value = float(m.group(1)) * scale
-        if value < 0:
-            self.error(key, f"must not be negative; got {value}")
-            return default
-        return float(value)
+        value = self._quantity(key, default, (int, float, str), _DURATION, _DURATION_UNITS, "s",
+                               "a duration", '"500ms", "30s", "5m"', 0)  # fmt: skip
+        return default if value is None else value
 
     def size(self, key: str, default: int) -> int:
         """Bytes, from an integer or a string like ``"64MiB"``, ``"1G"``, ``"512k"``."""
-        value = self._get(key, default, (int, str), 'a size like 1048576 or "1MiB"')
-        if isinstance(value, str):
-            m = _SIZE.match(value)
-            unit = (m.group(2) or "").lower() if m else ""
-            if not m or unit not in _SIZE_UNITS:
-                self.error(key, f'not a size: {value!r} (use e.g. "512KiB", "64MiB", "1GB")')
-                return default
-            value = int(float(m.group(1)) * _SIZE_UNITS[unit])
-        if value < 0:
-            self.error(key, f"must not be negative; got {value}")
-            return default
-        return int(value)
+        value = self._quantity(key, default, (int, str), _SIZE, _SIZE_UNITS, "",
+                               "a size", '"512KiB", "64MiB", "1GB"', 0)  # fmt: skip
+        return default if value is None else int(value)
 
     def rate(self, key: str, default: int) -> int:
         """Bits per second, from a tc(8)-style string (``"2mbit"``, ``"500kbit"``, ``"1mbps"``)."""
-        value = self._get(key, default, (int, str), 'a rate like "2mbit"')
-        if isinstance(value, str):
-            m = _RATE.match(value)
-            if not m:
-                self.error(key, f'not a rate: {value!r} (use e.g. "2mbit", "500kbit", "1mbps")')
-                return default
-            value = int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
-        if value <= 0:
-            self.error(key, f"must be positive; got {value}")
-            return default
-        return int(value)
+        value = self._quantity(key, default, (int, str), _RATE, _RATE_UNITS, "",
+                               "a rate", '"2mbit", "500kbit", "1mbps"', 1)  # fmt: skip
+        return default if value is None else int(value)
 
     # -- compound getters -----------------------------------------------------------------
 
