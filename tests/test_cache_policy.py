@@ -1016,3 +1016,10 @@ def test_conditional_headers_for_several_variants() -> None:
     c = entry('ETag: "a"')
     assert conditional_headers([a, b, c]) == ((b"If-None-Match", b'"a", "b"'),)
     assert conditional_headers(entry("Last-Modified: junk")) == ()
+
+
+def test_malformed_location_invalidates_only_the_target() -> None:
+    from tproxy.cache.policy import invalidate_uris
+
+    out = invalidate_uris(b"POST", 200, "http://a.example/x", [(b"Location", b"http://[bad/")])
+    assert out == ["http://a.example/x"]

@@ -353,3 +353,10 @@ def test_response_head_limit() -> None:
     lim = Limits(max_head_size=500)
     data = b"HTTP/1.1 200 OK\r\nX: " + b"v" * 600 + b"\r\nContent-Length: 0\r\n\r\n"
     assert only_error(responses([b"GET"], [data], limits=lim)).status == 502
+
+
+def test_absolute_form_with_a_malformed_authority_is_400() -> None:
+    from tproxy.http1 import ProtocolError, RequestParser
+
+    (event,) = RequestParser().feed(b"GET http://[abc/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(event, ProtocolError) and event.status == 400

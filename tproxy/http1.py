@@ -741,7 +741,11 @@ class RequestParser(_Parser):
             if target == b"*":
                 if method != b"OPTIONS":
                     return self._error(400, "asterisk-form only with OPTIONS")
-            elif not _ABSOLUTE_FORM.fullmatch(target):
+            elif not _ABSOLUTE_FORM.fullmatch(target) or not _HOST.fullmatch(
+                target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"?", 1)[0].rsplit(b"@", 1)[-1]
+            ):
+                # RFC 9112 §3.2.2: absolute-form carries an authority (RFC 3986 §3.2) that
+                # must parse; a malformed one ("http://[abc/") is a bad request, not our crash.
                 return self._error(400, "invalid request-target")
         fields, why, wire = self._parse_fields(HttpRequestParser(self), buf, pos, line_end, end)
         if why:

@@ -1102,8 +1102,11 @@ def invalidate_uris(
         value = f.one(name)
         if value is None:
             continue
-        absolute = urljoin(request_uri, value.decode("latin-1").strip())
-        if _origin(absolute) != target:
+        try:
+            absolute = urljoin(request_uri, value.decode("latin-1").strip())
+            if _origin(absolute) != target:
+                continue
+        except ValueError:  # an origin's malformed Location invalidates nothing more
             continue
         url = request_url(target[0], None, absolute)
         if url and url not in out:
