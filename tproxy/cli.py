@@ -72,27 +72,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_rules(args: argparse.Namespace) -> int:
     from tproxy import netfilter
+    from tproxy.netfilter.sockets import forget_timewait
 
     if args.action == "flush":
         # Works without a config and after a crash: everything of ours is found by name.
-        cfg = _try_config(args.config)
-        plan = netfilter.plan_from_config(cfg) if cfg is not None else None
+        # A broken config still names the table and ports; without one, the defaults do.
+        cfg = _try_config(args.config) or config_mod.load(None)
+        plan = netfilter.plan_from_config(cfg)
         netfilter.flush(plan)
-        if plan is not None:
-            netfilter.flush_routing(plan.route_table, plan.rule_priority)
-        else:
-            defaults = netfilter.plan_from_config(config_mod.load(None))
-            netfilter.flush_routing(defaults.route_table, defaults.rule_priority)
-        from tproxy.netfilter.sockets import forget_timewait
-
-        forget_timewait(cfg.proxy.ports if cfg is not None else (80,))
+        netfilter.flush_routing(plan.route_table, plan.rule_priority)
+        forget_timewait(cfg.proxy.ports)
         print("tproxy rules and routes removed")
         return 0
     cfg = config_mod.with_overrides(
         load_config(args.config),
         lan_interfaces=tuple(args.lan_interface) if args.lan_interface else None,
     )
-    plan = netfilter.plan_from_config(cfg)
+    from tproxy import component, daemon
+
+    # The same plan the daemon applies, features' rules included (SNI queue, CLASSIFY).
+    plan = daemon.make_plan(cfg, component.build(cfg))
     if args.action == "show":
         for family in (4, 6) if plan.ipv6 else (4,):
             print(f"# ip{'6' if family == 6 else ''}tables-restore --noflush (rendered)")

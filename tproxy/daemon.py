@@ -62,6 +62,14 @@ class Notifier:
             log.debug("sd_notify(%s) failed: %s", state.split("=", 1)[0], exc)
 
 
+def make_plan(cfg: Config, components: list[component.Component]) -> netfilter.RulesPlan:
+    """The kernel rules for ``cfg``, with each feature's share (SNI queue, shaping classes)."""
+    extras: dict[str, Any] = {}
+    for comp in components:
+        extras.update(comp.rules_extras(cfg))
+    return netfilter.plan_from_config(cfg, **extras)
+
+
 class Daemon:
     def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
         self.overrides = overrides or {}
@@ -74,13 +82,10 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.rules_applied = False
-        self.reload_hooks: list[Callable[[Config], None]] = []
+        self.reload_lock = asyncio.Lock()
 
     def make_plan(self, cfg: Config) -> netfilter.RulesPlan:
-        extras: dict[str, Any] = {}
-        for comp in self.components:
-            extras.update(comp.rules_extras(cfg))
-        return netfilter.plan_from_config(cfg, **extras)
+        return make_plan(cfg, self.components)
 
     # -- kernel state ---------------------------------------------------------------------
 
@@ -191,6 +196,10 @@ class Daemon:
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config; a bad one is refused and the old one keeps running."""
+        async with self.reload_lock:  # SIGHUP and the control socket's reload never overlap
+            await self._reload()
+
+    async def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
         try:
             path = None if self.cfg.path == config_mod.DEFAULTS_PATH else self.cfg.path
@@ -202,10 +211,12 @@ class Daemon:
                     # The listeners are bound once; rules pointing at an unbound port would
                     # strand every new connection.
                     raise ConfigError(new.path, f"proxy.{key}", "changing it needs a restart")
+            # The plan first: a config the kernel cannot express is refused before any
+            # component has adopted it. A dropped port keeps its socket divert: its open
+            # connections go on.
+            plan = self.make_plan(new).keeping_divert(self.plan)
             for comp in self.components:
                 await comp.reload(self, new)
-            # A dropped port keeps its socket divert: its open connections go on.
-            plan = self.make_plan(new).keeping_divert(self.plan)
             if plan != self.plan:
                 old = self.plan
                 if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
@@ -222,8 +233,6 @@ class Daemon:
             limits = new.sections.get("limits")
             if isinstance(limits, LimitsConfig):
                 self.server.limiter.reconfigure(limits, time.monotonic())
-            for hook in self.reload_hooks:
-                hook(new)
             log.info("reloaded %s", new.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)

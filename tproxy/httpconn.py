@@ -315,6 +315,7 @@ class Upstream(_Side):
 
     def _data_received(self, data: bytes) -> None:
         if self.orphan:
+            self.idle_since = time.monotonic()  # still moving: not stalled
             self.orphan_events(self.parser.feed(data))
             return
         client = self.client
@@ -387,10 +388,12 @@ class Pool:
     leave from its own address: a connection opened for one client is never lent to another.
     """
 
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(self) -> None:
         self.idle: dict[tuple[Any, ...], deque[Upstream]] = {}
         self.count = 0
-        self.idle_timeout = idle_timeout
+        # Orphaned upstreams reading a response nobody relays (see Upstream.orphan): not in
+        # any client connection, so the pool's sweep bounds how long they may stall.
+        self.orphans: set[Upstream] = set()
 
     def take(self, key: tuple[Any, ...]) -> Upstream | None:
         conns = self.idle.get(key)
@@ -404,6 +407,7 @@ class Pool:
         return None
 
     def put(self, up: Upstream) -> None:
+        self.orphans.discard(up)
         if up.closed or self.count >= POOL_TOTAL:
             up.close()
             return
@@ -418,6 +422,7 @@ class Pool:
         self.count += 1
 
     def forget(self, up: Upstream) -> None:
+        self.orphans.discard(up)
         conns = self.idle.get(up.key)
         if conns and up in conns:
             conns.remove(up)
@@ -425,16 +430,21 @@ class Pool:
             if not conns:
                 del self.idle[up.key]
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, idle_timeout: float) -> None:
         for key in list(self.idle):
             for up in list(self.idle.get(key, ())):
-                if now - up.idle_since > self.idle_timeout:
+                if now - up.idle_since > idle_timeout:
                     up.close()
+        for up in list(self.orphans):
+            if now - up.idle_since > idle_timeout:
+                up.orphan_failed()
 
     def close_all(self) -> None:
         for key in list(self.idle):
             for up in list(self.idle.get(key, ())):
                 up.close()
+        for up in list(self.orphans):
+            up.orphan_failed()
 
 
 class ClientConnection(_Side):
@@ -1162,6 +1172,8 @@ class ClientConnection(_Side):
         up.orphan = True
         up.orphan_keep = head is not None and head.keep_alive and ex.request_done
         up.orphan_sink = sink
+        up.idle_since = time.monotonic()
+        up.pool.orphans.add(up)
         up.resume_reading()
 
     def stream_local(

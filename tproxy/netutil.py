@@ -13,7 +13,6 @@ IPV6_TRANSPARENT = 75  # linux/in6.h
 IP_BIND_ADDRESS_NO_PORT = 24  # defer the source-port choice to connect(): 4-tuple aware
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_MAX_PACING_RATE = 47  # asm-generic/socket.h: per-socket pacing, bytes per second
-IP_FREEBIND = 15
 
 LISTEN_BACKLOG = 4096
 
@@ -72,12 +71,3 @@ def upstream_socket(
         sock.close()
         raise
     return sock
-
-
-def set_mark(sock: socket.socket, mark: int) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-
-
-def set_pacing_rate(sock: socket.socket, bytes_per_second: int) -> None:
-    """Cap one connection's send rate in the kernel (fq-less pacing works since Linux 4.13)."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, bytes_per_second)

@@ -19,7 +19,7 @@ from typing import Any
 from tproxy import http1, netutil
 from tproxy.accesslog import AccessLog, AccessRecord
 from tproxy.config import Config
-from tproxy.httpconn import ClientConnection, Exchange, Pool, Upstream, open_connection
+from tproxy.httpconn import TUNNEL, ClientConnection, Exchange, Pool, Upstream, open_connection
 from tproxy.limits import Limiter, LimitsConfig, Refusal
 
 log = logging.getLogger("tproxy.server")
@@ -54,7 +54,7 @@ class Server:
         self.access_log = access_log
         self.stats = Stats()
         self.limits = http1.Limits()
-        self.pool = Pool(cfg.proxy.idle_timeout)
+        self.pool = Pool()
         limits = cfg.sections.get("limits")
         self.limiter = Limiter(limits if isinstance(limits, LimitsConfig) else LimitsConfig())
         self.connections: set[ClientConnection] = set()
@@ -194,7 +194,8 @@ class Server:
             except Exception:  # one connection's failure must not stop the sweep
                 log.exception("timeout handling for %s failed", conn.client_ip)
                 conn.abort()
-        self.pool.sweep(now)
+        if idle:
+            self.pool.sweep(now, idle)
 
     def close_listeners(self) -> None:
         for srv in self.listeners:
@@ -208,7 +209,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while self.connections and time.monotonic() < deadline:
             for conn in list(self.connections):
-                if conn.exchange is None and conn.state != 3 and conn.connecting is None:
+                if conn.exchange is None and conn.state != TUNNEL and conn.connecting is None:
                     conn.close()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):

@@ -39,6 +39,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tproxy.netutil import SO_MAX_PACING_RATE
 from tproxy.shaping.model import (
     QDISC_HANDLE,
     SIGNATURE_R2Q,
@@ -52,7 +53,6 @@ from tproxy.shaping.model import (
 )
 
 TC_H_ROOT = 0xFFFFFFFF
-SO_MAX_PACING_RATE = 47  # include/uapi/asm-generic/socket.h; not in Python's socket module
 # ~0U: "no cap" (net/core/sock.c maps it to ~0UL), for a socket moved to an uncapped class.
 PACING_UNLIMITED = 0xFFFFFFFF
 NETNS_DIR = "/run/netns"
