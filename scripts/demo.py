@@ -91,8 +91,9 @@ def main() -> int:
             res = lab.curl("client", lab.url("/ip", v6=v6))
             fam = "IPv6" if v6 else "IPv4"
             show(f"{fam} status", str(res.status))
-            show(f"{fam} origin saw", res.body.decode(errors="replace").strip() or res.stderr)
-            failed |= res.status != 200
+            saw = res.body.decode(errors="replace").strip()
+            show(f"{fam} origin saw", saw or res.stderr)
+            failed |= res.status != 200 or saw != (lab.client_v6 if v6 else lab.client_v4)
 
         step("A cacheable file twice: the second answer comes from tproxy's cache (RFC 9111)")
         url = lab.url("/files/64k", v6=False)
@@ -105,6 +106,7 @@ def main() -> int:
         failed |= codes[-1:] != ["TCP_MEM_HIT/200"]
         origin_saw = sum("/files/64k" in line for line in lab.origin_log())
         show("origin saw", f"{origin_saw} request(s) for it")
+        failed |= origin_saw != 1
 
         step("A blocked site: tproxy answers with its block page; the origin never sees it")
         blocked = lab.curl(
@@ -134,10 +136,12 @@ def main() -> int:
         ).stdout
         for line in shown.splitlines()[:6]:
             print("    " + line, flush=True)
+        failed |= not any(line.strip().startswith("downloads") for line in shown.splitlines())
 
         step("tproxy's access log (Squid native format)")
         for line in proxy.log_lines(6):
             print("    " + line, flush=True)
+            failed |= len(line.split()) != 10  # Squid's native format has ten fields
 
         step("Stopping tproxy: its rules go away and clients browse directly again")
         lab.set_forwarding(True)
