@@ -343,6 +343,16 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
             assert values["tproxy_upstream_errors_total[]"] == 2
             assert values["tproxy_metrics_scrapes_total[]"] == 1  # a component's status, flattened
             assert "process_resident_memory_bytes[]" in values
+            # Every daemon-wide metric the README lists is published.
+            names = {name.split("[")[0] for name in values}
+            for listed in (
+                "tproxy_connections_active", "tproxy_connections_total", "tproxy_requests_total",
+                "tproxy_bad_requests_total", "tproxy_client_bytes_total",
+                "tproxy_upstream_connects_total", "tproxy_upstream_errors_total",
+                "tproxy_upstream_pool_idle", "tproxy_overloaded", "tproxy_draining",
+                "tproxy_limits_active_clients",
+            ):  # fmt: skip
+                assert listed in names, listed
         finally:
             await m.stop(daemon)
 
