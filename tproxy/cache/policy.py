@@ -608,10 +608,6 @@ def storable(
 # -- freshness (RFC 9111 §4.2) ---------------------------------------------------------------
 
 
-def has_explicit_expiration(cc: dict[str, str | None], f: Fields) -> bool:
-    return "s-maxage" in cc or "max-age" in cc or b"expires" in f
-
-
 def freshness_lifetime(
     response_headers: Headers | Fields,
     status: int,
@@ -1115,13 +1111,6 @@ def invalidate_uris(
 
 
 # -- conditional requests answered from cache (RFC 9110 §13) ---------------------------------
-
-
-def origin_only_preconditions(request_headers: Headers) -> bool:
-    """RFC 9111 §4.3.2: If-Match / If-Unmodified-Since are meant for the origin; a cache
-    forwarding the request (rather than evaluating them) is the conservative choice."""
-    f = Fields(request_headers)
-    return b"if-match" in f or b"if-unmodified-since" in f
 
 
 def evaluate_conditionals(
