@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 
 import tproxy.filter  # noqa: F401  (registers the section)
 from tproxy import config
-from tproxy.config import Reader, locate_keys
+from tproxy.config import ConfigErrors, Reader, locate_keys
+from tproxy.filter.component import load_files
 from tproxy.filter.model import FilterConfig, HourRange, parse_filter
 
 
@@ -23,6 +26,17 @@ def parse(text: str) -> tuple[FilterConfig, list[str]]:
 def errors_for(text: str) -> dict[str, str]:
     _, errors = parse(text)
     return dict(e.split(": ", 1) for e in errors)
+
+
+def file_errors(text: str) -> list[str]:
+    """The problems the loader finds with the folders and files a (valid) config names."""
+    cfg, errors = parse(text)
+    assert errors == []
+    try:
+        load_files(cfg)
+    except ConfigErrors as exc:
+        return str(exc).splitlines()
+    return []
 
 
 def test_defaults() -> None:
@@ -195,7 +209,6 @@ group = "a"
         "filter.rule[0].domains[3]",
         "filter.rule[0].url_prefix[0]",
         "filter.rule[0].url_prefix[1]",
-        "filter.rule[0].categories[1]",
         "filter.rule[0].methods[0]",
         "filter.rule[0].mime[0]",
         "filter.rule[0].extensions[0]",
@@ -208,7 +221,6 @@ group = "a"
         assert key in errors, key
     assert set(errors) == set(expected), set(errors) - set(expected)
     assert "funday" in errors["filter.window[0].days[1]"]
-    assert "missing" in errors["filter.rule[0].categories[1]"]
     assert "whitespace" in errors["filter.rule[0].domains[0]"]
     # "monday" is accepted as mon.
 
@@ -231,11 +243,87 @@ def test_block_page_template(tmp_path: Path) -> None:
     good = tmp_path / "block.html"
     good.write_text("<p>$url blocked by $rule ($$5 fine)</p>")
     cfg, errors = parse(f'[filter]\nblock_page = "{good}"\n')
-    assert errors == [] and cfg.block_template == good.read_text()
+    # The parser only records the path; the loader reads the page.
+    assert errors == [] and cfg.block_template is None
+    assert load_files(cfg).block_template == good.read_text()
     bad = tmp_path / "bad.html"
     bad.write_text("<p>$nosuch and $url</p>")
-    assert "nosuch" in errors_for(f'[filter]\nblock_page = "{bad}"\n')["filter.block_page"]
-    assert (
-        "cannot read"
-        in errors_for('[filter]\nblock_page = "/nonexistent/x.html"\n')["filter.block_page"]
+    (line,) = file_errors(f'[filter]\nblock_page = "{bad}"\n')
+    assert line.startswith("t.toml:2: filter.block_page: ") and "nosuch" in line
+    (line,) = file_errors('\n[filter]\nblock_page = "/nonexistent/x.html"\n')
+    assert line == (
+        "t.toml:3: filter.block_page: cannot read /nonexistent/x.html: No such file or directory"
     )
+    binary = tmp_path / "bin.html"
+    binary.write_bytes(b"\xff\xfe<p>")
+    (line,) = file_errors(f'[filter]\nblock_page = "{binary}"\n')
+    assert line.endswith(f"{binary}: not UTF-8 text")
+    big = tmp_path / "big.html"
+    big.write_bytes(b"x" * (256 * 1024 + 1))
+    (line,) = file_errors(f'[filter]\nblock_page = "{big}"\n')
+    assert line.endswith("larger than 262144 bytes")
+
+
+CATEGORY_RULES = """
+[filter]
+categories_dir = "{dir}"
+
+[[filter.rule]]
+group = "*"
+action = "deny"
+categories = ["adult", "missing"]
+
+[[filter.rule]]
+group = "*"
+action = "deny"
+categories = ["gone"]
+"""
+
+
+def test_missing_category_folders_are_named_with_file_line_and_key(tmp_path: Path) -> None:
+    (tmp_path / "adult").mkdir()
+    text = CATEGORY_RULES.format(dir=tmp_path)
+    # Parsing does no I/O: the same text parses whatever exists on disk.
+    cfg, errors = parse(text)
+    assert errors == [] and cfg.used_categories == {"adult", "missing", "gone"}
+    assert file_errors(text) == [
+        f"t.toml:8: filter.rule[0].categories[1]: no category 'missing' in {tmp_path}",
+        f"t.toml:13: filter.rule[1].categories[0]: no category 'gone' in {tmp_path}",
+    ]
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "gone").mkdir()
+    assert file_errors(text) == []
+    # Where a setting was written is not part of the settings: moving lines changes nothing.
+    assert parse("\n\n" + text)[0] == cfg
+
+
+def test_check_config_refuses_a_missing_category_folder(tmp_path: Path) -> None:
+    (tmp_path / "adult").mkdir()
+    conf = tmp_path / "t.toml"
+    conf.write_text(CATEGORY_RULES.format(dir=tmp_path))
+    argv = [sys.executable, "-m", "tproxy.cli", "check-config", str(conf)]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 2, res
+    assert f"{conf}:8: filter.rule[0].categories[1]: no category 'missing'" in res.stderr
+    assert f"{conf}:13: filter.rule[1].categories[0]: no category 'gone'" in res.stderr
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "gone").mkdir()
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 0 and res.stdout == f"{conf}: OK\n", res
+
+
+def test_check_lists_refuses_a_config_the_daemon_would_refuse(tmp_path: Path) -> None:
+    (tmp_path / "adult").mkdir()
+    (tmp_path / "adult" / "domains").write_text("porn.example\n")
+    conf = tmp_path / "t.toml"
+    conf.write_text(CATEGORY_RULES.format(dir=tmp_path))
+    argv = [sys.executable, "-m", "tproxy.cli", "filter", "check-lists", "--config", str(conf)]
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 2, res
+    assert f"{conf}:8: filter.rule[0].categories[1]: no category 'missing'" in res.stderr
+    for name in ("missing", "gone"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "domains").write_text(f"{name}.example\n")
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 0, res
+    assert "adult: 1 domains, 0 urls" in res.stdout

@@ -197,6 +197,22 @@ def test_categories_with_malformed_lines_and_reload(lab_module: Lab) -> None:
         assert wait_for(lambda: "reload refused" in proxy.stderr()), proxy.stderr()
         assert http(lab, "other.example")[0] == 403
         assert http(lab, "bad.example")[0] == 403
+        # So is a config whose category folder does not exist (the parser does no I/O: the
+        # filter's loader finds it), with file, line and key; the new fine.example rule is
+        # not adopted either.
+        gone = (
+            '[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["fine.example"]\n'
+            '[[filter.rule]]\ngroup = "*"\naction = "deny"\ncategories = ["gambling"]\n'
+        )
+        text = filter_config(lists, extra + gone)
+        proxy.config_path.write_text(text)
+        line = text.splitlines().index('categories = ["gambling"]') + 1
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: proxy.stderr().count("reload refused") >= 2), proxy.stderr()
+        where = f"{proxy.config_path}:{line}: filter.rule[4].categories[0]"
+        assert f"{where}: no category 'gambling' in {lists}" in proxy.stderr()
+        assert http(lab, "fine.example")[0] == 200
+        assert http(lab, "other.example")[0] == 403
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from tproxy.filter.component import check_config_files
+
     cfg = config_mod.load(args.file)
+    # Parsing does no I/O: the folders and files the config names are checked here, as the
+    # daemon checks them when it loads the filter.
+    check_config_files(cfg)
     print(f"{cfg.path}: OK")
     return 0
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from tproxy.config import ConfigError
 from tproxy.filter.categories import load_categories
-from tproxy.filter.component import clock_from_env, filter_config, load_policy
+from tproxy.filter.component import clock_from_env, filter_config, load_files, load_policy
 from tproxy.filter.model import DAYS
 from tproxy.filter.verdict import RequestInfo, explain_sni
 
@@ -88,7 +88,9 @@ def cmd_check_lists(args: argparse.Namespace) -> int:
     from tproxy.cli import load_config
 
     cfg = load_config(args.config)
-    fcfg = filter_config(cfg)
+    # The config is checked as the daemon would load it (folders, block page), also with
+    # --dir: a list set that passes here must not meet a config the daemon refuses.
+    fcfg = load_files(filter_config(cfg))
     directory = args.dir or fcfg.categories_dir
     names = None if args.all or args.dir else sorted(fcfg.used_categories)
     if names == []:

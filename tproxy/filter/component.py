@@ -26,15 +26,16 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tproxy import http1
 from tproxy.accesslog import AccessRecord
-from tproxy.config import Config, ConfigError
+from tproxy.config import Config, ConfigError, ConfigErrors
 from tproxy.filter.categories import Categories, load_categories
-from tproxy.filter.model import FilterConfig
+from tproxy.filter.model import MAX_TEMPLATE_BYTES, FilterConfig, validate_template
 from tproxy.filter.verdict import Policy, RequestInfo, Verdict, render_block_page
 from tproxy.nfqueue import FlowDecision, SniClass, SniQueue
 
@@ -83,11 +84,63 @@ def uses_macs(policy: Policy) -> bool:
     return any(g.macs for g in policy.groups)
 
 
+def read_block_page(fcfg: FilterConfig) -> tuple[str | None, ConfigError | None]:
+    """The block page template ``filter.block_page`` names (None: the embedded page), or the
+    problem with it, reported at the setting."""
+    path = fcfg.block_page
+    if path is None:
+        return None, None
+    at = fcfg.block_page_origin
+    try:
+        with open(path, "rb") as fh:
+            # One byte past the limit is enough to know it is too large.
+            raw = fh.read(MAX_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        return None, at.error(f"cannot read {path}: {exc.strerror or exc}")
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        return None, at.error(f"{path}: larger than {MAX_TEMPLATE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, at.error(f"{path}: not UTF-8 text")
+    problem = validate_template(text)
+    if problem:
+        return None, at.error(f"{path}: {problem}")
+    return text, None
+
+
+def load_files(fcfg: FilterConfig) -> FilterConfig:
+    """Check the folders and read the page the config names (blocking I/O, as the parser does
+    none): ``fcfg`` with its block page template read. Raises :class:`ConfigErrors` naming
+    file, line and key of each setting whose folder or file is missing or unusable.
+
+    A missing category folder is an error here, not a list warning: the rule would silently
+    match nothing, which is the opposite of what the admin who wrote it wants.
+    """
+    errors: list[ConfigError] = []
+    for ref in fcfg.category_refs:
+        if not (Path(fcfg.categories_dir) / ref.name).is_dir():
+            errors.append(ref.origin.error(f"no category {ref.name!r} in {fcfg.categories_dir}"))
+    template, problem = read_block_page(fcfg)
+    if problem is not None:
+        errors.append(problem)
+    if errors:
+        raise ConfigErrors(errors)
+    return replace(fcfg, block_template=template) if template is not None else fcfg
+
+
+def check_config_files(cfg: Config) -> None:
+    """What ``tproxy check-config`` adds to parsing: the filter's folders and block page."""
+    load_files(filter_config(cfg))
+
+
 def load_policy(cfg: FilterConfig) -> tuple[Policy, list[str]]:
-    """Load the lists the rules use and compile (blocking: run it in a worker thread).
+    """Check the files the config names, load the lists the rules use and compile (blocking:
+    run it in a worker thread). Raises :class:`ConfigErrors` (see :func:`load_files`).
 
     Returns the policy and the warnings to log (``file:line: reason`` for list problems).
     """
+    cfg = load_files(cfg)
     warnings: list[str] = []
     categories = Categories.empty()
     if cfg.used_categories:
@@ -228,7 +281,11 @@ class FilterComponent:
     # -- Component protocol -----------------------------------------------------------------
 
     def rules_extras(self, cfg: Config) -> dict[str, Any]:
-        policy = Policy.compile(filter_config(cfg))
+        # The daemon asks for the plan before start and, on a reload, before any component
+        # adopts the new config: a missing category folder or a broken block page refuses it
+        # here, while nothing has changed yet (shaping would already have moved its classes
+        # if only our own reload() refused).
+        policy = Policy.compile(load_files(filter_config(cfg)))
         extras: dict[str, Any] = {}
         if sni_can_deny(policy) or _shaping_needs_sni(cfg):
             extras.update(https_ports=HTTPS_PORTS, nfqueue_num=NFQUEUE_NUM)
@@ -254,6 +311,8 @@ class FilterComponent:
         fcfg = filter_config(cfg)
         try:
             policy, warnings = await asyncio.to_thread(load_policy, fcfg)
+        except ConfigError:  # a folder or the block page went away since rules_extras looked
+            raise
         except Exception as exc:  # compile problems the config check could not foresee
             raise ConfigError(cfg.path, "filter", f"cannot compile the filter: {exc}") from None
         plan = daemon.make_plan(cfg)

@@ -30,19 +30,22 @@ Example::
 A rule matches when *every* matcher it has matches (a list matcher matches when any element
 does); the first matching rule of the client's group decides, else the group default, else the
 global default. The semantics of matching live in :mod:`tproxy.filter.verdict`.
+
+Parsing is pure: the category folders and the block page are only *named* here, with where
+each was written (:class:`Origin`); :func:`tproxy.filter.component.load_files` checks and reads
+them when the filter loads, and reports a problem at that file, line and key.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import re2
 
-from tproxy.config import IPNetwork, Reader, register_section
+from tproxy.config import DEFAULTS_PATH, ConfigError, IPNetwork, Reader, register_section
 from tproxy.filter.domains import normalize_domain
 
 Action = Literal["allow", "deny"]
@@ -82,6 +85,30 @@ def compile_re2(pattern: str) -> Any:
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
         raise ValueError(str(reason)) from None
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting was written, for a problem only the loader can see (a missing folder)."""
+
+    path: str  # the config file
+    key: str  # dotted key: "filter.rule[0].categories[1]"
+    line: int | None = None
+
+    @classmethod
+    def of(cls, r: Reader, key: str) -> Origin:
+        return cls(r.path, r.dotted(key), r.line_of(key))
+
+    def error(self, reason: str) -> ConfigError:
+        return ConfigError(self.path, self.key, reason, self.line)
+
+
+@dataclass(frozen=True)
+class CategoryRef:
+    """A category a rule names: its folder must exist under ``categories_dir``."""
+
+    name: str
+    origin: Origin
 
 
 @dataclass(frozen=True)
@@ -178,7 +205,7 @@ class FilterConfig:
     default: Action = "allow"
     categories_dir: str = "/var/lib/tproxy/blacklists"
     block_page: str | None = None
-    # The template text read from block_page at config time (None: the embedded default).
+    # The template text read from block_page by the loader (None: the embedded default).
     block_template: str | None = None
     sni_default: Action = "allow"
     quic_reject: Literal["auto", "true", "false"] = "auto"
@@ -186,6 +213,12 @@ class FilterConfig:
     groups: tuple[GroupConfig, ...] = ()
     windows: tuple[WindowConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
+    # Where the file system names were written. Not part of the settings: two configs that say
+    # the same in different places are equal (a reload that only moves lines changes nothing).
+    block_page_origin: Origin = field(
+        default=Origin(DEFAULTS_PATH, "filter.block_page"), compare=False
+    )
+    category_refs: tuple[CategoryRef, ...] = field(default=(), compare=False)
 
     @property
     def used_categories(self) -> frozenset[str]:
@@ -284,7 +317,9 @@ def _parse_group(r: Reader) -> GroupConfig | None:
     return GroupConfig(name, cidrs, frozenset(macs), default, r.prefix) if name else None
 
 
-def _parse_rule(r: Reader, groups: set[str], windows: set[str], categories_dir: str) -> RuleConfig:
+def _parse_rule(
+    r: Reader, groups: set[str], windows: set[str], refs: list[CategoryRef]
+) -> RuleConfig:
     group = r.string("group", "")
     if not r.has("group"):
         r.error("group", f'missing: name a [[filter.group]] or "{ALL_GROUPS}" for every group')
@@ -330,8 +365,8 @@ def _parse_rule(r: Reader, groups: set[str], windows: set[str], categories_dir: 
     for index, cat in enumerate(cats):
         if not _NAME_RE.fullmatch(cat):
             r.error(f"categories[{index}]", f"not a category name: {cat!r}")
-        elif not (Path(categories_dir) / cat).is_dir():
-            r.error(f"categories[{index}]", f"no category {cat!r} in {categories_dir}")
+        else:
+            refs.append(CategoryRef(cat, Origin.of(r, f"categories[{index}]")))
 
     methods: list[str] = []
     for index, method in enumerate(_str_or_list(r, "methods")):
@@ -411,24 +446,6 @@ def parse_filter(r: Reader) -> FilterConfig:
     default = _action(r, "default", d.default)
     categories_dir = r.string("categories_dir", d.categories_dir)
     block_page = r.string("block_page", "") or None
-    block_template: str | None = None
-    if block_page is not None:
-        # Read and check the template now, so `tproxy check-config` catches a broken page
-        # instead of the first blocked request.
-        try:
-            raw = Path(block_page).read_bytes()
-            if len(raw) > MAX_TEMPLATE_BYTES:
-                r.error("block_page", f"{block_page}: larger than {MAX_TEMPLATE_BYTES} bytes")
-            else:
-                block_template = raw.decode("utf-8")
-                problem = validate_template(block_template)
-                if problem:
-                    r.error("block_page", f"{block_page}: {problem}")
-                    block_template = None
-        except OSError as exc:
-            r.error("block_page", f"cannot read {block_page}: {exc.strerror or exc}")
-        except UnicodeDecodeError:
-            r.error("block_page", f"{block_page}: not UTF-8 text")
     sni_default = _action(r, "sni_default", d.sni_default)
     quic = r.data.get("quic_reject")
     # Accept TOML booleans as well as the strings: `quic_reject = true` is what people write.
@@ -445,7 +462,8 @@ def parse_filter(r: Reader) -> FilterConfig:
     seen = {g.name for g in groups}
     wseen = {w.name for w in windows}
 
-    rules = [_parse_rule(sub, seen, wseen, categories_dir) for sub in r.tables("rule")]
+    refs: list[CategoryRef] = []
+    rules = [_parse_rule(sub, seen, wseen, refs) for sub in r.tables("rule")]
     r.finish()
     # config.parse() calls finish() on this table again; mark every key seen so an unknown
     # key is reported once, not twice.
@@ -454,13 +472,14 @@ def parse_filter(r: Reader) -> FilterConfig:
         default=default,
         categories_dir=categories_dir,
         block_page=block_page,
-        block_template=block_template,
         sni_default=sni_default,
         quic_reject=quic_reject,
         https=https,
         groups=tuple(groups),
         windows=tuple(windows),
         rules=tuple(rules),
+        block_page_origin=Origin.of(r, "block_page"),
+        category_refs=tuple(refs),
     )
 
 
