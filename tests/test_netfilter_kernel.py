@@ -163,7 +163,7 @@ def test_foreign_rules_survive_apply_and_flush(ns: str) -> None:
     pre = [x for x in mangle.splitlines() if x.startswith("-A PREROUTING")]
     assert pre[0] == "-A PREROUTING -j TPROXY-PRE"
     assert pre[1].startswith("-A PREROUTING -s 192.0.2.7/32 -j MARK")
-    flush(None, netns=ns)
+    flush(netns=ns)
     after = sh("iptables-save", ns=ns)
     assert "TPROXY-" not in after
     assert "TPROXY-" not in sh("ip6tables-save", ns=ns)
@@ -198,7 +198,7 @@ def test_missing_kernel_feature_gives_one_line(ns: str) -> None:
         except RulesError as exc:
             assert str(exc) == f"kernel lacks the {name} ({option}) for IPv4 rules"
             return
-        flush(None, netns=ns)
+        flush(netns=ns)
     pytest.skip("every probe extension exists on this kernel")
 
 
@@ -357,7 +357,7 @@ def test_tproxy_delivers_to_the_listener(pair: Pair, family: int, listen_on: str
             assert csock.recv(16) == b"here"
         csock.close()
 
-        flush(None, netns=pair.gateway)
+        flush(netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
         csock = in_netns(pair.client, lambda: client_socket(family))
         with pytest.raises(OSError):
@@ -370,7 +370,7 @@ def test_tproxy_delivers_to_the_listener(pair: Pair, family: int, listen_on: str
         if csock is not None:
             csock.close()
         lsock.close()
-        flush(None, netns=pair.gateway)
+        flush(netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
 
 
@@ -433,7 +433,7 @@ def test_other_ports_never_reach_the_socket_divert(pair: Pair) -> None:
         osock.close()
         decoy.close()
         lsock.close()
-        flush(None, netns=pair.gateway)
+        flush(netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
 
 
@@ -483,7 +483,7 @@ def test_new_syn_on_a_time_wait_tuple_is_not_delayed(pair: Pair) -> None:
         assert f"{V4['far']}:80" in tw
     finally:
         lsock.close()
-        flush(None, netns=pair.gateway)
+        flush(netns=pair.gateway)
         flush_routing(plan.route_table, plan.rule_priority, netns=pair.gateway)
 
 
@@ -592,4 +592,4 @@ def test_nfqueue_verdicts_stick_to_the_flow(pair: Pair, verdict: str) -> None:
         if queue is not None:
             queue.close()
         osock.close()
-        flush(None, netns=pair.gateway)
+        flush(netns=pair.gateway)

@@ -84,7 +84,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         # A broken config still names the table and ports; without one, the defaults do.
         cfg = _try_config(args.config) or config_mod.load(None)
         plan = netfilter.plan_from_config(cfg)
-        netfilter.flush(plan)
+        netfilter.flush()
         netfilter.flush_routing(plan.route_table, plan.rule_priority)
         forget_timewait(cfg.proxy.ports)
         print("tproxy rules and routes removed")

@@ -115,7 +115,7 @@ class Daemon:
 
     def _remove_kernel_state(self) -> None:
         try:
-            netfilter.flush(self.plan)
+            netfilter.flush()
         except netfilter.RulesError as exc:
             log.error("removing rules failed: %s", exc)
         try:

@@ -156,11 +156,9 @@ def apply(plan: RulesPlan, netns: str | None = None) -> None:
             run_restore(text, family, netns)
 
 
-def flush(plan: RulesPlan | None = None, netns: str | None = None) -> None:
-    """Remove our hooks and chains in both families. Works without a plan (after a crash or a
-    config change): ours is recognised by the chain-name prefix. ``plan`` is accepted so callers
-    can pass what they applied; the prefix already finds everything."""
-    del plan
+def flush(netns: str | None = None) -> None:
+    """Remove our hooks and chains in both families. Needs no plan, so it works after a crash
+    or a config change: ours is recognised by the chain-name prefix in the live tables."""
     for family in FAMILIES:
         live = _live(family, netns)
         text = compose((), live)
