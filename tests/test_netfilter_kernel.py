@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import os
 import re
@@ -42,6 +43,7 @@ from tproxy.netfilter import (
     show,
     show_by_family,
 )
+from tproxy.netfilter.sockets import forget_timewait
 
 pytestmark = [
     pytest.mark.lab,
@@ -249,6 +251,40 @@ def test_routing_is_idempotent_and_flush_removes_only_ours(ns: str) -> None:
     flush_routing(plan.route_table, plan.rule_priority, netns=ns)
     assert routing_state(ns) == {"rule4": [], "rule6": [], "route4": [], "route6": []}
     assert "fwmark 0x8/0x8 lookup 200" in sh("ip", "rule", ns=ns)
+
+
+# -- TIME_WAIT sockets -----------------------------------------------------------------------
+
+
+def _time_wait(port: int) -> None:
+    """Leave one TIME_WAIT socket on 127.0.0.1:``port`` (the side that closes first keeps it,
+    RFC 9293 §3.3.2) in the calling thread's namespace."""
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        cli = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        conn, _ = srv.accept()
+        cli.close()
+        conn.recv(1)  # the client's FIN
+        conn.close()
+
+
+def time_wait_ports(ns: str) -> set[int]:
+    """Server ports of TIME_WAIT sockets in ``ns`` (ss prints Recv-Q Send-Q Local Peer)."""
+    out = sh("ss", "-Htan", "state", "time-wait", ns=ns)
+    return {int(line.split()[-1].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def test_forget_timewait_destroys_only_the_intercepted_ports_in_the_namespace(ns: str) -> None:
+    for port in (8080, 9090):
+        in_netns(ns, functools.partial(_time_wait, port))
+    deadline = time.monotonic() + TIMEOUT
+    while time_wait_ports(ns) != {8080, 9090} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert time_wait_ports(ns) == {8080, 9090}
+    # ss -K runs inside the namespace (netns_argv): the sockets are there, not in ours.
+    assert forget_timewait([8080], netns=ns)
+    assert time_wait_ports(ns) == {9090}
+    assert forget_timewait([], netns=ns)  # nothing intercepted: nothing to do
+    assert time_wait_ports(ns) == {9090}
 
 
 # -- the rules really intercept --------------------------------------------------------------

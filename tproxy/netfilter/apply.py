@@ -51,12 +51,13 @@ class RulesError(Exception):
     """Kernel rules or routes could not be applied, removed or read; ``str`` is one line."""
 
 
-def _argv(cmd: Sequence[str], netns: str | None) -> list[str]:
+def netns_argv(cmd: Sequence[str], netns: str | None) -> list[str]:
+    """``cmd`` run inside network namespace ``netns`` (ip-netns(8) exec), or as is."""
     return (["ip", "netns", "exec", netns] if netns else []) + list(cmd)
 
 
 def _run(cmd: Sequence[str], netns: str | None, stdin: str | None = None) -> tuple[int, str, str]:
-    argv = _argv(cmd, netns)
+    argv = netns_argv(cmd, netns)
     try:
         res = subprocess.run(
             argv,

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from .apply import netns_argv
+
 log = logging.getLogger("tproxy.netfilter")
 
 
@@ -29,9 +31,7 @@ def forget_timewait(ports: Sequence[int], netns: str | None = None) -> bool:
     if not ports:
         return True
     ss = shutil.which("ss") or "/usr/bin/ss"
-    argv = [ss, "-K", "-tan", "state", "time-wait", timewait_filter(ports)]
-    if netns is not None:
-        argv = ["ip", "netns", "exec", netns, *argv]
+    argv = netns_argv([ss, "-K", "-tan", "state", "time-wait", timewait_filter(ports)], netns)
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
