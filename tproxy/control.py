@@ -38,6 +38,7 @@ from tproxy.config import Config, ConfigError, Reader, register_section
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
+    from tproxy.server import Server
 
 log = logging.getLogger("tproxy.control")
 
@@ -216,16 +217,10 @@ def snapshot(daemon: Daemon, meter: RateMeter | None, now: float | None = None) 
     }
 
 
-def overloaded(server: Any) -> bool:
-    """True while admission control refuses new connections (tproxy.limits' daemon ceiling).
-
-    Read defensively: the limiter lives on the server as ``server.limiter`` (or the server says
-    ``overloaded`` itself); a daemon without limits is never overloaded.
-    """
-    flag = getattr(server, "overloaded", None)
-    if flag is None:
-        flag = getattr(getattr(server, "limiter", None), "overloaded", False)
-    return bool(flag)
+def overloaded(server: Server) -> bool:
+    """True while admission control refuses new connections (tproxy.limits' daemon ceiling);
+    a daemon without limits is never overloaded."""
+    return server.overloaded
 
 
 def human_duration(seconds: float) -> str:
