@@ -30,6 +30,8 @@ from tproxy import config as config_mod
 from tproxy import control, metrics, status_cli
 from tproxy.config import ConfigError, ConfigErrors
 from tproxy.daemon import Daemon
+from tproxy.httpconn import ClientConnection
+from tproxy.server import Server
 
 # -- pure parts --------------------------------------------------------------------------------
 
@@ -187,7 +189,11 @@ def sock_dir() -> Iterator[Path]:
 
 
 def _daemon(text: str) -> Daemon:
-    cfg = _cfg('[log]\naccess_log = ""\n[proxy]\nlan_interfaces = ["lo"]\n' + text)
+    # Upstream connections from the proxy's own address: binding the client's needs root.
+    head = (
+        '[log]\naccess_log = ""\n[proxy]\nlan_interfaces = ["lo"]\ntransparent_upstream = false\n'
+    )
+    cfg = _cfg(head + text)
     return Daemon(cfg)
 
 
@@ -209,6 +215,71 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+# Real traffic through the daemon's in-process server, without root or rules: see intercept().
+ORIGIN_BODY = b"from the origin\n"
+REQUEST = b"GET /x HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+WAIT = 3.0
+
+
+async def _serve_origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(ORIGIN_BODY),
+        ORIGIN_BODY,
+    )
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+class Client:
+    """One client connection the proxy serves as if TPROXY had diverted it to ``port``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.sent = self.received = 0
+
+    async def get(self) -> tuple[int, bytes]:
+        self.writer.write(REQUEST)
+        self.sent += len(REQUEST)
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), WAIT)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+        body = await asyncio.wait_for(self.reader.readexactly(length), WAIT)
+        self.received += len(head) + len(body)
+        return int(head.split()[1]), body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def intercept(server: Server, origin: bool = True) -> tuple[Client, asyncio.Server | None]:
+    """A client connection handed to ``server`` the way TPROXY hands it over: the proxy's end
+    has the original destination as its local address (getsockname), and that is where the
+    proxy connects upstream. Without root: accept on a listener at the destination, close the
+    listener, then (``origin``) start an origin on that very port (SO_REUSEADDR)."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        port = lst.getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        accepted, _ = lst.accept()  # the handshake is complete: no wait
+    accepted.setblocking(False)
+    await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
+    srv = await asyncio.start_server(_serve_origin, "127.0.0.1", port) if origin else None
+    return Client(reader, writer), srv
+
+
+async def until(predicate: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def test_control_component_end_to_end(sock_dir: Path) -> None:
     path = sock_dir / "c.sock"
 
@@ -218,15 +289,20 @@ def test_control_component_end_to_end(sock_dir: Path) -> None:
         )
         ctl = _component(daemon, control.Control)
         await ctl.start(daemon)
+        client, origin = await intercept(daemon.server)
         try:
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-            daemon.server.stats.requests_total = 17
-            daemon.server.stats.bytes_out = 1000
+            for _ in range(3):  # one keep-alive connection
+                assert await client.get() == (200, ORIGIN_BODY)
+            await until(lambda: daemon.server.stats.requests_total == 3)
             st = await _ask(path, b'{"cmd": "status"}\n')
             assert st["ok"], st
             res = st["result"]
-            assert res["requests"]["total"] == 17
-            assert res["bytes"] == {"in": 0, "out": 1000}
+            assert res["requests"]["total"] == 3
+            assert res["connections"] == {"active": 1, "total": 1}
+            # The live connection's bytes count before it closes.
+            assert res["bytes"] == {"in": client.sent, "out": client.received}
+            assert res["upstream"]["connects"] == 1 and res["upstream"]["errors"] == 0
             assert res["pid"] == os.getpid()
             assert {"control", "metrics"} <= set(res["components"])
 
@@ -253,10 +329,20 @@ def test_control_component_end_to_end(sock_dir: Path) -> None:
             assert answers[1]["ok"] and answers[2] == {"ok": False, "error": "request too long"}
             # The synchronous client used by `tproxy status` (in a thread: the loop serves).
             res2 = await asyncio.to_thread(status_cli.request, str(path), "status")
-            assert res2["requests"]["total"] == 17
+            assert res2["requests"]["total"] == 3
             with pytest.raises(status_cli.CommandFailed, match="unknown command"):
                 await asyncio.to_thread(status_cli.request, str(path), "frobnicate")
+            # Closed: the connection's bytes move into the daemon's totals, nothing counts twice.
+            client.close()
+            await until(lambda: not daemon.server.connections)
+            res3 = (await _ask(path, b"status\n"))["result"]
+            assert res3["connections"] == {"active": 0, "total": 1}
+            assert res3["bytes"] == {"in": client.sent, "out": client.received}
         finally:
+            client.close()
+            assert origin is not None
+            origin.close()
+            await daemon.server.stop()
             await ctl.stop(daemon)
         assert not path.exists()  # removed on stop
 
@@ -324,10 +410,14 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
         assert not m.servers
         m.cfg = metrics.MetricsConfig(listen=(("127.0.0.1", 0),), allow_lan=True)
         await m.start(daemon)
+        good, origin = await intercept(daemon.server)
+        dead, _ = await intercept(daemon.server, origin=False)  # nobody at the destination
         try:
             port = next(iter(m.servers.values())).sockets[0].getsockname()[1]
-            daemon.server.stats.requests_total = 5
-            daemon.server.stats.upstream_errors = 2
+            for _ in range(2):
+                assert await good.get() == (200, ORIGIN_BODY)
+            assert (await dead.get())[0] == 502
+            await until(lambda: daemon.server.stats.requests_total == 3)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             data = await reader.read()
@@ -339,8 +429,12 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
                 for fam in text_string_to_metric_families(body.decode())
                 for s in fam.samples
             }
-            assert values["tproxy_requests_total[]"] == 5
-            assert values["tproxy_upstream_errors_total[]"] == 2
+            assert values["tproxy_requests_total[]"] == 3
+            assert values["tproxy_upstream_connects_total[]"] == 2
+            assert values["tproxy_upstream_errors_total[]"] == 1
+            assert values["tproxy_connections_total[]"] == 2
+            assert values["tproxy_connections_active[]"] == 2
+            assert values["tproxy_overloaded[]"] == 0
             assert values["tproxy_metrics_scrapes_total[]"] == 1  # a component's status, flattened
             assert "process_resident_memory_bytes[]" in values
             # Every daemon-wide metric the README lists is published.
@@ -354,6 +448,11 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
             ):  # fmt: skip
                 assert listed in names, listed
         finally:
+            good.close()
+            dead.close()
+            assert origin is not None
+            origin.close()
+            await daemon.server.stop()
             await m.stop(daemon)
 
     run(main())
@@ -445,14 +544,40 @@ def test_metrics_on_a_lan_address_needs_allow_lan(lab: Lab) -> None:
 
 
 def test_status_line_for_systemd() -> None:
-    daemon = _daemon("[control]\nenabled = false\n[metrics]\nenabled = false\n")
-    ctl = _component(daemon, control.Control)
-    s = daemon.server.stats
-    s.started = time.time() - 3725
-    now = time.monotonic()
-    ctl.meter.sample(now - 9.5, 0)
-    s.requests_total, s.connections_active, s.upstream_errors = 125, 7, 3
-    line = control.status_line(daemon)
-    assert re.fullmatch(
-        r"7 connections, 13\.\d req/s, 125 requests, 3 upstream errors, up 1h02m", line
-    ), line
+    line = control.format_status_line(7, False, 13.16, 125, 3, 3725.0)
+    assert line == "7 connections, 13.2 req/s, 125 requests, 3 upstream errors, up 1h02m"
+    shed = control.format_status_line(1, True, 0.0, 0, 0, 5.0)
+    assert shed == "1 connections, OVERLOADED, 0.0 req/s, 0 requests, 0 upstream errors, up 5s"
+
+
+def test_overloaded_follows_the_connection_ceiling() -> None:
+    # max_connections = 1: the first connection fills the daemon's ceiling (tproxy.limits).
+    async def main() -> None:
+        daemon = _daemon(
+            "[control]\nenabled = false\n[metrics]\nenabled = false\n"
+            "[limits]\nmax_connections = 1\n"
+        )
+        first, origin = await intercept(daemon.server)
+        try:
+            assert await first.get() == (200, ORIGIN_BODY)
+            snap = control.snapshot(daemon, None)
+            assert snap["overloaded"] is True and snap["limits"]["at_ceiling"] is True
+            assert control.status_line(daemon).startswith("1 connections, OVERLOADED, ")
+            # The next connection is refused with a reset, unread.
+            second, _ = await intercept(daemon.server, origin=False)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await second.get()
+            second.close()
+            first.close()
+            await until(lambda: not control.overloaded(daemon.server))
+            snap = control.snapshot(daemon, None)
+            assert snap["overloaded"] is False
+            assert snap["limits"]["refused"]["ceiling"] == 1
+            assert " OVERLOADED" not in control.status_line(daemon)
+        finally:
+            first.close()
+            assert origin is not None
+            origin.close()
+            await daemon.server.stop()
+
+    run(main())

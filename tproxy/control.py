@@ -237,16 +237,29 @@ def human_duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def format_status_line(
+    connections: int, shedding: bool, rps: float, requests: int, errors: int, uptime: float
+) -> str:
+    """The STATUS= text from the figures (pure)."""
+    state = " OVERLOADED," if shedding else ""
+    return (
+        f"{connections} connections,{state} {rps:.1f} req/s, "
+        f"{requests} requests, {errors} upstream errors, up {human_duration(uptime)}"
+    )
+
+
 def status_line(daemon: Daemon) -> str:
     """A one-line summary for systemd's STATUS= (shown by ``systemctl status``)."""
     ctl = find(daemon)
     s = daemon.server.stats
     rps = ctl.meter.rate(time.monotonic(), s.requests_total) if ctl is not None else 0.0
-    state = " OVERLOADED," if overloaded(daemon.server) else ""
-    return (
-        f"{s.connections_active} connections,{state} {rps:.1f} req/s, "
-        f"{s.requests_total} requests, {s.upstream_errors} upstream errors, "
-        f"up {human_duration(time.time() - s.started)}"
+    return format_status_line(
+        s.connections_active,
+        overloaded(daemon.server),
+        rps,
+        s.requests_total,
+        s.upstream_errors,
+        time.time() - s.started,
     )
 
 
