@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 from tproxy.cache.policy import CacheEntry, Headers, hot, vary_matches
 from tproxy.config import Reader, register_section
@@ -62,9 +62,11 @@ DIGEST_SIZE = 16  # blake2b-128 of the metadata: corruption detection, not adver
 # TPXC1 checked bodies with blake2b; its objects are dropped at startup (the cache refetches).
 META_MAGIC = b"TPXC2"
 META_MAX_SIZE = 1 * MiB  # a larger .meta is not ours: skip it
-# Memory accounting for an object beyond its body and header bytes: the LRU order dict, the
-# index sets, the entry dataclass and its Fields index (measured roughly with sys.getsizeof).
-OBJECT_OVERHEAD = 1 * KiB
+# Full entries of disk objects kept after a lookup read them from their metadata (bytes, as
+# _entry_size estimates them): the hot disk-only objects (those too large for the memory
+# tier) are looked up without reading the disk, and the same entry object serves select()
+# and open(), and keeps its serialised heads (policy.hot) between hits.
+LOADED_ENTRIES_SIZE = 4 * MiB
 Tier = Literal["memory", "disk"]
 
 
@@ -74,7 +76,11 @@ class CorruptObjectError(Exception):
 
 def object_id(entry: CacheEntry) -> str:
     """One stored object per primary key and Vary selection."""
-    return f"{entry.key}\x1f{entry.vary_key}" if entry.vary_key else entry.key
+    return object_id_of(entry.key, entry.vary_key)
+
+
+def object_id_of(key: str, vary_key: str) -> str:
+    return f"{key}\x1f{vary_key}" if vary_key else key
 
 
 class _BodyCheck:
@@ -104,8 +110,9 @@ def _digest() -> _BodyCheck:
 
 
 def _entry_size(entry: CacheEntry) -> int:
-    headers = sum(len(n) + len(v) + 2 * 33 for n, v in entry.headers)
-    return headers + len(entry.key) + len(entry.url) + len(entry.vary_key) + OBJECT_OVERHEAD
+    """Estimated RAM of a parsed entry (see ENTRY_BASE_BYTES)."""
+    fields = sum(len(n) + len(v) + ENTRY_FIELD_BYTES for n, v in entry.headers)
+    return ENTRY_BASE_BYTES + fields + len(entry.key) + len(entry.url) + len(entry.vary_key)
 
 
 # -- serialisation ---------------------------------------------------------------------------
@@ -271,22 +278,41 @@ class StoredObject:
 # -- tiers -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _MemObject:
-    entry: CacheEntry
-    data: bytes
+    """A memory-tier object: the full entry and the body."""
+
+    __slots__ = ("data", "entry", "entry_bytes")
+
+    def __init__(self, entry: CacheEntry, data: bytes) -> None:
+        self.entry = entry
+        self.data = data
+        self.entry_bytes = _entry_size(entry)
 
 
 def _mem_size(obj: _MemObject) -> int:
-    return len(obj.data) + _entry_size(obj.entry)
+    return len(obj.data) + obj.entry_bytes + MEM_SLOT_BYTES
 
 
 class _LRU(LRUCache[str, _MemObject]):
-    """cachetools has no eviction callback; overriding popitem is its documented hook."""
+    """The memory tier. cachetools has no eviction callback; overriding popitem is its
+    documented hook. ``entry_bytes`` follows every insertion and removal, so :meth:`stats`
+    never walks the tier."""
 
     def __init__(self, maxsize: int, on_evict: Any) -> None:
         super().__init__(maxsize, getsizeof=_mem_size)
         self._on_evict = on_evict
+        self.entry_bytes = 0
+
+    def __setitem__(self, key: str, value: _MemObject) -> None:
+        if key in self:  # replace as delete + insert, so the running sum stays exact
+            del self[key]
+        super().__setitem__(key, value)
+        self.entry_bytes += value.entry_bytes
+
+    def __delitem__(self, key: str) -> None:
+        value = Cache.__getitem__(self, key)  # no LRU refresh
+        super().__delitem__(key)
+        self.entry_bytes -= value.entry_bytes
 
     def popitem(self) -> tuple[str, _MemObject]:
         key, value = super().popitem()
@@ -294,21 +320,122 @@ class _LRU(LRUCache[str, _MemObject]):
         return key, value
 
 
-@dataclass(frozen=True)
-class _DiskRecord:
-    entry: CacheEntry
-    body_name: str
-    length: int
-    digest: str
-    meta_size: int
+# A disk object's index record. Everything the store needs without reading the metadata file
+# is packed into one int — the body's length and CRC-32, the metadata's size and the body
+# file's generation — because one 5-digit int (48 bytes) is far smaller than any object
+# holding the same fields (a slotted instance alone is 80 bytes, plus an int per field). The
+# response headers stay on disk: lookups read them from the .meta file (see _Loaded).
+# Layout, low bits first: generation | CRC-32 | metadata size | body length (unbounded).
+GEN_BITS = 48  # body files are named <hash>.<12 hex digits>.body
+CHECK_BITS = 32
+META_SIZE_BITS = 21  # ≥ META_MAX_SIZE: larger metadata is refused when written
+_GEN_MASK = (1 << GEN_BITS) - 1
+_CHECK_MASK = (1 << CHECK_BITS) - 1
+_META_MASK = (1 << META_SIZE_BITS) - 1
+_CHECK_SHIFT = GEN_BITS
+_META_SHIFT = GEN_BITS + CHECK_BITS
+_LENGTH_SHIFT = GEN_BITS + CHECK_BITS + META_SIZE_BITS
+CHECK_PREFIX = "crc32:"
 
-    @property
-    def size(self) -> int:
-        return self.length + self.meta_size
+
+def _pack(length: int, meta_size: int, check: int, gen: int) -> int:
+    return (((length << META_SIZE_BITS | meta_size) << CHECK_BITS | check) << GEN_BITS) | gen
+
+
+def _p_gen(p: int) -> int:
+    return p & _GEN_MASK
+
+
+def _p_check(p: int) -> str:
+    return f"{CHECK_PREFIX}{(p >> _CHECK_SHIFT) & _CHECK_MASK:08x}"
+
+
+def _p_meta_size(p: int) -> int:
+    return (p >> _META_SHIFT) & _META_MASK
+
+
+def _p_length(p: int) -> int:
+    return p >> _LENGTH_SHIFT
+
+
+def _p_size(p: int) -> int:
+    """Disk bytes of the object: body and metadata."""
+    return _p_length(p) + _p_meta_size(p)
+
+
+def _parse_check(text: str) -> int | None:
+    if not text.startswith(CHECK_PREFIX) or len(text) != len(CHECK_PREFIX) + 8:
+        return None
+    try:
+        return int(text[len(CHECK_PREFIX) :], 16)
+    except ValueError:
+        return None
+
+
+# The record of an object whose id is its primary key and its URL (no Vary, shared key — the
+# common case) is the packed int alone. Any other record is (packed, key or None, url or None)
+# with a name only where it differs from the object id, so evicting it can clean the
+# secondary indexes (CacheStore._variants, CacheStore._url_ids) without reading the disk.
+_Record = int | tuple[int, str | None, str | None]
+
+
+def _packed(record: _Record) -> int:
+    return record if isinstance(record, int) else record[0]
+
+
+def _names(oid: str, record: _Record) -> tuple[str, str]:
+    """The primary key and URL of a disk object."""
+    if isinstance(record, int):
+        return oid, oid
+    return record[1] or oid, record[2] or oid
+
+
+def _make_record(oid: str, key: str, url: str, packed: int) -> _Record:
+    if key == oid and url == oid:
+        return packed
+    return (packed, None if key == oid else key, None if url == oid else url)
+
+
+# RAM estimates (CPython 3.11, 64-bit), measured with tracemalloc and asserted in
+# tests/test_cache_store_ram.py: what an OrderedDict slot costs amortised over its growth
+# (hash table, entries array, linked-list node); a dict slot; a small tuple.
+ODICT_SLOT_BYTES = 90
+DICT_SLOT_BYTES = 50
+TUPLE_BYTES = 64
+# A memory-tier object beyond its entry and body: the LRU's data, size and order dict slots
+# and the _MemObject itself.
+MEM_SLOT_BYTES = 3 * ODICT_SLOT_BYTES + 64
+# A parsed CacheEntry: the dataclass and its dict, the header tuple, the Fields index (a
+# dict of lists) and the hot-path memo; each field line costs two bytes objects, a tuple and
+# its index slot. Fitted to tracemalloc over 0..30 field lines (within ~10%).
+ENTRY_BASE_BYTES = 700
+ENTRY_FIELD_BYTES = 300
+
+
+def _ram(obj: object) -> int:
+    """sys.getsizeof rounded up to pymalloc's 8-byte blocks."""
+    return (sys.getsizeof(obj) + 7) & ~7
+
+
+def _record_ram(oid: str, record: _Record) -> int:
+    """Estimated RAM of one disk record: its index slot, id and packed int, and for a record
+    with names its tuple and its share of the secondary indexes."""
+    ram = ODICT_SLOT_BYTES + _ram(oid) + _ram(_packed(record))
+    if not isinstance(record, int):
+        ram += TUPLE_BYTES
+        for name in record[1:]:
+            if name is not None:
+                # Its id in a tuple under the name, the name's slot, and (conservatively)
+                # the name itself, which a variant sharing it does not duplicate.
+                ram += DICT_SLOT_BYTES + TUPLE_BYTES + _ram(name)
+    return ram
 
 
 class _DiskTier:
     """Files under ``directory`` with an in-memory LRU index rebuilt at startup.
+
+    The index holds one compact :data:`_Record` per object (no headers): about 250 bytes
+    with a typical URL, so a million objects cost about 250 MB less than full entries would.
 
     The LRU order after a restart is the order of the metadata files' modification times (the
     last commit or 304 update); hits are not written back to disk to keep hits free of writes.
@@ -320,8 +447,9 @@ class _DiskTier:
         self.objects = directory / "objects"
         self.limit = limit
         self.fsync = fsync
-        self.index: OrderedDict[str, _DiskRecord] = OrderedDict()
+        self.index: OrderedDict[str, _Record] = OrderedDict()
         self.bytes = 0
+        self.ram = 0  # estimated RAM of the index (see _record_ram)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.objects.mkdir(parents=True, exist_ok=True)
         self._load(verify)
@@ -335,89 +463,157 @@ class _DiskTier:
         name = self.name_of(oid)
         return self.objects / name[:2] / f"{name}.meta"
 
+    @classmethod
+    def body_name(cls, oid: str, packed: int) -> str:
+        return f"{cls.name_of(oid)}.{_p_gen(packed):012x}.body"
+
     def body_path(self, body_name: str) -> Path:
         return self.objects / body_name[:2] / body_name
+
+    def body_file(self, oid: str) -> Path | None:
+        """The body file of a stored object (None when absent)."""
+        record = self.index.get(oid)
+        return None if record is None else self.body_path(self.body_name(oid, _packed(record)))
 
     def temp_file(self) -> tuple[Path, BinaryIO]:
         path = self.tmp / f"{secrets.token_hex(8)}.tmp"
         return path, open(path, "xb")  # the Writer owns and closes it
+
+    # the index and its accounting
+    def _put(self, oid: str, record: _Record) -> None:
+        old = self.index.get(oid)
+        if old is not None:
+            self.bytes -= _p_size(_packed(old))
+            self.ram -= _record_ram(oid, old)
+        self.index[oid] = record
+        self.index.move_to_end(oid)
+        self.bytes += _p_size(_packed(record))
+        self.ram += _record_ram(oid, record)
+
+    def _pop(self, oid: str) -> _Record | None:
+        record = self.index.pop(oid, None)
+        if record is not None:
+            self.bytes -= _p_size(_packed(record))
+            self.ram -= _record_ram(oid, record)
+        return record
 
     # startup
     def _load(self, verify: bool) -> None:
         for leftover in self.tmp.iterdir():  # writes a crash interrupted
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        found: list[tuple[float, str, _DiskRecord]] = []
-        referenced: set[Path] = set()
-        for sub in sorted(self.objects.iterdir()):
+        found: list[tuple[float, str, _Record]] = []
+        # os.scandir and plain strings, not pathlib: pathlib interns every path part, and
+        # the interpreter's interned-string table would keep the size it reached for a
+        # million file names (~90 bytes an object) after startup.
+        for sub in sorted(os.scandir(self.objects), key=lambda d: d.name):
             if not sub.is_dir():
                 continue
-            for meta in sub.glob("*.meta"):
-                record = self._load_one(meta, verify)
-                if record is None:
+            metas: list[str] = []
+            bodies: list[str] = []
+            for item in os.scandir(sub.path):
+                if item.name.endswith(".meta"):
+                    metas.append(item.name)
+                elif item.name.endswith(".body"):
+                    bodies.append(item.name)
+            referenced: set[str] = set()
+            for name in metas:
+                path = os.path.join(sub.path, name)
+                loaded = self._load_one(sub.path, name, verify)
+                if loaded is None:
                     with contextlib.suppress(OSError):
-                        meta.unlink()
+                        os.unlink(path)
                     continue
-                oid = object_id(record.entry)
-                if self.meta_path(oid) != meta:
+                oid, record, mtime, body_name = loaded
+                referenced.add(body_name)
+                found.append((mtime, oid, record))
+            for name in bodies:  # bodies no metadata names: a crash between the renames
+                if name not in referenced:
                     with contextlib.suppress(OSError):
-                        meta.unlink()
-                    continue
-                referenced.add(self.body_path(record.body_name))
-                found.append((meta.stat().st_mtime, oid, record))
-        for sub in self.objects.iterdir():  # bodies no metadata names: crash between renames
-            if sub.is_dir():
-                for body in sub.glob("*.body"):
-                    if body not in referenced:
-                        with contextlib.suppress(OSError):
-                            body.unlink()
-        for _, oid, record in sorted(found, key=lambda t: t[0]):
-            self.index[oid] = record
-            self.bytes += record.size
+                        os.unlink(os.path.join(sub.path, name))
+        found.sort(key=lambda t: t[0])
+        for _, oid, record in found:
+            self._put(oid, record)
+        del found
         self.evict_to(self.limit)
 
-    def _load_one(self, meta: Path, verify: bool) -> _DiskRecord | None:
+    def _load_one(
+        self, directory: str, meta_name: str, verify: bool
+    ) -> tuple[str, _Record, float, str] | None:
+        """(id, record, mtime, body file name) of one metadata file; None if it is not a
+        valid object of this format (the caller removes it)."""
         try:
-            if meta.stat().st_size > META_MAX_SIZE:
-                return None
-            raw = meta.read_bytes()
+            with open(os.path.join(directory, meta_name), "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size > META_MAX_SIZE:
+                    return None
+                raw = f.read(META_MAX_SIZE + 1)
             doc = _decode_meta(raw)
             if doc is None:
                 return None
-            record = _DiskRecord(
-                entry=_entry_from_json(doc["entry"]),
-                body_name=str(doc["body"]),
-                length=int(doc["length"]),
-                digest=str(doc["digest"]),
-                meta_size=len(raw),
-            )
-            body = self.body_path(record.body_name)
-            if body.stat().st_size != record.length:
+            e = doc["entry"]
+            key, url = str(e["key"]), str(e["url"])
+            oid = object_id_of(key, str(e.get("vary_key", "")))
+            name = self.name_of(oid)
+            if str(doc.get("id", oid)) != oid or meta_name != f"{name}.meta":
+                return None  # not where this id's metadata belongs
+            if os.path.basename(directory) != name[:2]:
+                return None
+            body_name = str(doc["body"])
+            length = int(doc["length"])
+            check = _parse_check(str(doc["digest"]))
+            stem, _, gen_text = body_name.removesuffix(".body").partition(".")
+            if check is None or stem != name or len(gen_text) != 12 or length < 0:
+                return None
+            packed = _pack(length, len(raw), check, int(gen_text, 16))
+            body = os.path.join(directory, body_name)
+            if os.stat(body).st_size != length:
                 with contextlib.suppress(OSError):
-                    body.unlink()
+                    os.unlink(body)
                 return None
             if verify:
                 hasher = _digest()
                 with open(body, "rb") as f:
                     while chunk := f.read(1 * MiB):
                         hasher.update(chunk)
-                if hasher.hexdigest() != record.digest:
-                    body.unlink()
+                if hasher.hexdigest() != _p_check(packed):
+                    os.unlink(body)
                     return None
-            return record
-        except (OSError, KeyError, TypeError, ValueError):
+            return oid, _make_record(oid, key, url, packed), st.st_mtime, body_name
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):
             return None
 
+    # lookups (caller holds the store lock)
+    def read_entry(self, oid: str) -> CacheEntry | None:
+        """The full entry of a stored object, from its metadata file; None when that file is
+        missing, corrupt or names another body (the caller then drops the object)."""
+        record = self.index.get(oid)
+        if record is None:
+            return None
+        packed = _packed(record)
+        try:
+            raw = self.meta_path(oid).read_bytes()
+            doc = _decode_meta(raw)
+            if doc is None or doc.get("body") != self.body_name(oid, packed):
+                return None
+            entry = _entry_from_json(doc["entry"])
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return entry if object_id(entry) == oid else None
+
     # mutation (caller holds the store lock)
-    def write_meta(self, oid: str, record: _DiskRecord) -> _DiskRecord:
+    def write_meta(self, oid: str, entry: CacheEntry, packed: int) -> int | None:
+        """Publish the metadata of ``oid``; its size, or None when it is too large to store."""
         doc = {
             "id": oid,
-            "body": record.body_name,
-            "length": record.length,
-            "digest": record.digest,
-            "entry": _entry_to_json(record.entry),
+            "body": self.body_name(oid, packed),
+            "length": _p_length(packed),
+            "digest": _p_check(packed),
+            "entry": _entry_to_json(entry),
         }
         data = _encode_meta(doc)
+        if len(data) > META_MAX_SIZE:
+            return None
         tmp_path, f = self.temp_file()
         try:
             with f:
@@ -432,56 +628,64 @@ class _DiskTier:
             with contextlib.suppress(OSError):
                 tmp_path.unlink()
             raise
-        return replace(record, meta_size=len(data))
+        return len(data)
 
-    def install(self, oid: str, tmp_body: Path, record: _DiskRecord) -> list[_DiskRecord]:
-        """Move a finished body into place and publish its metadata; returns evicted records."""
-        final = self.body_path(record.body_name)
+    def install(
+        self, oid: str, tmp_body: Path, entry: CacheEntry, length: int, check: int
+    ) -> list[tuple[str, _Record]] | None:
+        """Move a finished body into place and publish its metadata; returns the evicted
+        records, or None when the object cannot be stored (its metadata is too large)."""
+        packed = _pack(length, 0, check, secrets.randbits(GEN_BITS))
+        final = self.body_path(self.body_name(oid, packed))
         final.parent.mkdir(exist_ok=True)
         os.replace(tmp_body, final)
         try:
-            record = self.write_meta(oid, record)
+            meta_size = self.write_meta(oid, entry, packed)
         except BaseException:
             with contextlib.suppress(OSError):
                 final.unlink()
             raise
-        old = self.index.pop(oid, None)
-        if old is not None:
-            self.bytes -= old.size
-            if old.body_name != record.body_name:
-                with contextlib.suppress(OSError):
-                    self.body_path(old.body_name).unlink()
-        self.index[oid] = record
-        self.bytes += record.size
+        if meta_size is None:
+            with contextlib.suppress(OSError):
+                final.unlink()
+            return None
+        packed = _pack(length, meta_size, check, _p_gen(packed))
+        old = self._pop(oid)
+        if old is not None and _p_gen(_packed(old)) != _p_gen(packed):
+            with contextlib.suppress(OSError):
+                self.body_path(self.body_name(oid, _packed(old))).unlink()
+        self._put(oid, _make_record(oid, entry.key, entry.url, packed))
         return self.evict_to(self.limit)
 
     def update_entry(self, oid: str, entry: CacheEntry) -> bool:
         old = self.index.get(oid)
         if old is None:
             return False
-        record = self.write_meta(oid, replace(old, entry=entry))
-        self.bytes += record.size - old.size
-        self.index[oid] = record
-        self.index.move_to_end(oid)
+        p = _packed(old)
+        meta_size = self.write_meta(oid, entry, p)
+        if meta_size is None:
+            return False
+        packed = _pack(_p_length(p), meta_size, (p >> _CHECK_SHIFT) & _CHECK_MASK, _p_gen(p))
+        self._put(oid, _make_record(oid, entry.key, entry.url, packed))
         return True
 
-    def remove(self, oid: str) -> _DiskRecord | None:
-        record = self.index.pop(oid, None)
+    def remove(self, oid: str) -> _Record | None:
+        record = self._pop(oid)
         if record is None:
             return None
-        self.bytes -= record.size
-        for path in (self.meta_path(oid), self.body_path(record.body_name)):
+        body = self.body_path(self.body_name(oid, _packed(record)))
+        for path in (self.meta_path(oid), body):
             with contextlib.suppress(OSError):
                 path.unlink()
         return record
 
-    def evict_to(self, limit: int) -> list[_DiskRecord]:
-        evicted: list[_DiskRecord] = []
+    def evict_to(self, limit: int) -> list[tuple[str, _Record]]:
+        evicted: list[tuple[str, _Record]] = []
         while self.bytes > limit and self.index:
             oid = next(iter(self.index))
             record = self.remove(oid)
             if record is not None:
-                evicted.append(record)
+                evicted.append((oid, record))
         return evicted
 
 
@@ -560,7 +764,6 @@ class Writer:
             self.abort()
             return False
         entry = replace(self.entry, body_length=self._length)
-        digest = self._hasher.hexdigest()
         if self._file is not None:
             self._file.flush()
             if self._store.fsync:
@@ -573,9 +776,11 @@ class Writer:
                 return False
         data = b"".join(self._chunks) if self._chunks is not None else None
         self.active = False
-        self._store._publish(self.object_id, entry, data, self._tmp, self._length, digest)
+        stored = self._store._publish(
+            self.object_id, entry, data, self._tmp, self._length, self._hasher.value
+        )
         self._tmp = None
-        return True
+        return stored
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -617,14 +822,22 @@ class CacheStore:
         self.max_memory_object_size = min(max_memory_object_size, memory_size)
         self.max_object_size = max_object_size
         self.fsync = fsync
-        self._by_key: dict[str, set[str]] = {}
-        self._by_url: dict[str, set[str]] = {}
+        # Secondary indexes hold only the exceptions: an object is found under its own id,
+        # which for the common object (no Vary, shared key) is both its primary key and its
+        # URL. Vary variants are listed under their primary key, and objects keyed by
+        # destination or with a Vary selection under their URL (for purge and invalidation).
+        self._variants: dict[str, tuple[str, ...]] = {}
+        self._url_ids: dict[str, tuple[str, ...]] = {}
         self._mem = _LRU(max(memory_size, 1), self._mem_evicted)
+        # Full entries of disk objects, read from their metadata by recent lookups; bounded
+        # in bytes. Memory-tier objects keep their entries in the memory tier instead.
+        self._loaded: LRUCache[str, CacheEntry] = LRUCache(LOADED_ENTRIES_SIZE, _entry_size)
         self.disk: _DiskTier | None = None
         if disk_dir is not None and disk_size > 0:
             self.disk = _DiskTier(Path(disk_dir), disk_size, fsync=fsync, verify=verify_on_start)
             for oid, record in self.disk.index.items():
-                self._index_add(oid, record.entry)
+                if not isinstance(record, int):
+                    self._index_add(oid, *_names(oid, record))
 
     @classmethod
     def from_config(cls, cfg: CacheConfig) -> CacheStore:
@@ -636,51 +849,93 @@ class CacheStore:
             max_memory_object_size=cfg.max_memory_object_size,
         )
 
-    # -- secondary indexes: primary key → ids, URL → ids ----------------------------------
+    # -- secondary indexes: primary key → variant ids, URL → other ids --------------------
 
-    def _index_add(self, oid: str, entry: CacheEntry) -> None:
-        self._by_key.setdefault(entry.key, set()).add(oid)
-        self._by_url.setdefault(entry.url, set()).add(oid)
+    def _has(self, oid: str) -> bool:
+        return oid in self._mem or (self.disk is not None and oid in self.disk.index)
 
-    def _index_drop(self, oid: str, entry: CacheEntry) -> None:
-        if oid in self._mem or (self.disk is not None and oid in self.disk.index):
-            return
-        for table, name in ((self._by_key, entry.key), (self._by_url, entry.url)):
-            ids = table.get(name)
-            if ids is not None:
-                ids.discard(oid)
-                if not ids:
-                    del table[name]
-
-    def _mem_evicted(self, oid: str, obj: _MemObject) -> None:
-        self._index_drop(oid, obj.entry)
-
-    def _entry_of(self, oid: str) -> CacheEntry | None:
-        obj = self._mem.get(oid)
-        if obj is not None:
-            return obj.entry
+    def _names_of(self, oid: str) -> tuple[str, str] | None:
+        """(primary key, URL) of a stored object, without I/O."""
+        if oid in self._mem:
+            entry = Cache.__getitem__(self._mem, oid).entry  # no LRU refresh
+            return entry.key, entry.url
         if self.disk is not None:
             record = self.disk.index.get(oid)
             if record is not None:
-                return record.entry
+                return _names(oid, record)
         return None
+
+    def _index_add(self, oid: str, key: str, url: str) -> None:
+        for table, name in ((self._variants, key), (self._url_ids, url)):
+            if name != oid:
+                ids = table.get(name, ())
+                if oid not in ids:
+                    table[name] = (*ids, oid)
+
+    def _index_drop(self, oid: str, key: str, url: str) -> None:
+        if self._has(oid):
+            return
+        for table, name in ((self._variants, key), (self._url_ids, url)):
+            if name != oid:
+                ids = tuple(i for i in table.get(name, ()) if i != oid)
+                if ids:
+                    table[name] = ids
+                else:
+                    table.pop(name, None)
+
+    def _ids_for(self, table: dict[str, tuple[str, ...]], name: str, which: int) -> list[str]:
+        """Ids of the objects whose primary key (``which`` 0) or URL (1) is ``name``."""
+        ids = list(table.get(name, ()))
+        names = self._names_of(name)
+        if names is not None and names[which] == name:
+            ids.append(name)
+        return ids
+
+    def _mem_evicted(self, oid: str, obj: _MemObject) -> None:
+        self._index_drop(oid, obj.entry.key, obj.entry.url)
+
+    def _entry_of(self, oid: str) -> CacheEntry | None:
+        """The full entry of a stored object. A disk object's comes from its metadata file
+        (one small read, then kept in ``_loaded``); if that file is gone or corrupt, the
+        object is dropped."""
+        obj = self._mem.get(oid)
+        if obj is not None:
+            return obj.entry
+        if self.disk is None or oid not in self.disk.index:
+            return None
+        entry = self._loaded.get(oid)
+        if entry is None:
+            entry = self.disk.read_entry(oid)
+            if entry is None:
+                self._drop(oid)
+                return None
+            self._remember(oid, entry)
+        return entry
+
+    def _remember(self, oid: str, entry: CacheEntry) -> None:
+        try:
+            self._loaded[oid] = entry
+        except ValueError:  # larger than the whole budget: read it again next time
+            self._loaded.pop(oid, None)
 
     # -- lookups -------------------------------------------------------------------------
 
     def variants(self, key: str) -> list[CacheEntry]:
-        """Entries of all stored variants of a primary key, newest first. No I/O."""
+        """Entries of all stored variants of a primary key, newest first. Reads the metadata
+        of disk objects whose entries are not in memory."""
         with self._lock:
-            out = [e for oid in self._by_key.get(key, ()) if (e := self._entry_of(oid))]
+            ids = self._ids_for(self._variants, key, 0)
+            out = [e for oid in ids if (e := self._entry_of(oid))]
         return sorted(out, key=lambda e: e.response_time, reverse=True)
 
     def select(self, key: str, request_headers: Headers) -> CacheEntry | None:
         """The newest variant whose Vary selection matches the request (RFC 9111 §4.1)."""
         with self._lock:
-            ids = self._by_key.get(key)
+            ids = self._ids_for(self._variants, key, 0)
             if not ids:
                 return None
             single = len(ids) == 1  # the common case: no list, no sorting
-            only = self._entry_of(next(iter(ids))) if single else None
+            only = self._entry_of(ids[0]) if single else None
         if single:
             if only is None or not (hot(only).vary_free or vary_matches(only, request_headers)):
                 return None
@@ -697,13 +952,11 @@ class CacheStore:
         LRU positions refreshed as :meth:`open` does): one lock and one index lookup for the
         common hit — a single variant, no Vary, in memory."""
         with self._lock:
-            ids = self._by_key.get(key)
-            if ids is not None and len(ids) == 1:
-                (oid,) = ids
-                obj = self._mem.get(oid)
-                if obj is not None and hot(obj.entry).vary_free:
-                    if self.disk is not None and oid in self.disk.index:
-                        self.disk.index.move_to_end(oid)
+            if key not in self._variants:
+                obj = self._mem.get(key)
+                if obj is not None and obj.entry.key == key and hot(obj.entry).vary_free:
+                    if self.disk is not None and key in self.disk.index:
+                        self.disk.index.move_to_end(key)
                     return obj.entry, obj.data
         return self.select(key, request_headers), None
 
@@ -722,7 +975,7 @@ class CacheStore:
 
     def object_ids_for_url(self, url: str) -> list[str]:
         with self._lock:
-            return sorted(self._by_url.get(url, ()))
+            return sorted(self._ids_for(self._url_ids, url, 1))
 
     def open(self, oid_or_entry: str | CacheEntry) -> StoredObject | None:
         """Open a stored object for reading; None when absent or found corrupt.
@@ -739,29 +992,32 @@ class CacheStore:
                 return StoredObject(oid, obj.entry, "memory", data=obj.data)
             if self.disk is None:
                 return None
+            entry = self._entry_of(oid)
             record = self.disk.index.get(oid)
-            if record is None:
+            if entry is None or record is None:
                 return None
+            packed = _packed(record)
             self.disk.index.move_to_end(oid)
             try:
-                f = open(self.disk.body_path(record.body_name), "rb")  # noqa: SIM115
+                f = open(self.disk.body_path(self.disk.body_name(oid, packed)), "rb")  # noqa: SIM115
             except OSError:
                 self._drop(oid)
                 return None
-        if os.fstat(f.fileno()).st_size != record.length:
+        length = _p_length(packed)
+        if os.fstat(f.fileno()).st_size != length:
             f.close()
             self.delete_object(oid)
             return None
         stored = StoredObject(
             oid,
-            record.entry,
+            entry,
             "disk",
             file=f,
-            length=record.length,
-            digest=record.digest,
+            length=length,
+            digest=_p_check(packed),
             on_corrupt=self.delete_object,
         )
-        if record.length > self.max_memory_object_size:
+        if length > self.max_memory_object_size:
             return stored
         with stored:
             try:
@@ -769,11 +1025,14 @@ class CacheStore:
             except CorruptObjectError:
                 return None
         with self._lock:
-            # Promote unless a newer commit replaced the object while we were reading.
+            # Promote unless a newer commit or a 304 update replaced the object meanwhile:
+            # both replace the loaded entry (and a commit the body's generation).
             current = self.disk.index.get(oid)
-            if current is record and oid not in self._mem:
-                self._mem_put(oid, _MemObject(record.entry, data))
-        return StoredObject(oid, record.entry, "memory", data=data)
+            same = current is not None and _packed(current) == packed
+            if same and oid not in self._mem and Cache.get(self._loaded, oid) is entry:
+                self._loaded.pop(oid, None)  # the memory tier holds it now
+                self._mem_put(oid, _MemObject(entry, data))
+        return StoredObject(oid, entry, "memory", data=data)
 
     def get(self, key: str, request_headers: Headers) -> StoredObject | None:
         """:meth:`select` + :meth:`open` in one call."""
@@ -791,7 +1050,7 @@ class CacheStore:
         except ValueError:  # larger than the whole memory budget
             self._mem.pop(oid, None)
             return
-        self._index_add(oid, obj.entry)
+        self._index_add(oid, obj.entry.key, obj.entry.url)
 
     def _publish(
         self,
@@ -800,33 +1059,40 @@ class CacheStore:
         data: bytes | None,
         tmp_body: Path | None,
         length: int,
-        digest: str,
-    ) -> None:
+        check: int,
+    ) -> bool:
         with self._lock:
             old = self._mem.pop(oid, None)
+            self._loaded.pop(oid, None)
             if self.disk is not None and tmp_body is not None:
-                body_name = f"{self.disk.name_of(oid)}.{secrets.token_hex(6)}.body"
-                evicted = self.disk.install(
-                    oid, tmp_body, _DiskRecord(entry, body_name, length, digest, 0)
-                )
-                self._index_add(oid, entry)
-                for record in evicted:
-                    gone = object_id(record.entry)
+                evicted = self.disk.install(oid, tmp_body, entry, length, check)
+                if evicted is None:  # metadata too large: not stored (and the old one gone)
+                    self._drop(oid)
+                    if old is not None:
+                        self._index_drop(oid, old.entry.key, old.entry.url)
+                    return False
+                self._index_add(oid, entry.key, entry.url)
+                for gone, record in evicted:
                     self._mem.pop(gone, None)  # the disk budget bounds the whole cache
-                    self._index_drop(gone, record.entry)
+                    self._loaded.pop(gone, None)
+                    self._index_drop(gone, *_names(gone, record))
             # Memory holds a copy of what is on disk (or everything, without a disk tier); an
             # object the disk budget evicted at once is not kept in memory either.
             kept = self.disk is None or oid in self.disk.index
             if data is not None and kept:
                 self._mem_put(oid, _MemObject(entry, data))
+            if kept and oid not in self._mem and self.disk is not None:
+                self._remember(oid, entry)  # likely asked for soon: spare the metadata read
             if old is not None:
-                self._index_drop(oid, old.entry)
+                self._index_drop(oid, old.entry.key, old.entry.url)
+            return True
 
     def update_entry(self, entry: CacheEntry) -> bool:
         """Replace the stored entry (headers and times after a 304), body unchanged."""
         oid = object_id(entry)
         with self._lock:
             found = False
+            self._loaded.pop(oid, None)
             obj = self._mem.get(oid)
             if obj is not None:
                 if obj.entry.body_length is not None:
@@ -834,20 +1100,27 @@ class CacheStore:
                 self._mem_put(oid, _MemObject(entry, obj.data))
                 found = True
             if self.disk is not None and oid in self.disk.index:
-                length = self.disk.index[oid].length
-                found = self.disk.update_entry(oid, replace(entry, body_length=length)) or found
+                length = _p_length(_packed(self.disk.index[oid]))
+                if entry.body_length != length:
+                    entry = replace(entry, body_length=length)
+                if self.disk.update_entry(oid, entry):
+                    found = True
+                    self._index_add(oid, entry.key, entry.url)
+                    if oid not in self._mem:
+                        self._remember(oid, entry)
             return found
 
     # -- removal -------------------------------------------------------------------------
 
     def _drop(self, oid: str) -> bool:
-        entry = self._entry_of(oid)
-        if entry is None:
+        names = self._names_of(oid)
+        if names is None:
             return False
         self._mem.pop(oid, None)
+        self._loaded.pop(oid, None)
         if self.disk is not None:
             self.disk.remove(oid)
-        self._index_drop(oid, entry)
+        self._index_drop(oid, *names)
         return True
 
     def delete_object(self, oid: str) -> bool:
@@ -857,13 +1130,13 @@ class CacheStore:
     def delete(self, key: str) -> int:
         """Remove every variant stored under a primary key."""
         with self._lock:
-            return sum(self._drop(oid) for oid in list(self._by_key.get(key, ())))
+            return sum(self._drop(oid) for oid in self._ids_for(self._variants, key, 0))
 
     def purge_url(self, url: str) -> int:
         """Remove every object for a URL: all Vary variants and destination-keyed copies
         (``url`` as :func:`~tproxy.cache.policy.request_url` normalises it)."""
         with self._lock:
-            return sum(self._drop(oid) for oid in list(self._by_url.get(url, ())))
+            return sum(self._drop(oid) for oid in self._ids_for(self._url_ids, url, 1))
 
     def purge_all(self) -> int:
         with self._lock:
@@ -874,21 +1147,31 @@ class CacheStore:
 
     # -- accounting ----------------------------------------------------------------------
 
+    def index_ram(self) -> int:
+        """Estimated RAM of everything but bodies: the disk index (records, LRU order and
+        secondary indexes), entries loaded from disk, and the memory tier's entries and
+        slots. Kept as running sums, so this is O(1) (a metrics scrape calls it)."""
+        with self._lock:
+            ram = self.disk.ram if self.disk is not None else 0
+            ram += int(self._loaded.currsize) + len(self._loaded) * ODICT_SLOT_BYTES
+            ram += self._mem.entry_bytes + len(self._mem) * MEM_SLOT_BYTES
+            return ram
+
     def stats(self) -> StoreStats:
         with self._lock:
-            entries: dict[str, CacheEntry] = {oid: o.entry for oid, o in self._mem.items()}
-            if self.disk is not None:
-                entries.update((oid, r.entry) for oid, r in self.disk.index.items())
-            index = sum(_entry_size(e) + sys.getsizeof(oid) for oid, e in entries.items())
+            disk_objects = len(self.disk.index) if self.disk else 0
+            # Memory objects are normally also on disk: count each object once.
+            objects = max(len(self._mem), disk_objects)
+            index = self.index_ram()
             return StoreStats(
                 memory_objects=len(self._mem),
                 memory_bytes=int(self._mem.currsize),
                 memory_limit=int(self._mem.maxsize),
-                disk_objects=len(self.disk.index) if self.disk else 0,
+                disk_objects=disk_objects,
                 disk_bytes=self.disk.bytes if self.disk else 0,
                 disk_limit=self.disk.limit if self.disk else 0,
                 index_bytes=index,
-                index_bytes_per_object=index // len(entries) if entries else OBJECT_OVERHEAD,
+                index_bytes_per_object=index // objects if objects else 0,
             )
 
 
