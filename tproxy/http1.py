@@ -83,6 +83,8 @@ from httptools import (
     HttpResponseParser,
 )
 
+from tproxy.uri import list_tokens
+
 __all__ = [
     "LAST_CHUNK",
     "MAX_BODY_SIZE",
@@ -305,17 +307,6 @@ _S_PAUSED = 7  # requests only: after EndOfMessage, until resume()
 _S_DEAD = 8  # after ProtocolError or Tunnel
 
 _CR = 0x0D
-
-
-def _split_tokens(values: Iterable[bytes]) -> list[bytes]:
-    """Comma-separated list elements (RFC 9110 §5.6.1), lower-cased, empty ones dropped."""
-    out: list[bytes] = []
-    for v in values:
-        for t in v.split(b","):
-            t = t.strip(b" \t").lower()
-            if t:
-                out.append(t)
-    return out
 
 
 # --------------------------------------------------------------------------- parsers
@@ -602,7 +593,7 @@ class _Meta:
             elif lname == _TRANSFER_ENCODING:
                 if self.te is None:
                     self.te = []
-                self.te.extend(_split_tokens((value,)) or [b""])
+                self.te.extend(list_tokens((value,)) or [b""])
             elif lname == _EXPECT:
                 self.expect = value.lower() == b"100-continue"
             elif lname == _UPGRADE:
@@ -614,7 +605,7 @@ class _Meta:
         elif len(conn) == 1 and b"," not in conn[0]:
             self.conn = frozenset((conn[0].strip(b" \t").lower(),))
         else:
-            self.conn = frozenset(_split_tokens(conn))
+            self.conn = frozenset(list_tokens(conn))
         if self.te is not None:
             if self.cl is not None:
                 self.error = "both Content-Length and Transfer-Encoding"

@@ -38,6 +38,7 @@ from tproxy.http1 import (
     Sniff,
     Tunnel,
 )
+from tproxy.uri import bracket, effective_url, media_type
 
 if TYPE_CHECKING:
     from tproxy.server import Server
@@ -114,10 +115,6 @@ def error_response(
         + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     ).encode()
     return head + body
-
-
-def format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 class BodySink(Protocol):
@@ -198,7 +195,7 @@ class Exchange:
     def url(self) -> str:
         url = self._url
         if url is None:
-            url = self._url = request_url(self.head, self.dst_host)
+            url = self._url = effective_url(self.head.target, self.head.host, self.dst_host)
         return url
 
     @url.setter
@@ -212,22 +209,12 @@ class Exchange:
         if ctype is None:
             head = self.response_head
             value = None if head is None else http1.header_value(head.headers, b"content-type")
-            ctype = self.ctype = value.decode("latin-1").split(";")[0].strip() if value else "-"
+            ctype = self.ctype = media_type(value) or "-"
         return ctype
 
     @content_type.setter
     def content_type(self, value: str) -> None:
         self.ctype = value
-
-
-def request_url(head: RequestHead, dst_host: str) -> str:
-    """The absolute URL of a request: its absolute-form target, or http:// + Host (else the
-    original destination address) + origin-form target (RFC 9112 §3.3)."""
-    target = head.target.decode("latin-1")
-    if target.startswith(("http://", "https://")):
-        return target
-    host = head.host.decode("latin-1") if head.host else format_host(dst_host)
-    return f"http://{host}{target}"
 
 
 class _Side(asyncio.Protocol):
@@ -747,7 +734,7 @@ class ClientConnection(_Side):
                 status=self.tunnel_status,
                 size=self.bytes_out,
                 method="CONNECT",
-                url=f"{format_host(str(dst[0]))}:{dst[1]}",
+                url=f"{bracket(str(dst[0]))}:{dst[1]}",
                 hierarchy="HIER_DIRECT",
                 peer=str(dst[0]),
                 content_type="-",
@@ -771,9 +758,6 @@ class ClientConnection(_Side):
         # Pipelined requests wait in the parser while one is in flight: bound that backlog.
         if self.parser.paused and self.parser.buffered > PENDING_LIMIT:
             self.pause_reading()
-
-    def request_url(self, head: RequestHead) -> str:
-        return request_url(head, str(self.sockname[0]))
 
     def request_head(self, head: RequestHead) -> None:
         self.state = EXCHANGE
@@ -799,7 +783,7 @@ class ClientConnection(_Side):
         add: list[tuple[bytes, bytes]] = []
         if head.host is None:
             # RFC 9112 §3.2: an HTTP/1.1 request must carry Host; an HTTP/1.0 one may lack it.
-            add.append((b"Host", format_host(str(self.sockname[0])).encode()))
+            add.append((b"Host", bracket(str(self.sockname[0])).encode()))
         data = http1.serialize_request_head(
             head, framing=ex.upstream_framing, relay_upgrade=head.upgrade, add=add
         )

@@ -34,6 +34,7 @@ from tproxy.cache import policy
 from tproxy.cache.policy import CacheEntry, Kind
 from tproxy.cache.store import CacheConfig, CacheStore, CorruptObjectError, StoredObject
 from tproxy.config import Config
+from tproxy.uri import media_type, normalize_host
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
@@ -109,13 +110,6 @@ class HostVerifier:
         self._literal: dict[tuple[bytes, str], bool] = {}
         self._names: dict[bytes, str | None] = {}
 
-    @staticmethod
-    def hostname(host: bytes) -> str:
-        text = host.decode("latin-1").strip().lower()
-        if text.startswith("["):
-            return text[1 : text.find("]")]
-        return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-
     def shared(self, host: bytes | None, dest_ip: str) -> bool:
         if not host:
             return False
@@ -124,7 +118,7 @@ class HostVerifier:
             return literal
         name = self._names.get(host)
         if name is None:
-            name = self.hostname(host).rstrip(".")
+            name = normalize_host(host.decode("latin-1"))
             try:
                 literal = ipaddress.ip_address(name) == ipaddress.ip_address(dest_ip)
             except ValueError:
@@ -734,8 +728,7 @@ def _has(headers: http1.Headers, names: frozenset[bytes]) -> bool:
 
 
 def _content_type(entry: CacheEntry) -> str:
-    value = entry.fields.one(b"content-type")
-    return value.decode("latin-1").split(";")[0].strip() if value else "-"
+    return media_type(entry.fields.one(b"content-type")) or "-"
 
 
 def _head(

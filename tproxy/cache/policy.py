@@ -28,6 +28,10 @@ from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from urllib.parse import urljoin, urlsplit
 
+# request_url is part of this module's interface (the cache CLI and the store normalise with it).
+from tproxy.uri import bracket, list_tokens, split_authority
+from tproxy.uri import request_url as request_url
+
 Header = tuple[bytes, bytes]
 Headers = Sequence[Header]
 
@@ -122,10 +126,7 @@ class Fields:
 
     def tokens(self, name: bytes) -> list[bytes]:
         """Members of a list-based field (RFC 9110 §5.6.1), stripped, lowercased, no empties."""
-        out: list[bytes] = []
-        for value in self._index.get(name.lower(), ()):
-            out.extend(p.strip().lower() for p in value.split(b",") if p.strip())
-        return out
+        return list_tokens(self._index.get(name.lower(), ()))
 
 
 def _fields(headers: Headers | Fields) -> Fields:
@@ -421,57 +422,6 @@ def headers_to_store(response_headers: Headers) -> list[Header]:
 
 # -- cache keys and Vary ---------------------------------------------------------------------
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _host_port(authority: str, scheme: str) -> tuple[str, int | None]:
-    authority = authority.strip().lower()
-    if "@" in authority:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4)
-        authority = authority.rsplit("@", 1)[1]
-    port: int | None = None
-    if authority.startswith("["):
-        end = authority.find("]")
-        host, rest = authority[: end + 1], authority[end + 1 :]
-        if rest.startswith(":") and rest[1:].isdigit():
-            port = int(rest[1:])
-    else:
-        host, sep, p = authority.rpartition(":")
-        if not sep:
-            host = authority
-        elif p.isdigit():
-            port = int(p)
-        elif p == "":
-            port = None
-        else:
-            host = authority
-    host = host.rstrip(".")  # "example.com." names the same host
-    if port == _DEFAULT_PORTS.get(scheme):
-        port = None
-    return host, port
-
-
-def request_url(scheme: str, host_header: bytes | str | None, target: bytes | str) -> str:
-    """The target URI (RFC 9112 §3.3): absolute-form wins over Host; lowercase scheme/host,
-    default port dropped, empty path → "/". Returns "" when no host is known."""
-    tgt = target.decode("latin-1") if isinstance(target, bytes) else target
-    scheme = scheme.lower()
-    if "://" in tgt[:16]:
-        parts = urlsplit(tgt)
-        scheme = parts.scheme.lower() or scheme
-        authority = parts.netloc
-        path = parts.path or "/"
-        tgt = path + (f"?{parts.query}" if parts.query else "")
-    else:
-        authority = (
-            host_header.decode("latin-1") if isinstance(host_header, bytes) else host_header or ""
-        )
-        if not tgt.startswith("/"):
-            tgt = "/" + tgt if tgt != "*" else tgt
-    host, port = _host_port(authority, scheme)
-    if not host:
-        return ""
-    return f"{scheme}://{host}{f':{port}' if port else ''}{tgt}"
-
 
 def cache_key(
     scheme: str,
@@ -491,15 +441,11 @@ def cache_key(
     """
     url = request_url(scheme, host_header, target)
     if not url:  # no Host (HTTP/1.0): the destination is all we know
-        url = request_url(scheme, _bracket(dest_ip) + f":{dest_port}", target)
+        url = request_url(scheme, bracket(dest_ip) + f":{dest_port}", target)
         return url
     if shared:
         return url
-    return f"{url} @{_bracket(dest_ip)}:{dest_port}"
-
-
-def _bracket(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+    return f"{url} @{bracket(dest_ip)}:{dest_port}"
 
 
 def vary_key(vary_values: Iterable[bytes], request_headers: Headers | Fields) -> str | None:
@@ -1078,7 +1024,7 @@ def freshen_from_head(stored_headers: Headers, head_headers: Headers) -> list[He
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    host, port = _host_port(parts.netloc, scheme)
+    host, port = split_authority(parts.netloc, scheme)
     return scheme, host, port
 
 

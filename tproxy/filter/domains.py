@@ -16,6 +16,9 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 
+# One normal form for request hosts, shared with the cache and shaping (re-exported here).
+from tproxy.uri import normalize_host as normalize_host
+
 # RFC 1035 §2.3.4: 63 octets per label, 255 per name on the wire = 253 characters in text.
 MAX_LABEL = 63
 MAX_NAME = 253
@@ -86,32 +89,6 @@ def normalize_domain(text: str) -> tuple[str, bool] | str:
                 return name, True
             return "numeric name that is not a canonical dotted-quad IPv4 address"
     return name, False
-
-
-def normalize_host(host: str) -> str:
-    """Canonical form of a host as it appears in a request (Host header, URL, SNI).
-
-    Lower-cases, drops a port, brackets and a trailing dot. Does not validate: a host we cannot
-    read simply matches no domain entry.
-    """
-    h = host.strip().lower()
-    if h.startswith("["):
-        end = h.find("]")
-        inner = h[1:end] if end > 0 else h[1:]
-        try:
-            return ipaddress.IPv6Address(inner).compressed
-        except ValueError:
-            return inner
-    if h.count(":") == 1:
-        h = h.split(":", 1)[0]
-    elif ":" in h:
-        try:
-            return ipaddress.IPv6Address(h).compressed
-        except ValueError:
-            return h
-    if h.endswith("."):
-        h = h[:-1]
-    return h
 
 
 def parents(host: str) -> Iterator[str]:

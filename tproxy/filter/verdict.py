@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from tproxy.filter.categories import Categories
-from tproxy.filter.domains import DomainSet, normalize_host
+from tproxy.filter.domains import DomainSet
 from tproxy.filter.model import (
     ALL_GROUPS,
     DAYS,
@@ -47,6 +47,9 @@ from tproxy.filter.model import (
     WindowConfig,
     compile_re2,
 )
+from tproxy.uri import media_type as media_type
+from tproxy.uri import normalize_host
+from tproxy.uri import split_url as split_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -163,39 +166,6 @@ class _Req:
         if self._cats is None:
             self._cats = self._categories.match(self.host, self.path)
         return self._cats
-
-
-def split_url(url: str) -> tuple[str, str, str]:
-    """``(normalised absolute URL, host, path+query)`` of an http URL; tolerant of junk.
-
-    Scheme and host are lower-cased and the default port 80 dropped (RFC 9110 §4.2.3: these
-    are equivalent URIs), so a prefix written ``http://Example.com/`` matches either form.
-    """
-    rest = url
-    scheme_end = url.find("://")
-    if scheme_end >= 0:
-        rest = url[scheme_end + 3 :]
-    slash = rest.find("/")
-    query = rest.find("?")
-    if query >= 0 and (slash < 0 or query < slash):
-        slash = query
-    hostport, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-    if path.startswith("?"):
-        path = "/" + path
-    hostport = hostport.lower()
-    if "@" in hostport:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4); drop it
-        hostport = hostport.rsplit("@", 1)[1]
-    if hostport.endswith(":80"):
-        hostport = hostport[:-3]
-    host = normalize_host(hostport)
-    return "http://" + hostport + path, host, path
-
-
-def media_type(content_type: str | None) -> str | None:
-    """``type/subtype`` lower-cased, without parameters (RFC 9110 §8.3.1)."""
-    if not content_type:
-        return None
-    return content_type.split(";", 1)[0].strip().lower() or None
 
 
 def _local_clock(now: datetime) -> tuple[int, int]:

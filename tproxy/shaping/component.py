@@ -43,7 +43,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from tproxy import http1
 from tproxy.config import Config, ConfigError
@@ -60,6 +59,7 @@ from tproxy.shaping.model import (
     mark_for,
     select_class,
 )
+from tproxy.uri import media_type, normalize_host, split_url
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
@@ -170,11 +170,11 @@ def classify_for(plan: ShapingPlan) -> tuple[ClassifyRule, ...]:
 def request_facts(
     url: str, host_header: bytes | None, client_ip: str, clients: Clients
 ) -> FlowFacts:
-    host = urlsplit(url).hostname or ""
+    host = split_url(url)[1]
     if not host and host_header:
-        host = host_header.decode("latin-1").rsplit(":", 1)[0].strip("[]")
+        host = normalize_host(host_header.decode("latin-1"))
     return FlowFacts(
-        host=host.lower(),
+        host=host,
         url=url,
         groups=clients.groups_of(client_ip),
         windows=clients.active_windows(),
@@ -189,7 +189,7 @@ def response_facts(facts: FlowFacts, head: http1.ResponseHead, hit: bool) -> Flo
     ctype = http1.header_value(head.headers, b"content-type")
     return dataclasses.replace(
         facts,
-        content_type=ctype.decode("latin-1") if ctype else None,
+        content_type=media_type(ctype),
         response_size=head.content_length,
         cache="hit" if hit else "miss",
     )
@@ -474,7 +474,7 @@ class ShapingComponent:
         if not self.active:
             return 0
         facts = FlowFacts(
-            host=sni.lower().rstrip("."),
+            host=normalize_host(sni),
             url=f"https://{sni.lower()}/",
             groups=self.clients.groups_of(client_ip),
             windows=self.clients.active_windows(),

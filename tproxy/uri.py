@@ -1,0 +1,164 @@
+"""Authorities, hosts, URLs, media types and list fields: one copy of each, pure (no I/O).
+
+Every module that turns a request into a URL, a host name or a media type uses these, so the
+cache key, the filter's URL, the shaping facts and the access log agree on what a request names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+# RFC 9110 §4.2.1/§4.2.2: the port a URI without one implies; "host:80" and "host" are the same
+# origin for http (§4.2.3), so the normal form leaves the default port out.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# How far into a target "://" may stand for it to be taken as absolute-form (a scheme name is
+# short; a "://" deep inside an origin-form query is not a scheme separator).
+SCHEME_SEPARATOR_WITHIN = 16
+# RFC 9110 §5.6.3: optional whitespace is spaces and horizontal tabs only.
+OWS = b" \t"
+
+
+def bracket(host: str) -> str:
+    """``host`` as it stands in an authority: an IPv6 literal in brackets (RFC 3986 §3.2.2)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def split_authority(authority: str, scheme: str = "http") -> tuple[str, int | None]:
+    """``(host, port)`` of an authority, lower-cased, userinfo and a trailing dot dropped; the
+    port is None when absent, empty or the scheme's default. IPv6 literals keep brackets.
+
+    A port that is not all digits is taken as part of the host: such a host names nothing we
+    could connect to, so it matches nothing rather than something else.
+    """
+    authority = authority.strip().lower()
+    if "@" in authority:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4)
+        authority = authority.rsplit("@", 1)[1]
+    port: int | None = None
+    if authority.startswith("["):
+        end = authority.find("]")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    else:
+        host, sep, digits = authority.rpartition(":")
+        if not sep:
+            host = authority
+        elif digits.isdigit():
+            port = int(digits)
+        elif digits:
+            host = authority
+    host = host.rstrip(".")  # "example.com." names the same host (RFC 1034 §3.1)
+    if port == DEFAULT_PORTS.get(scheme):
+        port = None
+    return host, port
+
+
+def _join_authority(host: str, port: int | None) -> str:
+    return f"{host}:{port}" if port else host
+
+
+def request_url(scheme: str, host_header: bytes | str | None, target: bytes | str) -> str:
+    """The target URI of a request (RFC 9112 §3.3), normalised: absolute-form wins over Host;
+    lower-case scheme and host, default port dropped, empty path → "/". "" when no host is
+    known (an HTTP/1.0 request without Host)."""
+    tgt = target.decode("latin-1") if isinstance(target, bytes) else target
+    scheme = scheme.lower()
+    if "://" in tgt[:SCHEME_SEPARATOR_WITHIN]:
+        parts = urlsplit(tgt)
+        scheme = parts.scheme.lower() or scheme
+        authority = parts.netloc
+        tgt = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    else:
+        authority = (
+            host_header.decode("latin-1") if isinstance(host_header, bytes) else host_header or ""
+        )
+        if not tgt.startswith("/"):
+            tgt = "/" + tgt if tgt != "*" else tgt
+    host, port = split_authority(authority, scheme)
+    if not host:
+        return ""
+    return f"{scheme}://{_join_authority(host, port)}{tgt}"
+
+
+def effective_url(target: bytes, host_header: bytes | None, dest_ip: str) -> str:
+    """The URL a proxied request names: :func:`request_url`, with the intercepted destination
+    address standing in for a missing Host (RFC 9112 §3.3 lets the server supply a default
+    authority; for a transparent proxy the destination the client connected to is that)."""
+    try:
+        return request_url("http", host_header, target) or request_url(
+            "http", bracket(dest_ip), target
+        )
+    except ValueError:  # urlsplit's verdict on a bracketed host; the parser lets none through
+        return target.decode("latin-1")
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """``(normalised http URL, host, path+query)`` of a URL; tolerant of junk, never raises.
+
+    The scheme is always http: the proxy only sees cleartext requests, and an absolute-form
+    ``https://`` target sent to port 80 must match the same rules as its ``http://`` twin. The
+    authority is normalised like :func:`request_url`'s (RFC 9110 §4.2.3 equivalent URIs), so a
+    prefix written ``http://Example.com/`` matches ``http://example.com.:80/`` as well.
+    """
+    rest = url
+    scheme_end = url.find("://")
+    if scheme_end >= 0:
+        rest = url[scheme_end + 3 :]
+    slash = rest.find("/")
+    query = rest.find("?")
+    if query >= 0 and (slash < 0 or query < slash):
+        slash = query
+    hostport, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    if path.startswith("?"):
+        path = "/" + path
+    authority = _join_authority(*split_authority(hostport, "http"))
+    return "http://" + authority + path, normalize_host(authority), path
+
+
+def normalize_host(host: str) -> str:
+    """Canonical form of a host as it appears in a request (Host header, URL, SNI).
+
+    Lower-cases, drops a port, brackets and a trailing dot; IPv6 literals are compressed. Does
+    not validate: a host we cannot read simply matches nothing.
+    """
+    h = host.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        inner = h[1:end] if end > 0 else h[1:]
+        try:
+            return ipaddress.IPv6Address(inner).compressed
+        except ValueError:
+            return inner
+    if h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    elif ":" in h:
+        try:
+            return ipaddress.IPv6Address(h).compressed
+        except ValueError:
+            return h
+    if h.endswith("."):
+        h = h[:-1]
+    return h
+
+
+def media_type(content_type: bytes | str | None) -> str | None:
+    """``type/subtype`` of a Content-Type value, lower-cased (types are case-insensitive,
+    RFC 9110 §8.3.1), without parameters; None when absent or empty."""
+    if not content_type:
+        return None
+    text = content_type.decode("latin-1") if isinstance(content_type, bytes) else content_type
+    return text.split(";", 1)[0].strip().lower() or None
+
+
+def list_tokens(values: Iterable[bytes]) -> list[bytes]:
+    """Members of a list-based field's lines (RFC 9110 §5.6.1: ``#token``), OWS trimmed,
+    lower-cased, empty members dropped (a recipient must accept and ignore them)."""
+    out: list[bytes] = []
+    for value in values:
+        for member in value.split(b","):
+            member = member.strip(OWS).lower()
+            if member:
+                out.append(member)
+    return out
