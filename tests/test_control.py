@@ -461,6 +461,14 @@ def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:
 # -- the real daemon in the lab ----------------------------------------------------------------
 
 METRICS_PORT = 19101  # inside the gateway namespace only: no clash with other labs or the host
+# Holds a TCP port on 127.0.0.1 (argv[1]) until killed.
+HOLD_PORT = (
+    "import socket, sys, time\n"
+    "s = socket.socket()\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1])))\n"
+    "s.listen()\n"
+    "time.sleep(3600)\n"
+)
 
 
 def _scrape(lab: Lab, host: str, addr: str) -> dict[str, float]:
@@ -515,6 +523,27 @@ def test_status_and_metrics_of_the_running_daemon(lab: Lab) -> None:
         with pytest.raises(status_cli.CommandFailed, match="reload refused"):
             status_cli.request(str(sock), "reload")
         assert status_cli.request(str(sock), "status")["requests"]["total"] == 5
+
+        # A reload that one component refuses after an earlier one took it changes nothing:
+        # the control socket (first in line) would move, the metrics port (next) is taken.
+        busy = METRICS_PORT + 1
+        holder = lab.popen("gateway", [sys.executable, "-c", HOLD_PORT, str(busy)])
+        try:
+            lab.wait_port("gateway", busy)
+            moved = sock.with_name("moved.sock")
+            proxy.config_path.write_text(
+                f'[control]\nsocket = "{moved}"\n[metrics]\nlisten = "127.0.0.1:{busy}"\n'
+            )
+            with pytest.raises(status_cli.CommandFailed, match="reload refused"):
+                status_cli.request(str(sock), "reload")
+            assert not moved.exists()
+            assert status_cli.request(str(sock), "status")["requests"]["total"] == 5
+            assert (
+                _scrape(lab, "gateway", f"127.0.0.1:{METRICS_PORT}")["tproxy_requests_total"] == 5
+            )
+        finally:
+            holder.kill()
+            holder.wait()
     assert proxy.proc is not None and proxy.proc.returncode == 0
     assert not sock.exists()  # removed on stop
     gone = proxy.tproxy("status", "--socket", str(sock), check=False)

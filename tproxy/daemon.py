@@ -199,6 +199,26 @@ class Daemon:
         async with self.reload_lock:  # SIGHUP and the control socket's reload never overlap
             await self._reload()
 
+    async def _reload_components(self, new: Config) -> None:
+        """Hand ``new`` to every component; if one refuses, the ones before it go back.
+
+        A component refuses before changing anything, but the ones earlier in the list have
+        already adopted ``new`` (a moved control socket, a rebound metrics port, shaping classes)
+        by then. Handing them the running config again puts the daemon back as it was, so a
+        refused reload changes nothing at all."""
+        adopted: list[component.Component] = []
+        try:
+            for comp in self.components:
+                await comp.reload(self, new)
+                adopted.append(comp)
+        except ConfigError:
+            for comp in reversed(adopted):
+                try:
+                    await comp.reload(self, self.cfg)
+                except Exception:
+                    log.exception("reload: putting %s back to the running config failed", comp.name)
+            raise
+
     async def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
         try:
@@ -215,8 +235,7 @@ class Daemon:
             # component has adopted it. A dropped port keeps its socket divert: its open
             # connections go on.
             plan = self.make_plan(new).keeping_divert(self.plan)
-            for comp in self.components:
-                await comp.reload(self, new)
+            await self._reload_components(new)
             if plan != self.plan:
                 old = self.plan
                 if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
