@@ -36,6 +36,7 @@ from tproxy.uri import (
         ("[::1]:8080", "http", ("[::1]", 8080)),
         ("[::1]", "http", ("[::1]", None)),
         ("host:abc", "http", ("host:abc", None)),
+        ("host:\u00b2", "http", ("host:\u00b2", None)),  # "²".isdigit(), yet no port
         ("", "http", ("", None)),
     ],
 )
@@ -92,10 +93,21 @@ def test_split_url(url: str, expected: tuple[str, str, str]) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=40))
-def test_split_url_never_raises_and_is_idempotent(url: str) -> None:
-    full, host, path = split_url(url)
+def test_split_url_never_raises(url: str) -> None:
+    full, _, path = split_url(url)
     assert full.startswith("http://") and full.endswith(path)
+
+
+# What can stand in a request's URL: no controls or spaces (RFC 9112 §3.2).
+_URL_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Zs", "Zl", "Zp")), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_URL_TEXT)
+def test_split_url_is_idempotent(url: str) -> None:
+    full, host, path = split_url(url)
     assert split_url(full) == (full, host, path)
+    assert normalize_host(host) == host
 
 
 @settings(max_examples=200, deadline=None)

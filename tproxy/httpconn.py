@@ -509,11 +509,7 @@ class ClientConnection(_Side):
 
     def fail_hard(self, where: str) -> None:
         log.exception("%s: error handling %s; closing the connection", self.client_ip, where)
-        up = self.upstream
-        if up is not None:
-            up.client = None
-            up.abort()
-            self.upstream = None
+        self.drop_upstream(self.upstream)
         self.abort()
 
     def _data_received(self, data: bytes) -> None:
@@ -581,10 +577,7 @@ class ClientConnection(_Side):
         if ex is not None:
             self.log_exchange(ex, aborted=True)
             self.exchange = None
-        if up is not None:
-            up.client = None
-            up.abort()
-            self.upstream = None
+        self.drop_upstream(up)
         self.server.connection_done(self)
 
     def pause_writing(self) -> None:
@@ -865,9 +858,7 @@ class ClientConnection(_Side):
             return
         if ex is not None and (ex.upstream is not None or self.connecting is not None):
             # The head already went upstream: the origin must not see a complete request.
-            if ex.upstream is not None:
-                ex.upstream.client = None
-                ex.upstream.abort()
+            self.drop_upstream(ex.upstream, ex)
             if self.connecting is not None:
                 self.connecting.cancel()
                 self.connecting = None
@@ -903,8 +894,7 @@ class ClientConnection(_Side):
     ) -> None:
         ex = self.exchange
         if ex is None or ex.upstream is not up:
-            up.client = None
-            up.close()
+            self.drop_upstream(up, reset=False)
             return
         for index, event in enumerate(events):
             if isinstance(event, Body):
@@ -1009,8 +999,7 @@ class ClientConnection(_Side):
         if reusable:
             self.server.pool.put(up)
         else:
-            up.client = None
-            up.close()
+            self.drop_upstream(up, reset=False)
         self.next_request(ex)
 
     def next_request(self, ex: Exchange) -> None:
@@ -1041,11 +1030,7 @@ class ClientConnection(_Side):
             up.write(buffered)
 
     def response_error(self, ex: Exchange, up: Upstream, event: ProtocolError) -> None:
-        up.client = None
-        up.abort()
-        self.upstream = None
-        if ex.upstream is up:
-            ex.upstream = None
+        self.drop_upstream(up, ex)
         self.server.stats.upstream_errors += 1
         log.info("bad response from %s for %s: %s", self.sockname[0], ex.url, event.reason)
         if not ex.response_started:
@@ -1085,10 +1070,7 @@ class ClientConnection(_Side):
 
     def fail_exchange(self, ex: Exchange, status: int, detail: str) -> None:
         """Answer the current request with an error page generated here."""
-        if ex.upstream is not None:
-            ex.upstream.client = None
-            ex.upstream.abort()
-            ex.upstream = None
+        self.drop_upstream(ex.upstream, ex)
         self.upstream = None
         self.pending.clear()
         self.pending_size = 0
@@ -1108,17 +1090,22 @@ class ClientConnection(_Side):
 
     def respond_local(self, ex: Exchange, data: bytes, status: int, result: str) -> None:
         """Answer from the proxy itself (block page, cache hit): nothing goes upstream."""
+        self.begin_local(ex, status, result, len(data))
+        self.write(data)
+        self.finish_local(ex)
+
+    def begin_local(self, ex: Exchange, status: int, result: str, head_size: int) -> None:
+        """The common start of a local answer: the origin's response (if one is coming) is
+        read on in the background, and the exchange is marked as answered here."""
         if ex.upstream is not None:
             self.detach_upstream(ex)
         ex.status = status
         ex.result = result
         ex.hierarchy = "HIER_NONE"
         ex.response_started = True
-        ex.sent = len(data)
+        ex.sent = head_size
         if not ex.request_done and not self.can_discard(ex):
             ex.client_keep_alive = False
-        self.write(data)
-        self.finish_local(ex)
 
     def can_discard(self, ex: Exchange) -> bool:
         """Whether the rest of an answered request's body is small enough to read and drop."""
@@ -1143,15 +1130,38 @@ class ClientConnection(_Side):
             # Its EndOfMessage (right behind the head for a GET) starts the next request.
             self.discarding = ex
 
+    def unbind_upstream(self, up: Upstream, ex: Exchange | None = None) -> None:
+        """``up`` no longer serves this connection (nor ``ex``): its events stop reaching us."""
+        up.client = None
+        if ex is not None and ex.upstream is up:
+            ex.upstream = None
+        if self.upstream is up:
+            self.upstream = None
+
+    def drop_upstream(
+        self, up: Upstream | None, ex: Exchange | None = None, *, reset: bool = True
+    ) -> None:
+        """Let go of an origin connection for good: unbound, closed and never pooled again.
+
+        ``reset`` (the default) aborts it: what it carries can no longer be trusted — a request
+        cut short must not reach the origin complete, a broken response must not be read into
+        the next exchange. A clean close (``reset=False``) is for a connection that merely
+        cannot be reused (RFC 9112 §9.6: the response said close, or bytes are left over).
+        """
+        if up is None:
+            return
+        self.unbind_upstream(up, ex)
+        if reset:
+            up.abort()
+        else:
+            up.close()
+
     def detach_upstream(self, ex: Exchange, sink: BodySink | None = None) -> None:
         """Stop relaying ``ex``'s response; read its rest in the background (into ``sink``)."""
         up = ex.upstream
         if up is None:
             return
-        ex.upstream = None
-        if self.upstream is up:
-            self.upstream = None
-        up.client = None
+        self.unbind_upstream(up, ex)
         head = ex.response_head
         up.orphan = True
         up.orphan_keep = head is not None and head.keep_alive and ex.request_done
@@ -1170,16 +1180,8 @@ class ClientConnection(_Side):
         framing: Framing = Framing.LENGTH,
     ) -> None:
         """Answer from the proxy with a body pulled from ``body`` as the client drains."""
-        if ex.upstream is not None:
-            self.detach_upstream(ex)
-        ex.status = status
-        ex.result = result
-        ex.hierarchy = "HIER_NONE"
-        ex.response_started = True
+        self.begin_local(ex, status, result, len(head))
         ex.response_framing = framing
-        ex.sent = len(head)
-        if not ex.request_done and not self.can_discard(ex):
-            ex.client_keep_alive = False
         self.write(head)
         self.producer = body
         self.producer_ex = ex

@@ -25,6 +25,11 @@ def bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _is_port(text: str) -> bool:
+    # RFC 3986 §3.2.3: port = *DIGIT, ASCII only (str.isdigit also takes "²" and "٣").
+    return text.isascii() and text.isdigit()
+
+
 def split_authority(authority: str, scheme: str = "http") -> tuple[str, int | None]:
     """``(host, port)`` of an authority, lower-cased, userinfo and a trailing dot dropped; the
     port is None when absent, empty or the scheme's default. IPv6 literals keep brackets.
@@ -32,20 +37,21 @@ def split_authority(authority: str, scheme: str = "http") -> tuple[str, int | No
     A port that is not all digits is taken as part of the host: such a host names nothing we
     could connect to, so it matches nothing rather than something else.
     """
-    authority = authority.strip().lower()
+    authority = authority.lower()
     if "@" in authority:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4)
         authority = authority.rsplit("@", 1)[1]
+    authority = authority.strip()
     port: int | None = None
     if authority.startswith("["):
         end = authority.find("]")
         host, rest = authority[: end + 1], authority[end + 1 :]
-        if rest.startswith(":") and rest[1:].isdigit():
+        if rest.startswith(":") and _is_port(rest[1:]):
             port = int(rest[1:])
     else:
         host, sep, digits = authority.rpartition(":")
         if not sep:
             host = authority
-        elif digits.isdigit():
+        elif _is_port(digits):
             port = int(digits)
         elif digits:
             host = authority
