@@ -237,11 +237,8 @@ class ResponseChecker:
     """ResponseParser's grammar: per expected request, Informational* then either a 101 and
     Tunnel, or ResponseHead [Tunnel | Body* EndOfMessage]; a ProtocolError is final."""
 
-    def __init__(
-        self, lim: Limits, plan: Sequence[tuple[bytes, bool]], strict: bool = True
-    ) -> None:
+    def __init__(self, lim: Limits, plan: Sequence[tuple[bytes, bool]]) -> None:
         self.lim = lim
-        self.strict = strict
         self.plan = list(plan)
         self.index = 0  # the request being answered
         self.state = "idle"  # idle | body | tunnel | dead
@@ -287,7 +284,7 @@ class ResponseChecker:
                 self.body += len(ev.data)
                 if head.body_kind is BodyKind.LENGTH:
                     _check(self.body <= (head.content_length or 0), "beyond Content-Length", events)
-                if self.strict and self.lim.max_body_size is not None:
+                if self.lim.max_body_size is not None:
                     _check(self.body <= self.lim.max_body_size, "body beyond the limit", events)
             elif isinstance(ev, EndOfMessage):
                 head = self.head
@@ -300,13 +297,13 @@ class ResponseChecker:
                 _check(False, f"unexpected event {ev!r}", events)
 
 
-def run_responses(case: Case, chunks: Sequence[bytes], strict: bool = True) -> list[Event]:
+def run_responses(case: Case, chunks: Sequence[bytes]) -> list[Event]:
     lim = case.limits
     plan = RESPONSE_PLANS[(case.mode >> 3) & 7]
     p = ResponseParser(lim)
     for method, upgrade in plan:
         p.expect(method, upgrade=upgrade)
-    check = ResponseChecker(lim, plan, strict)
+    check = ResponseChecker(lim, plan)
     out: list[Event] = []
     dead_size = 0
     tunnel: bytearray | None = None
@@ -356,34 +353,22 @@ def _merge(events: Sequence[Event]) -> tuple[list[Event], bool]:
     return out, err
 
 
-# Known deviations, reported to the lead and replayed strictly by the corpus files named in
-# KNOWN (expected to fail until tproxy/http1.py changes). The lenient harness tolerates them
-# so that the fuzzers keep looking for new problems instead of re-finding these.
+# Known deviations, reported to the lead: the corpus files named here are expected to fail
+# (strict xfail) until tproxy/http1.py changes.
 #
-# close-body-over-limit: ResponseParser with max_body_size emits a close-delimited body's
-# bytes (a whole feed) *before* the 413→502 error, so more than the limit is delivered and
-# how much depends on the split. (Requests and other framings check before emitting. The
-# shell sets no response body limit today, so nothing is affected in production.)
-KNOWN = {
-    "known-close-body-over-limit.bin": "ResponseParser emits a close-delimited body past "
-    "max_body_size before its error (amount depends on the split)",
-}
+# Was: close-body-over-limit (regress-close-body-over-limit.bin): ResponseParser with max_body_size emitted a close-delimited body's
+# bytes (a whole feed) *before* the 413→502 error, so more than the limit was delivered and how
+# much depended on the split. Fixed in tproxy/http1.py (the body stops at the limit); the file
+# stays as a regression case, and every driver now checks the limit.
+KNOWN: dict[str, str] = {}
 
 
-def _tolerated(events: Sequence[Event]) -> list[Event]:
-    if events and events[-1] == ProtocolError(502, "body too large"):
-        return [e for e in events if not isinstance(e, Body)]
-    return list(events)
-
-
-def one_input(data: bytes, strict: bool = False) -> None:
+def one_input(data: bytes) -> None:
     """Run one fuzz case; raises only when the parser breaks its contract."""
     case = Case.decode(data)
     if case.response:
-        split = run_responses(case, splits(case.stream, case.seed), strict)
-        whole = run_responses(case, [case.stream], strict) if case.seed else split
-        if not strict:
-            split, whole = _tolerated(split), _tolerated(whole)
+        split = run_responses(case, splits(case.stream, case.seed))
+        whole = run_responses(case, [case.stream]) if case.seed else split
     else:
         split = run_requests(case, splits(case.stream, case.seed))
         whole = run_requests(case, [case.stream]) if case.seed else split
@@ -465,7 +450,7 @@ def test_large_inputs_stay_bounded(mode: int, seed: int, blocks: int) -> None:
 
 @pytest.mark.parametrize("path", corpus_params(CORPUS, KNOWN, Violation), ids=lambda p: p.name)
 def test_corpus(path: Path) -> None:
-    one_input(path.read_bytes(), strict=path.name in KNOWN)
+    one_input(path.read_bytes())
 
 
 def test_corpus_is_there() -> None:

@@ -553,10 +553,20 @@ class _Parser:
                 pos = lf + 1
             elif st == _S_CLOSE_BODY:
                 if n > pos:
+                    limit = lim.max_body_size
+                    if limit is not None and self._body_seen + (n - pos) > limit:
+                        # RFC 9112 §6.3 item 8 gives this body no length to check up front:
+                        # deliver it up to the limit and no further, then fail, so what gets
+                        # through does not depend on how the bytes were split (the other
+                        # framings never pass the limit either).
+                        take = limit - self._body_seen
+                        if take > 0:
+                            events.append(Body(buf[pos : pos + take]))
+                            self._body_seen = limit
+                        events.append(self._error(413, "body too large"))
+                        return n, False
                     self._body_seen += n - pos
                     events.append(Body(buf if pos == 0 else buf[pos:]))
-                    if lim.max_body_size is not None and self._body_seen > lim.max_body_size:
-                        events.append(self._error(413, "body too large"))
                 return n, False
             else:  # pragma: no cover - callers only enter with a body state
                 raise AssertionError(st)
