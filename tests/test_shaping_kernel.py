@@ -415,11 +415,20 @@ def test_unmarked_goes_to_default_and_unshaped_mark_bypasses(pair: Pair) -> None
     plan = plan_for(pair, ShapingClass("slow", rate=2_000_000, ceil=2_000_000), default="slow")
     apply_plan(plan, pair.ns_a)
     pair.add_classify(plan)
-    with flows(pair, [0, mark_for(plan, None)]) as (unmarked, unshaped):
-        b0a, b0b, t0 = unmarked.received, unshaped.received, time.monotonic()
-        time.sleep(1.5)
+    slow = plan.interfaces[0].classes[1]
+    with flows(pair, [0, mark_for(plan, None)]) as (_unmarked, unshaped):
+        b0, t0 = unshaped.received, time.monotonic()
+        # The default class's rate from HTB's own byte counter (whole frames, so no GOODPUT):
+        # the receiving thread of a 2 Mbit/s flow next to an unlimited one in the same process
+        # can be starved of the GIL long enough to skew a receiver-side count by 10 %+. Next to
+        # a flow saturating the VM, HTB's own counter was measured up to 13 % over the rate in
+        # some runs (1.5 s windows), so this test, whose point is which queue each flow lands
+        # in, allows 25 %; the exact rate is test_class_rate_is_enforced's job.
+        sampled = read_counters([pair.if_a], pair.ns_a, interval=1.5)
         dt = time.monotonic() - t0
-        assert_class_rate((unmarked.received - b0a) * 8 / dt, 2_000_000)
-        assert (unshaped.received - b0b) * 8 / dt > 50_000_000  # HTB's direct queue: no limit
+        rate = sampled[(pair.if_a, slow.classid)].rate_bps
+        assert rate is not None
+        assert 0.75 * 2_000_000 <= rate <= 1.25 * 2_000_000, f"{rate / 1e6:.3f} Mbit/s, want 2"
+        assert (unshaped.received - b0) * 8 / dt > 50_000_000  # HTB's direct queue: no limit
     counters = read_counters([pair.if_a], pair.ns_a)
     assert counters[(pair.if_a, 0x10000)].packets > 1000  # direct_pkts
