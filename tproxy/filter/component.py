@@ -494,12 +494,7 @@ class FilterComponent:
         self.stats.responses_denied += 1
         # Stop the transfer: the origin's connection is dropped (its body must not be read
         # into the next exchange), and the client gets the block page instead of the head.
-        up = ex.upstream
-        if up is not None:
-            up.client = None
-            up.abort()
-            ex.upstream = None
-        conn.upstream = None
+        conn.drop_upstream(ex.upstream, ex)
         self._deny(conn, ex, policy, verdict, "response")
         return True
 
