@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from tproxy import __version__
 from tproxy.config import Config, ConfigError, Reader, register_section
+from tproxy.uri import bracket
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
@@ -121,7 +122,7 @@ def metrics_config(cfg: Config) -> MetricsConfig:
 
 
 def format_address(addr: Address) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return f"{bracket(addr[0])}:{addr[1]}"
 
 
 def lan_conflicts(

@@ -38,6 +38,7 @@ from tproxy.filter.categories import Categories, load_categories
 from tproxy.filter.model import MAX_TEMPLATE_BYTES, FilterConfig, validate_template
 from tproxy.filter.verdict import Policy, RequestInfo, Verdict, render_block_page
 from tproxy.nfqueue import FlowDecision, SniClass, SniQueue
+from tproxy.uri import bracket
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
@@ -532,7 +533,7 @@ class FilterComponent:
         why: str,
     ) -> FlowDecision:
         v = self.policy.sni_verdict(client_ip, sni, self.now(), ech=ech, client_mac=client_mac)
-        server = f"[{server_ip}]" if ":" in server_ip else server_ip
+        server = bracket(server_ip)
         name = sni or server
         if v.allowed:
             self.stats.sni_allowed += 1
