@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tproxy import http1
 from tproxy.config import ConfigError, ConfigErrors, parse
+from tproxy.shaping.component import response_facts
 from tproxy.shaping.model import (
     MARK_MASK,
     UNSHAPED_MARK,
@@ -431,10 +433,7 @@ def test_marks_keep_clear_of_the_tproxy_divert_bits() -> None:
 
 def test_select_class() -> None:
     cfg = shaping(EXAMPLE)
-    assert (
-        select_class(cfg, FlowFacts(content_type="video/mp4; codecs=x", response_size=2 << 20))
-        == "hd"
-    )
+    assert select_class(cfg, FlowFacts(content_type="video/mp4", response_size=2 << 20)) == "hd"
     # Not known yet, or too small: the next selector, then the default.
     assert select_class(cfg, FlowFacts(content_type="video/mp4")) == "bulk"
     assert select_class(cfg, FlowFacts(content_type="text/html", response_size=9 << 20)) == "bulk"
@@ -462,6 +461,31 @@ def test_select_class() -> None:
     url = ShapingConfig(selectors=(ShapingSelector("u", url_prefix="http://a.org/big/"),))
     assert select_class(url, FlowFacts(url="http://a.org/big/x.iso")) == "u"
     assert select_class(url, FlowFacts(url="http://a.org/small")) is None
+
+
+def test_a_content_type_header_selects_by_its_media_type() -> None:
+    # response_facts reduces the header to its media type (tproxy.uri.media_type), which is
+    # all select_class compares: parameters and letter case do not change the class.
+    cfg = shaping(EXAMPLE)
+    for value in (b"Video/MP4; codecs=x", b"video/webm", b" VIDEO/mp4 ;q=1"):
+        head = http1.ResponseHead(
+            status=200,
+            reason=b"OK",
+            version=b"1.1",
+            headers=[(b"Content-Type", value), (b"Content-Length", b"3000000")],
+            keep_alive=True,
+            body_kind=http1.BodyKind.LENGTH,
+            content_length=3_000_000,
+            connection=frozenset(),
+        )
+        facts = response_facts(FlowFacts(), head, hit=False)
+        assert facts.content_type is not None and facts.content_type.startswith("video/")
+        assert select_class(cfg, facts) == "hd", value
+    plain = http1.ResponseHead(
+        200, b"OK", b"1.1", [], True, http1.BodyKind.LENGTH, 3_000_000, frozenset()
+    )
+    assert response_facts(FlowFacts(), plain, hit=False).content_type is None
+    assert select_class(cfg, response_facts(FlowFacts(), plain, hit=False)) == "bulk"
 
 
 # -- show -----------------------------------------------------------------------------------

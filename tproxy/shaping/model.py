@@ -390,6 +390,7 @@ class FlowFacts:
     url: str = ""
     groups: frozenset[str] = frozenset()
     windows: frozenset[str] = frozenset()  # time windows active now
+    # The media type as tproxy.uri.media_type gives it: "type/subtype", lower-case, no parameters.
     content_type: str | None = None
     response_size: int | None = None
     cache: CacheState | None = None
@@ -409,9 +410,8 @@ def _selector_matches(s: ShapingSelector, f: FlowFacts) -> bool:
     if s.content_type is not None:
         if f.content_type is None:
             return False
-        media = f.content_type.split(";", 1)[0].strip().lower()
         want_type, want_sub = s.content_type.split("/", 1)
-        have_type, _, have_sub = media.partition("/")
+        have_type, _, have_sub = f.content_type.partition("/")
         if have_type != want_type or (want_sub != "*" and have_sub != want_sub):
             return False
     if s.min_response_size is not None and (
