@@ -825,6 +825,15 @@ class ResponseParser(_Parser):
         """Responses still expected (including the one being parsed)."""
         return len(self._pending)
 
+    @property
+    def reusable(self) -> bool:
+        """True when the connection may carry another request: every expected response has
+        ended and nothing came after them.  Bytes past the last expected response (a 204 or a
+        HEAD response with a body, RFC 9112 §6.3 items 1-2) kill the parser in the same
+        ``feed`` that delivered the ``EndOfMessage``, so this is the check to make before
+        pooling, not ``pending == 0``."""
+        return self._state == _S_HEAD and not self._pending and not self._buf and not self._eof
+
     def feed(self, data: bytes) -> list[Event]:
         if self._state == _S_DEAD:
             return []

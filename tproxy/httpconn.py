@@ -273,7 +273,7 @@ class Upstream(_Side):
                 if self.orphan_sink is not None:
                     self.orphan_sink.end(event.trailers)
                     self.orphan_sink = None
-                if self.orphan_keep and self.parser.pending == 0:
+                if self.orphan_keep and self.parser.reusable:
                     self.pool.put(self)
                 else:
                     self.close()
@@ -993,7 +993,7 @@ class ClientConnection(_Side):
             head is not None
             and head.keep_alive
             and ex.request_done
-            and up.parser.pending == 0
+            and up.parser.reusable
             and not self.server.draining
         )
         if reusable:
