@@ -17,6 +17,14 @@ SO_MAX_PACING_RATE = 47  # asm-generic/socket.h: per-socket pacing, bytes per se
 LISTEN_BACKLOG = 4096
 
 
+def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
+    # The option is per address family: IPv6 sockets take IPV6_TRANSPARENT (linux/in6.h).
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
 def transparent_listener(family: socket.AddressFamily, port: int) -> socket.socket:
     """A listening socket that TPROXY can deliver diverted connections to.
 
@@ -30,11 +38,8 @@ def transparent_listener(family: socket.AddressFamily, port: int) -> socket.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            sock.bind(("::1", port))
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind(("127.0.0.1", port))
+        _set_transparent(sock, family)
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
@@ -59,10 +64,7 @@ def upstream_socket(
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source_ip is not None:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            _set_transparent(sock, family)
             # Without this, bind() picks a port unique for the address alone; with it the kernel
             # picks at connect() time and may reuse ports toward different destinations.
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
