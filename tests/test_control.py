@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,6 +398,31 @@ def test_not_running_is_one_clear_line(sock_dir: Path) -> None:
     assert res.stderr.strip().splitlines() == [
         f"tproxy: tproxy is not running (no daemon on control socket {sock_dir}/none.sock)"
     ]
+
+
+@pytest.mark.parametrize("answer", [b"not json\n", b"[1, 2]\n", b'"ok"\n'])
+def test_a_garbled_answer_is_one_clear_error(sock_dir: Path, answer: bytes) -> None:
+    # A peer on the socket that is not tproxy (or a broken one): the admin reads what came back.
+    path = str(sock_dir / "odd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    server.settimeout(5)  # the peer thread ends even if the client never comes
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    peer = threading.Thread(target=answer_once, name="fake control peer")
+    peer.start()
+    try:
+        with pytest.raises(status_cli.ControlUnavailable, match=r"garbled answer on .*odd\.sock"):
+            status_cli.request(path, "status")
+    finally:
+        peer.join(5)
+        server.close()
 
 
 def test_metrics_component_serves_and_refuses_lan(sock_dir: Path) -> None:

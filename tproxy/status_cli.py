@@ -76,7 +76,7 @@ def request(
     try:
         response = json.loads(buf)
     except ValueError:
-        raise ControlUnavailable(f"garbled answer on {path}: {buf[:80]!r}") from None
+        response = None
     if not isinstance(response, dict):
         raise ControlUnavailable(f"garbled answer on {path}: {buf[:80]!r}")
     if not response.get("ok"):
