@@ -382,7 +382,7 @@ def test_marks_rules_and_classes_agree() -> None:
     lan_rules = {mark: classid for mark, mask, iface, classid in rules if iface == "lan0"}
     assert all(mask == MARK_MASK for _, mask, _, _ in rules)
     assert len(lan_rules) == len([r for r in rules if r[2] == "lan0"])  # distinct marks
-    assert mark_for(plan, "web") == 0x100 and plan.mark_for("bulk") == 0x400
+    assert mark_for(plan, "web") == 0x100 and mark_for(plan, "bulk") == 0x400
     assert lan_rules[mark_for(plan, "web")] == "1:100"
     assert lan_rules[mark_for(plan, None)] == "1:0" and mark_for(plan, None) == UNSHAPED_MARK
     # A fair class's client mark lands in that client's slot leaf.

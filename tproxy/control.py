@@ -301,9 +301,6 @@ class Control:
             raise ValueError(f"control command {name!r} is already registered")
         self.handlers[name] = handler
 
-    def unregister(self, name: str) -> None:
-        self.handlers.pop(name, None)
-
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         self.requests += 1
         try:

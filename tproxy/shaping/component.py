@@ -79,8 +79,6 @@ HIT_RESULTS = frozenset(
 )
 # Kernel counters are read this often for status() (pyroute2 cannot be called from the loop).
 COUNTER_INTERVAL = 5.0
-# HTB's "1:" major, as a ClassifyRule wants it.
-CLASSID_MINOR_MASK = 0xFFFF
 
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address

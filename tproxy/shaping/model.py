@@ -470,9 +470,6 @@ class ShapingPlan:
     fair_slots: Mapping[str, int] = field(default_factory=dict)  # fair class -> slots
     pacing: Mapping[str, int] = field(default_factory=dict)  # class -> bytes/s cap
 
-    def mark_for(self, class_name: str | None, client: str | None = None) -> int:
-        return mark_for(self, class_name, client)
-
 
 def classid_str(handle: int) -> str:
     """tc notation: hex major and minor (``0x10100`` → ``"1:100"``)."""
