@@ -11,6 +11,7 @@ from tproxy.http1 import (
     ProtocolError,
     ResponseHead,
     ResponseParser,
+    origin_form,
 )
 
 
@@ -68,3 +69,20 @@ def test_103_early_hints_then_the_final_response() -> None:
     assert isinstance(first, Informational)
     assert first.status == 103 and first.headers == [(b"Link", b"</s.css>; rel=preload")]
     assert p.reusable
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"http://a.test/p?q=1", (b"a.test", b"/p?q=1")),
+        (b"http://a.test", (b"a.test", b"/")),  # RFC 9112 §3.2.1: empty path → "/"
+        (b"http://a.test?q", (b"a.test", b"/?q")),
+        (b"http://user:pw@a.test:8080/x", (b"a.test:8080", b"/x")),
+        (b"HTTP://[2001:db8::1]:81/x#frag", (b"[2001:db8::1]:81", b"/x")),
+        (b"/p", None),
+        (b"*", None),
+        (b"/redirect?to=http://b.test/", None),
+    ],
+)
+def test_origin_form_of_a_target(target: bytes, expected: tuple[bytes, bytes] | None) -> None:
+    assert origin_form(target) == expected

@@ -210,3 +210,213 @@ def test_204_with_a_body_does_not_poison_the_pooled_connection() -> None:
             assert len(r.origin_conns) == 2
 
     run(main())
+
+
+def test_a_pooled_connection_the_origin_closed_is_retried_for_an_idempotent_request() -> None:
+    """RFC 9112 §9.3.1: the origin may close an idle connection just as the next request goes
+    out on it.  No byte of a response came back, the request is a GET: retry once, fresh."""
+
+    async def origin(conn: OriginConn) -> None:
+        if conn.index == 0:
+            await conn.head()
+            await conn.send(ok(b"first"))
+            await conn.head()  # read the second request, then close without a word (FIN)
+            return
+        await serve_ok(conn)
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % b"a")
+            assert (await r.response())[2] == b"first"
+            r.send(GET % b"b")
+            status, _, body = await r.response()
+            assert (status, body) == (200, b"ok")
+            assert len(r.origin_conns) == 2
+            assert [rec.status for rec in r.log.records] == [200, 200]
+
+    run(main())
+
+
+def test_a_non_idempotent_request_on_a_closed_pooled_connection_is_not_retried() -> None:
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(ok(b"first"))
+        await conn.head()
+        await conn.reader.readexactly(3)
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % b"a")
+            assert (await r.response())[2] == b"first"
+            r.send(b"POST /p HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 3\r\n\r\nabc")
+            assert (await r.response())[0] == 502
+            assert len(r.origin_conns) == 1  # the POST may have been acted on: never twice
+
+    run(main())
+
+
+def test_an_upload_slower_than_response_timeout_is_not_a_504() -> None:
+    """response_timeout runs from the request being sent, not from its head: a client that
+    takes longer than it to upload (a big file on a slow link) still gets the origin's answer."""
+
+    async def origin(conn: OriginConn) -> None:
+        head = await conn.head()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await conn.reader.readexactly(length)
+        await conn.send(ok(b"got %d" % len(body)))
+
+    async def main() -> None:
+        async with rig(origin, response_timeout=0.5) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 10\r\n\r\n")
+            for _ in range(10):
+                await asyncio.sleep(0.15)
+                r.send(b"x")
+            status, _, body = await r.response()
+            assert (status, body) == (200, b"got 10")
+
+    run(main())
+
+
+def test_a_silent_origin_after_the_request_body_gets_504() -> None:
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.reader.readexactly(4)
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        async with rig(origin, response_timeout=0.5) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 4\r\n\r\nabcd")
+            started = time.monotonic()
+            assert (await r.response())[0] == 504
+            assert time.monotonic() - started < 2
+
+    run(main())
+
+
+def test_absolute_form_goes_upstream_in_origin_form_with_the_target_host() -> None:
+    """RFC 9112 §3.2.2: a proxy ignores the received Host for an absolute-form target and
+    sends a Host made from the target; §3.2.1: to an origin, only origin-form.  Otherwise an
+    origin that routes by Host serves other content than the filter and cache looked at."""
+
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.send(
+                b"GET http://allowed.test:8080/p?q=1 HTTP/1.1\r\nHost: other.test\r\n"
+                b"Accept: */*\r\n\r\n"
+            )
+            assert (await r.response())[0] == 200
+            (sent,) = r.origin_requests()
+            lines = sent.split(b"\r\n")
+            assert lines[0] == b"GET /p?q=1 HTTP/1.1"
+            hosts = [line for line in lines if line.lower().startswith(b"host:")]
+            assert hosts == [b"Host: allowed.test:8080"]
+            assert b"Accept: */*" in lines
+            assert r.log.records[0].url == "http://allowed.test:8080/p?q=1"
+
+    run(main())
+
+
+def test_options_asterisk_reaches_the_origin_unchanged() -> None:
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.send(b"OPTIONS * HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+            assert (await r.response())[0] == 200
+            assert r.origin_requests()[0].startswith(b"OPTIONS * HTTP/1.1\r\n")
+
+    run(main())
+
+
+def test_connect_on_an_intercepted_port_is_501_and_never_reaches_the_origin() -> None:
+    """An interception proxy stands in for the origin, which on port 80 is no proxy: CONNECT
+    would open an unfiltered tunnel to anywhere.  501 (RFC 9110 §15.6.2: a method the server
+    does not support for any resource), not 405 (that needs an Allow list of the resource)."""
+
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.send(b"CONNECT elsewhere.test:443 HTTP/1.1\r\nHost: elsewhere.test:443\r\n\r\n")
+            status, head, _ = await r.response()
+            assert status == 501
+            assert b"Connection: close" in head
+            assert await r.rest() == b""
+            assert r.origin_conns == []
+
+    run(main())
+
+
+def test_early_hints_reach_the_client_before_the_final_response() -> None:
+    async def origin(conn: OriginConn) -> None:
+        while True:
+            await conn.head()
+            await conn.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+            await asyncio.sleep(0.05)
+            await conn.send(ok())
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            for path in (b"a", b"b"):
+                r.send(GET % path)
+                status, head, _ = await r.response()
+                assert status == 103 and b"Link: </s.css>; rel=preload" in head
+                assert (await r.response())[:3:2] == (200, b"ok")
+            assert len(r.origin_conns) == 1
+
+    run(main())
+
+
+def test_response_head_over_the_limit_is_502_and_the_client_connection_survives() -> None:
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % b"a")
+            assert (await r.response())[0] == 502
+            r.send(GET % b"b")
+            assert (await r.response())[0] == 502
+            assert len(r.origin_conns) == 2
+
+    run(main())
+
+
+def test_a_stalled_upload_gets_408_and_the_origin_never_sees_a_complete_request() -> None:
+    seen: list[bytes] = []
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        seen.append(await conn.reader.read(100))
+        seen.append(await conn.reader.read(100))  # b"": the proxy closed (or reset) it
+
+    async def main() -> None:
+        async with rig(origin, request_timeout=0.4) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 10\r\n\r\nabc")
+            status, head, _ = await r.response()
+            assert status == 408 and b"Connection: close" in head
+            await until(lambda: len(seen) == 2)
+            assert seen == [b"abc", b""]
+
+    run(main())
+
+
+def test_an_origin_slow_to_read_an_upload_is_not_the_clients_408() -> None:
+    """Back-pressure pauses reading the client while the origin does not take the body: the
+    stall is not the client's, so request_timeout must not fire."""
+    size = 16 * 1024 * 1024
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await asyncio.sleep(1.0)
+        got = 0
+        while got < size:
+            got += len(await conn.reader.read(1 << 20))
+        await conn.send(ok(b"got %d" % got))
+
+    async def main() -> None:
+        async with rig(origin, request_timeout=0.3) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: %d\r\n\r\n" % size)
+            r.send(b"x" * size)
+            status, _, body = await r.response(timeout=10)
+            assert (status, body) == (200, b"got %d" % size)
+
+    run(main())

@@ -112,6 +112,7 @@ __all__ = [
     "forward_framing",
     "header_value",
     "is_opaque",
+    "origin_form",
     "serialize_request_head",
     "serialize_response_head",
     "sniff",
@@ -1193,6 +1194,31 @@ def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
     """
     lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers if n.lower() not in _NOT_TRAILERS)
     return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """``(authority, origin-form target)`` of an absolute-form request-target; None for the
+    other forms.
+
+    A proxy sends an origin only origin-form (RFC 9112 §3.2.1: an empty path becomes "/") and
+    must replace the received Host with the target's authority (RFC 9112 §3.2.2), so that an
+    origin routing by Host serves what the filter and the cache saw in the target.  Userinfo is
+    not part of Host (RFC 9110 §7.2).  The parser has already checked the form.
+    """
+    sep = target.find(b"://")
+    if sep <= 0 or target[0] == 0x2F:
+        return None
+    rest = target[sep + 3 :]
+    end = len(rest)
+    for delim in b"/?#":
+        i = rest.find(bytes((delim,)))
+        if 0 <= i < end:
+            end = i
+    authority = rest[:end].rpartition(b"@")[2]
+    path = rest[end:].partition(b"#")[0]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
 
 
 def header_value(headers: Headers, name: bytes) -> bytes | None:

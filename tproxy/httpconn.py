@@ -771,16 +771,34 @@ class ClientConnection(_Side):
                 return
         self.forward_request(ex)
 
-    def forward_request(self, ex: Exchange) -> None:
+    def forward_request(self, ex: Exchange, fresh: bool = False) -> None:
+        """Send ``ex``'s head upstream on a pooled connection or (``fresh``, or none idle) a
+        new one; its body follows as it arrives."""
         head = ex.head
         add: list[tuple[bytes, bytes]] = []
-        if head.host is None:
+        target: bytes | None = None
+        drop: tuple[bytes, ...] = ()
+        absolute = http1.origin_form(head.target) if head.target[0] != 0x2F else None
+        if absolute is not None:
+            # RFC 9112 §3.2.2: the target's authority replaces the received Host, and the
+            # origin gets origin-form (§3.2.1) — what the filter and cache keyed on is what it
+            # serves, whatever Host the client also sent.
+            authority, target = absolute
+            drop = (b"host",)
+            add.append((b"Host", authority))
+        elif head.host is None:
             # RFC 9112 §3.2: an HTTP/1.1 request must carry Host; an HTTP/1.0 one may lack it.
             add.append((b"Host", bracket(str(self.sockname[0])).encode()))
         data = http1.serialize_request_head(
-            head, framing=ex.upstream_framing, relay_upgrade=head.upgrade, add=add
+            head,
+            target=target,
+            framing=ex.upstream_framing,
+            relay_upgrade=head.upgrade,
+            drop=drop,
+            add=add,
         )
-        up = self.server.pool.take(self.server.upstream_key(self, self.sockname))
+        key = self.server.upstream_key(self, self.sockname)
+        up = None if fresh else self.server.pool.take(key)
         if up is not None:
             self.bind_upstream(up, ex)
             up.write(data)
@@ -798,11 +816,21 @@ class ClientConnection(_Side):
         up.parser.expect(ex.head.method, upgrade=ex.head.upgrade)
         ex.upstream = up
         self.upstream = up
-        self.set_deadline(self.server.cfg.proxy.response_timeout)
+        self.arm_exchange_deadline(ex)
         for hook in self.server.upstream_hooks:
             hook(self, ex, up)
         if self.paused and up.transport is not None:
             self.resume_reading()
+
+    def arm_exchange_deadline(self, ex: Exchange) -> None:
+        """The deadline of a forwarded request still waiting for its response head.
+
+        response_timeout counts from the request having been sent whole: an upload that takes
+        longer than it (a large file on a slow link) is not the origin's delay.  Until then the
+        body is bounded by request_timeout without progress (re-armed as its bytes arrive).
+        """
+        proxy = self.server.cfg.proxy
+        self.set_deadline(proxy.response_timeout if ex.request_done else proxy.request_timeout)
 
     async def _open_for(self, ex: Exchange) -> None:
         try:
@@ -827,6 +855,10 @@ class ClientConnection(_Side):
         ex = self.exchange
         if ex is None or ex.result == "TCP_DENIED":
             return
+        if ex.upstream is not None and ex.response_head is None:
+            # The upload progresses: its request_timeout starts again (a stall, not a slow
+            # link, is what it bounds).
+            self.deadline = self.last_activity + self.server.cfg.proxy.request_timeout
         if ex.upstream_framing is Framing.CHUNKED:
             data = http1.encode_chunk(data)
         self.to_upstream(data)
@@ -847,6 +879,8 @@ class ClientConnection(_Side):
             return
         if ex.upstream_framing is Framing.CHUNKED:
             self.to_upstream(http1.encode_last_chunk(event.trailers))
+        if ex.upstream is not None and ex.response_head is None and not ex.response_started:
+            self.arm_exchange_deadline(ex)
 
     def request_error(self, event: ProtocolError) -> None:
         ex = self.exchange
@@ -931,6 +965,8 @@ class ClientConnection(_Side):
                 return
             elif isinstance(event, ProtocolError):
                 ex.held = b""
+                if eof and self.retry_stale(ex, up):
+                    return
                 self.response_error(ex, up, event)
                 return
         if ex.held:
@@ -1057,9 +1093,7 @@ class ClientConnection(_Side):
             return
         ex.upstream = None
         self.upstream = None
-        if not up.got_bytes and up.used > 1 and ex.retryable and not ex.response_started:
-            # A pooled connection the origin had closed: try once more on a fresh one.
-            self.forward_request(ex)
+        if self.retry_stale(ex, up):
             return
         if not ex.response_started:
             self.fail_exchange(ex, 502, "The origin server closed the connection.")
@@ -1067,6 +1101,17 @@ class ClientConnection(_Side):
             self.log_exchange(ex, aborted=True)
             self.exchange = None
             self.abort()
+
+    def retry_stale(self, ex: Exchange, up: Upstream) -> bool:
+        """RFC 9112 §9.3.1: a reused connection the origin closed (FIN or reset) before any
+        byte of the response may have crossed our request in flight; an idempotent request
+        without a body is sent once more, on a new connection (True if it was)."""
+        if up.got_bytes or up.used < 2 or not ex.retryable or ex.response_started:
+            return False
+        ex.retryable = False  # once: the new connection is not reused, but be explicit
+        self.drop_upstream(up, ex)
+        self.forward_request(ex, fresh=True)
+        return True
 
     def fail_exchange(self, ex: Exchange, status: int, detail: str) -> None:
         """Answer the current request with an error page generated here."""
@@ -1260,6 +1305,14 @@ class ClientConnection(_Side):
             if self.sniff_buf or (self.state == HEAD and self.head_armed):
                 self.write(error_response(408, "The request was not completed in time."))
             self.close()
+        elif ex is not None and not ex.response_started and not ex.request_done:
+            if self.paused and ex.upstream is not None:
+                # We stopped reading the body: the origin is slow to take it, not the client
+                # (idle_timeout bounds a stall with no byte moving at all).
+                self.set_deadline(self.server.cfg.proxy.request_timeout)
+                return
+            # RFC 9110 §15.5.9: the client did not finish its request in time.
+            self.fail_exchange(ex, 408, "The request body was not completed in time.")
         elif ex is not None and not ex.response_started:
             self.fail_exchange(ex, 504, "The origin server did not answer in time.")
         else:
