@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ from typing import Any
 
 from tproxy import config
 from tproxy.accesslog import AccessRecord
-from tproxy.httpconn import ClientConnection
+from tproxy.httpconn import LINGER_IDLE, ClientConnection
 from tproxy.server import Server
 
 WAIT = 5.0
+LINGER_RESET = struct.pack("ii", 1, 0)
 # Sweeps a real daemon runs once a second; here often, so sub-second timeouts are exact enough.
 SWEEP = 0.05
 
@@ -60,9 +62,7 @@ class OriginConn:
         await self.writer.drain()
 
     def reset(self) -> None:
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        self.writer.transport.abort()
+        reset(self.writer)
 
 
 @dataclass
@@ -73,9 +73,14 @@ class Rig:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     port: int
+    sock: socket.socket  # the same client connection, blocking (use one or the other)
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.writer.close()
 
     async def response(self, timeout: float = WAIT) -> tuple[int, bytes, bytes]:
         """(status, head, body) of one response with Content-Length (or none: no body)."""
@@ -102,6 +107,13 @@ class Rig:
         return [r for c in self.origin_conns for r in c.requests]
 
 
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset (SO_LINGER 0), as a client killed mid-transfer does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    writer.transport.abort()
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -125,8 +137,12 @@ async def rig(handler: Handler, **proxy: Any) -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
     with socket.create_server(("127.0.0.1", 0)) as lst:
         port = lst.getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = lst.accept()
+    # A blocking copy for tests that play a simple synchronous client (Rig.sock).
+    sock = client.dup()
+    sock.settimeout(WAIT)
+    reader, writer = await asyncio.open_connection(sock=client)
     accepted.setblocking(False)
     await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
     conns: list[OriginConn] = []
@@ -154,9 +170,10 @@ async def rig(handler: Handler, **proxy: Any) -> AsyncIterator[Rig]:
 
     sweeper = loop.create_task(sweep(), name="test sweeper")
     try:
-        yield Rig(server, log, conns, reader, writer, port)
+        yield Rig(server, log, conns, reader, writer, port, sock)
     finally:
         writer.close()
+        sock.close()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
@@ -418,5 +435,291 @@ def test_an_origin_slow_to_read_an_upload_is_not_the_clients_408() -> None:
             r.send(b"x" * size)
             status, _, body = await r.response(timeout=10)
             assert (status, body) == (200, b"got %d" % size)
+
+    run(main())
+
+
+# ------------------------------------------------------------------ early answers, disconnects
+
+
+def test_expect_100_continue_answered_417_without_the_body_does_not_hang() -> None:
+    """RFC 9110 §10.1.1: the origin may answer a final status instead of 100.  The client got
+    no 100 and sent no body; the proxy cannot know whether it will, so the answer says close
+    (RFC 9112 §9.6) and the connection ends cleanly, the upstream one too (not pooled)."""
+    closed: list[bytes] = []
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+        closed.append(await conn.reader.read(10))
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(
+                b"PUT /f HTTP/1.1\r\nHost: origin.test\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 100000\r\n\r\n"
+            )
+            status, head, _ = await r.response()
+            assert status == 417 and b"Connection: close" in head
+            assert await r.rest() == b""  # the FIN right behind the answer
+            await until(lambda: closed == [b""])
+            r.close()
+            await until(lambda: not r.server.connections, timeout=LINGER_IDLE / 2)
+            assert [(rec.status, rec.result) for rec in r.log.records] == [(417, "TCP_MISS")]
+            assert r.server.pool.count == 0
+
+    run(main())
+
+
+def test_expect_100_continue_upload_passes_the_100_through() -> None:
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await conn.reader.readexactly(5)
+        await conn.send(ok(body))
+        await serve_ok(conn)
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(
+                b"PUT /f HTTP/1.1\r\nHost: origin.test\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 5\r\n\r\n"
+            )
+            assert (await r.response())[0] == 100
+            r.send(b"hello")
+            assert (await r.response())[2] == b"hello"
+            r.send(GET % b"next")  # the connections stay usable, the upstream one reused
+            assert (await r.response())[2] == b"ok"
+            assert len(r.origin_conns) == 1
+
+    run(main())
+
+
+def test_an_early_final_answer_during_an_upload_reaches_the_client() -> None:
+    """The origin refuses an upload (413) before reading it and closes.  The client is still
+    sending: closing its connection with unread bytes would send a reset that can destroy the
+    413 in its receive queue (the "TCP reset problem" of RFC 9112 §9.6): the proxy must
+    close in stages so that the client reads the answer."""
+    size = 8 * 1024 * 1024
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n"
+            b"\r\ntoo big!"
+        )
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: %d\r\n\r\n" % size)
+            sender = asyncio.get_running_loop().create_task(
+                send_slowly(r.writer, size), name="uploader"
+            )
+            status, _, body = await r.response()
+            assert (status, body) == (413, b"too big!")
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            r.close()
+            await until(lambda: not r.server.connections, timeout=LINGER_IDLE / 2)
+            assert [rec.status for rec in r.log.records] == [413]
+
+    run(main())
+
+
+async def send_slowly(writer: asyncio.StreamWriter, size: int) -> None:
+    piece = b"x" * 65536
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < size:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+            await asyncio.sleep(0.005)
+
+
+def test_client_leaving_mid_download_closes_the_upstream_and_logs_once() -> None:
+    origin_saw_close = asyncio.Event()
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        try:
+            while True:
+                await conn.send(b"y" * 65536)
+                await asyncio.sleep(0.001)
+        finally:
+            origin_saw_close.set()
+
+    async def main() -> None:
+        before = fd_count()
+        async with rig(origin) as r:
+            r.send(GET % b"big")
+            await r.reader.readexactly(200000)
+            r.sock.close()  # its last descriptor is the transport's: the reset goes out
+            reset(r.writer)
+            await asyncio.wait_for(origin_saw_close.wait(), WAIT)
+            await until(lambda: not r.server.connections)
+            assert [(rec.status, rec.result) for rec in r.log.records] == [
+                (200, "TCP_MISS_ABORTED")
+            ]
+            assert r.server.pool.count == 0 and not r.server.pool.orphans
+            await asyncio.sleep(0.1)
+            assert len(r.log.records) == 1
+        assert fd_count() == before
+
+    run(main())
+
+
+def test_client_leaving_mid_upload_resets_the_upstream_and_logs_once() -> None:
+    got: list[int] = []
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        n = 0
+        try:
+            while chunk := await conn.reader.read(65536):
+                n += len(chunk)
+        finally:
+            got.append(n)
+
+    async def main() -> None:
+        before = fd_count()
+        async with rig(origin) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 1000000\r\n\r\n")
+            r.send(b"z" * 300000)
+            await until(lambda: r.origin_conns)
+            await asyncio.sleep(0.1)
+            r.sock.close()  # its last descriptor is the transport's: the reset goes out
+            reset(r.writer)
+            await until(lambda: got)
+            assert got[0] < 1000000
+            await until(lambda: not r.server.connections)
+            await asyncio.sleep(0.1)
+            assert [(rec.status, rec.result) for rec in r.log.records] == [(0, "TCP_MISS_ABORTED")]
+        assert fd_count() == before
+
+    run(main())
+
+
+def test_a_silent_origin_after_the_head_is_aborted_at_idle_timeout() -> None:
+    """The head went out, so no 504 is possible any more: the client sees the body cut short
+    (a reset), the log says aborted."""
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        async with rig(origin, idle_timeout=0.5, response_timeout=0.2) as r:
+            r.send(GET % b"a")
+            head = await r.reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await r.rest() == b"0123456789"
+            assert [(rec.status, rec.result) for rec in r.log.records] == [
+                (200, "TCP_MISS_ABORTED")
+            ]
+
+    run(main())
+
+
+# ------------------------------------------------------------------ pipelining
+
+
+def test_pipelined_requests_after_a_504_are_answered_in_order() -> None:
+    async def origin(conn: OriginConn) -> None:
+        head = await conn.head()
+        if b"/slow" in head:
+            await asyncio.sleep(10)
+        await conn.send(ok(head.split(b" ")[1]))
+        await serve_ok(conn)
+
+    async def main() -> None:
+        async with rig(origin, response_timeout=0.3) as r:
+            r.send(GET % b"slow" + GET % b"second" + GET % b"third")
+            assert (await r.response())[0] == 504
+            assert (await r.response())[2] == b"/second"
+            assert (await r.response())[2] == b"ok"
+            assert [rec.status for rec in r.log.records] == [504, 200, 200]
+
+    run(main())
+
+
+def test_nothing_after_a_bad_pipelined_request_reaches_the_origin() -> None:
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.send(
+                GET % b"one"
+                + b"GET /two HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                + GET % b"three"
+            )
+            assert (await r.response())[0] == 200
+            status, head, _ = await r.response()
+            assert status == 400 and b"Connection: close" in head
+            assert await r.rest() == b""
+            assert [req.split(b" ")[1] for req in r.origin_requests()] == [b"/one"]
+
+    run(main())
+
+
+def blocking_upload(s: socket.socket, head: bytes, size: int) -> bytes:
+    """What a simple client (Python's http.client) does: send the whole request, then read."""
+    with s:
+        s.sendall(head)
+        piece = b"x" * 65536
+        for _ in range(size // len(piece)):
+            s.sendall(piece)
+            time.sleep(0.002)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_an_early_answer_survives_the_rest_of_the_upload() -> None:
+    """The origin answers 401 before reading an upload (and drains the rest, as nginx's
+    lingering close does).  A client that sends its whole body before reading must then read
+    the 401: closing at once would reset its sending (EPIPE) and it would never see the answer
+    — RFC 9112 §9.6: close in stages (half-close, read and drop for a while, then close)."""
+    size = 4 * 1024 * 1024
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nauth")
+        while await conn.reader.read(65536):
+            pass
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.writer.transport.pause_reading()  # this test's client is the blocking socket
+            head = b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: %d\r\n\r\n" % size
+            out = await asyncio.to_thread(blocking_upload, r.sock, head, size)
+            assert out.startswith(b"HTTP/1.1 401 ") and out.endswith(b"\r\n\r\nauth")
+
+    run(main())
+
+
+def test_an_early_answer_survives_unread_upload_bytes() -> None:
+    """The client wrote its whole upload and reads the answer only later: a plain close with
+    the upload unread in the proxy's receive queue would reset the connection, and on Linux a
+    reset discards what the client had not read yet."""
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nauth")
+        while await conn.reader.read(65536):  # a lingering close, as nginx does
+            pass
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 2000000\r\n\r\n")
+            r.writer.transport.pause_reading()  # the answer waits in the kernel, unread
+            r.send(b"x" * 100000)
+            await asyncio.sleep(0.3)  # the answer is on its way back meanwhile
+            r.send(b"x" * 100000)  # still uploading: in flight when the proxy is done
+            await asyncio.sleep(0.3)
+            r.writer.transport.resume_reading()
+            status, _, body = await r.response()
+            assert (status, body) == (401, b"auth")
 
     run(main())

@@ -74,6 +74,15 @@ HEAD = 1  # waiting for (the rest of) a request head
 EXCHANGE = 2  # a request is being forwarded / answered
 TUNNEL = 3  # opaque relay
 CLOSING = 4
+LINGER = 5  # answered and half-closed; reading and dropping the rest of an upload
+
+# RFC 9112 §9.6 "close in stages": after answering a request whose body was not read to its
+# end, we half-close and keep reading (and dropping) what the client still sends, so that a
+# client busy uploading gets no reset (which breaks its send, and on some stacks discards the
+# answer it has not read yet) before it reads the answer.  Bounded like nginx's lingering
+# close: this long without a byte, and this long in all.
+LINGER_IDLE = 2.0
+LINGER_TIME = 30.0
 
 ERROR_REASONS = {
     400: "Bad Request",
@@ -472,6 +481,7 @@ class ClientConnection(_Side):
         self.refused = False
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
+        self.linger_until = 0.0  # LINGER_TIME's end (in state LINGER)
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -520,6 +530,8 @@ class ClientConnection(_Side):
             self.to_upstream(data)
         elif state == SNIFF:
             self.sniff(data)
+        elif state == LINGER:
+            self.deadline = min(self.last_activity + LINGER_IDLE, self.linger_until)
         elif state != CLOSING:
             if state == HEAD and not self.head_armed:
                 # The next head on a kept-alive connection began: request_timeout from its first
@@ -530,6 +542,9 @@ class ClientConnection(_Side):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.state == LINGER:
+            self.close()  # the client is done sending: nothing left to wait for
+            return False
         if self.state == TUNNEL:
             up = self.upstream
             if up is not None and up.transport is not None and not up.closed:
@@ -1040,7 +1055,10 @@ class ClientConnection(_Side):
 
     def next_request(self, ex: Exchange) -> None:
         if not ex.client_keep_alive or self.closed:
-            self.close()
+            if ex.request_done:
+                self.close()
+            else:
+                self.linger_close()
             return
         self.state = HEAD
         self.set_deadline(self.server.cfg.proxy.keepalive_timeout)
@@ -1051,6 +1069,20 @@ class ClientConnection(_Side):
             self.on_request_events(events)
         elif self.eof and self.exchange is None:
             self.close()
+
+    def linger_close(self) -> None:
+        """Close after an answer while the client may still be sending its request body: FIN
+        behind the answer, then read and drop until the client closes too or LINGER_IDLE /
+        LINGER_TIME pass (RFC 9112 §9.6)."""
+        transport = self.transport
+        if transport is None or self.closed or self.eof or not transport.can_write_eof():
+            self.close()
+            return
+        self.state = LINGER
+        self.linger_until = time.monotonic() + LINGER_TIME
+        self.set_deadline(LINGER_IDLE)
+        transport.write_eof()
+        self.resume_reading()
 
     def switch_to_tunnel(self, ex: Exchange, up: Upstream, rest: bytes) -> None:
         """101 Switching Protocols: both connections now carry an opaque protocol."""
@@ -1297,7 +1329,9 @@ class ClientConnection(_Side):
         """The current state's timer ran out (checked by the server's sweep)."""
         self.deadline = 0.0
         ex = self.exchange
-        if self.state == SNIFF and not self.bytes_in:
+        if self.state == LINGER:
+            self.close()
+        elif self.state == SNIFF and not self.bytes_in:
             self.start_tunnel(b"")
         elif self.state in (SNIFF, HEAD):
             # A slow client that started a request gets RFC 9110 §15.5.9 408; an idle
