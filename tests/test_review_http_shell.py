@@ -20,6 +20,7 @@ from typing import Any
 
 from tproxy import config
 from tproxy.accesslog import AccessRecord
+from tproxy.http1 import MAX_HEADER_COUNT
 from tproxy.httpconn import LINGER_IDLE, ClientConnection
 from tproxy.server import Server
 
@@ -721,5 +722,47 @@ def test_an_early_answer_survives_unread_upload_bytes() -> None:
             r.writer.transport.resume_reading()
             status, _, body = await r.response()
             assert (status, body) == (401, b"auth")
+
+    run(main())
+
+
+def test_head_answered_with_transfer_encoding_chunked_has_no_body_and_reuses_upstream() -> None:
+    """RFC 9112 §6.3 item 1: a HEAD response ends at its head whatever its framing fields."""
+
+    async def origin(conn: OriginConn) -> None:
+        while True:
+            head = await conn.head()
+            if head.startswith(b"HEAD"):
+                await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            else:
+                await conn.send(ok())
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(b"HEAD /h HTTP/1.1\r\nHost: origin.test\r\n\r\n" + GET % b"g")
+            status, head, _ = await r.response()
+            assert status == 200 and b"chunked" not in head.lower()
+            status, _, body = await r.response()
+            assert (status, body) == (200, b"ok")
+            assert len(r.origin_conns) == 1
+
+    run(main())
+
+
+def test_many_small_response_fields_up_to_the_limit_pass_one_more_is_502() -> None:
+    async def origin(conn: OriginConn) -> None:
+        while True:
+            head = await conn.head()
+            count = int(head.split(b" ")[1][1:])
+            fields = b"".join(b"X-F%d: v\r\n" % i for i in range(count - 1))
+            await conn.send(ok(extra=fields))
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % str(MAX_HEADER_COUNT).encode())  # with Content-Length: the limit
+            status, head, _ = await r.response()
+            assert status == 200 and head.count(b"X-F") == MAX_HEADER_COUNT - 1
+            r.send(GET % str(MAX_HEADER_COUNT + 1).encode())
+            assert (await r.response())[0] == 502
 
     run(main())
