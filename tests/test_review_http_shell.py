@@ -20,7 +20,7 @@ from typing import Any
 
 from tproxy import config
 from tproxy.accesslog import AccessRecord
-from tproxy.http1 import MAX_HEADER_COUNT
+from tproxy.http1 import MAX_RESPONSE_HEADER_COUNT
 from tproxy.httpconn import LINGER_IDLE, ClientConnection
 from tproxy.server import Server
 
@@ -759,10 +759,10 @@ def test_many_small_response_fields_up_to_the_limit_pass_one_more_is_502() -> No
 
     async def main() -> None:
         async with rig(origin) as r:
-            r.send(GET % str(MAX_HEADER_COUNT).encode())  # with Content-Length: the limit
+            r.send(GET % str(MAX_RESPONSE_HEADER_COUNT).encode())  # with Content-Length: the limit
             status, head, _ = await r.response()
-            assert status == 200 and head.count(b"X-F") == MAX_HEADER_COUNT - 1
-            r.send(GET % str(MAX_HEADER_COUNT + 1).encode())
+            assert status == 200 and head.count(b"X-F") == MAX_RESPONSE_HEADER_COUNT - 1
+            r.send(GET % str(MAX_RESPONSE_HEADER_COUNT + 1).encode())
             assert (await r.response())[0] == 502
 
     run(main())

@@ -125,8 +125,11 @@ __all__ = [
 MAX_REQUEST_LINE = 8190
 #: Largest head (start line + field lines + final CRLF), and also the largest trailer section.
 MAX_HEAD_SIZE = 65536
-#: Most field lines in a head or trailer section (431).
+#: Most field lines in a request head or trailer section (431; Apache's LimitRequestFields).
 MAX_HEADER_COUNT = 100
+#: Most field lines in a response head from an origin (502 beyond). Origins send more than
+#: clients (Set-Cookie, Link, security policies); the head's byte limit still bounds the memory.
+MAX_RESPONSE_HEADER_COUNT = 256
 #: Longest chunk-size line including extensions (RFC 9112 §7.1.1 lets us limit them).
 MAX_CHUNK_LINE = 4096
 #: Default body limit: none.  The shell may configure one for requests (413).
@@ -144,6 +147,10 @@ class Limits:
     max_body_size: int | None = MAX_BODY_SIZE
     #: Accept CONNECT (authority-form) and let the shell tunnel on a 2xx; otherwise 501.
     allow_connect: bool = False
+
+
+#: What origins get by default (the request defaults, with more room for response fields).
+RESPONSE_LIMITS = Limits(max_header_count=MAX_RESPONSE_HEADER_COUNT)
 
 
 # --------------------------------------------------------------------------- events
@@ -813,7 +820,7 @@ class ResponseParser(_Parser):
 
     __slots__ = ("_pending",)
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = RESPONSE_LIMITS) -> None:
         super().__init__(limits, 502)
         self._pending: deque[tuple[bytes, bool]] = deque()
 
