@@ -137,3 +137,16 @@ def test_named_tables_report_duplicate_names_with_their_key(tmp_path: Path) -> N
         '[[filter.group]]\nname = "kids"\ncidrs = ["10.0.1.0/24"]\n',
     )
     assert f"{path}:5: filter.group[1].name: duplicate group name 'kids'" in errors_of(path)
+
+
+def test_section_gives_the_parsed_table_or_its_defaults(tmp_path: Path) -> None:
+    from tproxy.control import ControlConfig
+    from tproxy.limits import LimitsConfig
+
+    path = tmp_path / "t.toml"
+    path.write_text('[proxy]\nlan_interfaces = ["lan0"]\n[control]\nsocket = "/tmp/x.sock"\n')
+    cfg = config.load(str(path))
+    assert cfg.section("control", ControlConfig).socket == "/tmp/x.sock"
+    assert cfg.section("limits", LimitsConfig) == LimitsConfig()  # absent from the file
+    # A section registered by no imported module: its defaults, of the asked type.
+    assert config.Config().section("control", ControlConfig) == ControlConfig()

@@ -10,6 +10,7 @@ and register the parser in :data:`SECTION_PARSERS`'s callers (see :func:`load`).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -102,9 +103,9 @@ def locate_keys(text: str) -> dict[str, int]:
     return lines
 
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
+_DURATION = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
+_SIZE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_RATE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
 
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS: dict[str, float] = {
@@ -333,7 +334,7 @@ class Reader:
     def named_tables(self, key: str, parse: Callable[[Reader], T | None], what: str) -> list[T]:
         """``[[key]]`` entries parsed by ``parse``, each with a ``name`` unique among them."""
         out: list[T] = []
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for sub in self.tables(key):
             item = parse(sub)
             if item is None:
@@ -352,10 +353,21 @@ class Reader:
         return list(self.data)
 
     def finish(self) -> None:
-        """Report keys that no getter asked for: most likely typos."""
+        """Report keys that no getter asked for: most likely typos, so name the closest known
+        one (``[filtr]`` → did you mean [filter]?)."""
         for key in self.data:
-            if key not in self._seen:
-                self.error(key, "unknown key")
+            if key in self._seen:
+                continue
+            table = isinstance(self.data[key], dict)
+            what = "unknown section" if table and not self.prefix else "unknown key"
+            if not table and not self.prefix:
+                what += " (options belong under a section header such as [proxy])"
+            close = difflib.get_close_matches(key, sorted(self._seen), n=1, cutoff=0.6)
+            if close and not self.prefix and isinstance(self.data.get(close[0], {}), dict):
+                what += f" (did you mean [{close[0]}]?)"
+            elif close:
+                what += f" (did you mean {close[0]}?)"
+            self.error(key, what)
 
 
 # -- the foundation's sections --------------------------------------------------------------
@@ -412,6 +424,14 @@ class Config:
     # Feature sections parsed by their own modules, keyed by section name.
     sections: Mapping[str, Any] = field(default_factory=dict)
 
+    def section(self, name: str, kind: type[T]) -> T:
+        """The parsed ``[name]`` section, or ``kind()`` (its defaults) when it is absent.
+
+        Sections are only present when their module was imported before ``load``; a caller
+        that asks for one always gets a usable value of the type it expects."""
+        value = self.sections.get(name)
+        return value if isinstance(value, kind) else kind()
+
 
 # A feature module registers ``name -> parser(reader) -> frozen dataclass`` here; ``load``
 # hands each parser its table (empty when absent, so defaults apply).
@@ -442,8 +462,24 @@ def _parse_proxy(r: Reader) -> ProxyConfig:
         idle_timeout=r.duration("idle_timeout", d.idle_timeout),
         drain_timeout=r.duration("drain_timeout", d.drain_timeout),
     )
+    for key in ZERO_TIMEOUT_MEANS_NOW:
+        if getattr(cfg, key) == 0:
+            # A zero deadline expires at once: every connection would get 504/408 or be cut,
+            # never "no timeout" (Squid's habit for some of its 0s); say so before it runs.
+            r.error(key, "must be positive: 0 would time out every connection at once")
     r.finish()
     return cfg
+
+
+# Proxy timeouts for which 0 is not "off" but "immediately" (drain_timeout 0 is a valid choice:
+# stop without waiting for connections to finish).
+ZERO_TIMEOUT_MEANS_NOW = (
+    "connect_timeout",
+    "request_timeout",
+    "response_timeout",
+    "keepalive_timeout",
+    "idle_timeout",
+)
 
 
 def _parse_rules(r: Reader) -> RulesConfig:
@@ -510,8 +546,45 @@ def load(path: str | Path | None) -> Config:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         line = int(m.group(1)) if m else None
-        raise ConfigError(name, "", f"TOML syntax error: {reason}", line) from None
+        key, hint, line = _syntax_hint(text, reason, line)
+        if key:
+            raise ConfigError(name, key, hint, line) from None
+        raise ConfigError(name, "", f"TOML syntax error: {reason}{hint}", line) from None
     return parse(data, name, text)
+
+
+_DUP_TABLE = re.compile(r"Cannot declare \((.*)\) twice")
+
+
+def _syntax_hint(text: str, reason: str, line: int | None) -> tuple[str, str, int | None]:
+    """(dotted key, reason, line) for a duplicate key or table, else ("", the offending line's
+    text, line)."""
+    # tomllib may report a repeated key as "Cannot overwrite a value" at the *end of the
+    # document* (no line, no key), so the key and its lines are found here by scanning the text.
+    dup_table = _DUP_TABLE.search(reason)
+    if dup_table:
+        parts = [p.strip().strip("'\"") for p in dup_table.group(1).split(",") if p.strip()]
+        name = ".".join(parts)
+        return name, f"section [{name}] appears twice; merge the two into one", line
+    if reason.startswith("Cannot overwrite a value"):
+        seen: dict[str, int] = {}
+        prefix = ""
+        for number, raw in enumerate(text.splitlines(), start=1):
+            header = _HEADER.match(raw)
+            if header:
+                prefix = _norm_key(header.group(2))
+                continue
+            key = _KEY.match(raw)
+            if key and not raw.lstrip().startswith("#"):
+                full = f"{prefix}.{_norm_key(key.group(1))}" if prefix else _norm_key(key.group(1))
+                if full in seen:
+                    return full, f"set twice (first on line {seen[full]}); keep one", number
+                seen[full] = number
+        return "", " (a key is set twice)", line
+    lines = text.splitlines()
+    if line and 0 < line <= len(lines) and lines[line - 1].strip():
+        return "", f" in `{lines[line - 1].strip()}`", line
+    return "", "", line
 
 
 def with_overrides(cfg: Config, **proxy_overrides: Any) -> Config:

@@ -114,8 +114,7 @@ register_section("control", parse_control)
 
 
 def control_config(cfg: Config) -> ControlConfig:
-    section = cfg.sections.get("control")
-    return section if isinstance(section, ControlConfig) else ControlConfig()
+    return cfg.section("control", ControlConfig)
 
 
 # -- pure parts --------------------------------------------------------------------------------

@@ -249,9 +249,7 @@ class Daemon:
             self.access_log.reopen()
             self.cfg = new
             self.server.cfg = new
-            limits = new.sections.get("limits")
-            if isinstance(limits, LimitsConfig):
-                self.server.limiter.reconfigure(limits, time.monotonic())
+            self.server.limiter.reconfigure(new.section("limits", LimitsConfig), time.monotonic())
             log.info("reloaded %s", new.path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)

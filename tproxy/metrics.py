@@ -117,8 +117,7 @@ register_section("metrics", parse_metrics)
 
 
 def metrics_config(cfg: Config) -> MetricsConfig:
-    section = cfg.sections.get("metrics")
-    return section if isinstance(section, MetricsConfig) else MetricsConfig()
+    return cfg.section("metrics", MetricsConfig)
 
 
 def format_address(addr: Address) -> str:

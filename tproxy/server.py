@@ -55,8 +55,7 @@ class Server:
         self.stats = Stats()
         self.limits = http1.Limits()
         self.pool = Pool()
-        limits = cfg.sections.get("limits")
-        self.limiter = Limiter(limits if isinstance(limits, LimitsConfig) else LimitsConfig())
+        self.limiter = Limiter(cfg.section("limits", LimitsConfig))
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.sweeper: asyncio.Task[None] | None = None

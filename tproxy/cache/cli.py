@@ -24,8 +24,7 @@ def _daemon(args: argparse.Namespace, cmd: str, cargs: dict[str, Any]) -> dict[s
 def _offline_store(args: argparse.Namespace) -> CacheStore:
     from tproxy.cli import load_config
 
-    section = load_config(args.config).sections.get("cache")
-    cfg = section if isinstance(section, CacheConfig) else CacheConfig()
+    cfg = load_config(args.config).section("cache", CacheConfig)
     return CacheStore(memory_size=1, disk_dir=cfg.disk_dir or None, disk_size=cfg.disk_size,
                       max_object_size=cfg.max_object_size, max_memory_object_size=0)  # fmt: skip
 

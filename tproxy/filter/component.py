@@ -68,8 +68,7 @@ def clock_from_env() -> Callable[[], datetime]:
 
 
 def filter_config(cfg: Config) -> FilterConfig:
-    value = cfg.sections.get("filter")
-    return value if isinstance(value, FilterConfig) else FilterConfig()
+    return cfg.section("filter", FilterConfig)
 
 
 def sni_can_deny(policy: Policy) -> bool:

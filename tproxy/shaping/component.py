@@ -140,8 +140,7 @@ class Clients:
 
 
 def shaping_config(cfg: Config) -> ShapingConfig:
-    sc = cfg.sections.get(NAME)
-    return sc if isinstance(sc, ShapingConfig) else ShapingConfig()
+    return cfg.section(NAME, ShapingConfig)
 
 
 def interfaces(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
