@@ -72,6 +72,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # daemon checks them when it loads the filter.
     check_config_files(cfg)
     print(f"{cfg.path}: OK")
+    if not cfg.proxy.lan_interfaces:
+        # Valid (the packaged file ships like this), but `tproxy run` refuses it: say so here,
+        # where ExecStartPre and the admin look first. Exit 0: the file itself is fine.
+        print(
+            f"warning: {cfg.path}: proxy.lan_interfaces is empty: the daemon will not start "
+            'until it names the LAN interface(s), e.g. lan_interfaces = ["eth1"]',
+            file=sys.stderr,
+        )
     return 0
 
 

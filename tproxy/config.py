@@ -334,7 +334,7 @@ class Reader:
     def named_tables(self, key: str, parse: Callable[[Reader], T | None], what: str) -> list[T]:
         """``[[key]]`` entries parsed by ``parse``, each with a ``name`` unique among them."""
         out: list[T] = []
-        seen: dict[str, int] = {}
+        seen: set[str] = set()
         for sub in self.tables(key):
             item = parse(sub)
             if item is None:
