@@ -73,7 +73,7 @@ route_table = 254
     )
     errs = errors_of(path)
     assert f"{path}:3: proxy.ports[1]: not a TCP port: 70000" in errs
-    assert f"{path}:4: proxy.idle_timout: unknown key" in errs
+    assert f"{path}:4: proxy.idle_timout: unknown key (did you mean idle_timeout?)" in errs
     assert any(e.startswith(f"{path}:5: proxy.connect_timeout: not a duration") for e in errs)
     assert f"{path}:8: rules.bypass_clients[1]: not an IP address or CIDR: 'not-a-net'" in errs
     assert any(e.startswith(f"{path}:9: rules.route_table:") for e in errs)
@@ -89,7 +89,7 @@ def test_wrong_types_are_named(tmp_path: Path) -> None:
 
 def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path, "[proxi]\nports = [80]\n")
-    assert errors_of(path) == [f"{path}:1: proxi: unknown key"]
+    assert errors_of(path) == [f"{path}:1: proxi: unknown section (did you mean [proxy]?)"]
 
 
 def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
