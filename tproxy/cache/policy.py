@@ -394,7 +394,7 @@ def make_entry(
     reason: bytes = b"",
 ) -> CacheEntry:
     """Build the record for a response :func:`storable` accepted (headers cleaned for storage)."""
-    stored = tuple(headers_to_store(response_headers))
+    stored = tuple(_with_date(headers_to_store(response_headers), response_time))
     vk = vary_key(Fields(stored).values(b"vary"), request_headers)
     return CacheEntry(
         method=method.upper(),
@@ -408,6 +408,15 @@ def make_entry(
         body_length=body_length,
         reason=reason,
     )
+
+
+def _with_date(headers: list[Header], received: float) -> list[Header]:
+    """``headers`` with a Date of ``received`` appended when they have none: RFC 9110 §6.6.1
+    makes a recipient with a clock add Date to a response it caches, so the stored response
+    (and the Age and freshness measured from it) says when it was generated."""
+    if any(n.strip().lower() == b"date" for n, _ in headers):
+        return headers
+    return [*headers, (b"Date", format_http_date(received))]
 
 
 def headers_to_store(response_headers: Headers) -> list[Header]:
@@ -534,7 +543,10 @@ def storable(
     vary = vary_key(resp_fields.values(b"vary"), request_headers)
     if vary is None:
         return False, "vary-star"  # §4.1: never matches, storing is useless
-    if b"set-cookie" in resp_fields and not store_set_cookie:
+    # A Set-Cookie that a qualified private names is removed before storage (§5.2.2.7,
+    # headers_to_store), so only one that would be stored makes the response unstorable.
+    private_names = field_names(cc.get("private"))
+    if b"set-cookie" in resp_fields and b"set-cookie" not in private_names and not store_set_cookie:
         return False, "set-cookie"
     explicit = "public" in cc or "max-age" in cc or "s-maxage" in cc or b"expires" in resp_fields
     if not explicit and status not in HEURISTICALLY_CACHEABLE:
@@ -964,9 +976,17 @@ def refresh_entry(
 ) -> CacheEntry:
     """The entry after a successful validation: headers merged, times of the 304 exchange (so
     its Date/Age are measured against the right clock readings)."""
+    # The 304 is the newest word from the origin: its Date (appended if missing, RFC 9110
+    # §6.6.1) and its Age (none: 0) are what the refreshed entry's age is measured from
+    # (RFC 9111 §4.2.3). Keeping the first response's Date made a refreshed entry stale at
+    # once; keeping its Age added that age again to a clock that restarted at the 304.
+    new = _with_date(list(not_modified_headers), response_time)
+    headers = update_from_304(entry.headers, new)
+    if b"age" not in Fields(new):
+        headers = [(n, v) for n, v in headers if n.strip().lower() != b"age"]
     return replace(
         entry,
-        headers=tuple(update_from_304(entry.headers, not_modified_headers)),
+        headers=tuple(headers),
         request_time=request_time,
         response_time=response_time,
     )
