@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,22 @@ class Origin:
 
     def clear(self) -> None:
         self.log.write_text("")
+
+
+@contextlib.contextmanager
+def through_proxy(lab: Lab, config: str = "") -> Iterator[tuple[Proxy, Origin]]:
+    """The origin app and a running daemon, with the gateway's forwarding off for the duration:
+    every answer a test gets came through the daemon. The daemon's stderr is printed at the end
+    (pytest shows it for a failing test)."""
+    origin = Origin(lab)
+    proxy = Proxy(lab, config).start()
+    lab.set_forwarding(False)
+    try:
+        yield proxy, origin
+    finally:
+        lab.set_forwarding(True)
+        proxy.stop()
+        print(proxy.stderr())
 
 
 def client_py(lab: Lab, code: str, *args: str, timeout: float = 20) -> str:

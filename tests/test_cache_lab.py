@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab import Lab, origin_file_bytes
-from tests.proxy import APP_PORT, Origin, Proxy
+from tests.proxy import APP_PORT, Origin, Proxy, through_proxy
 
 pytestmark = pytest.mark.lab
 
@@ -23,16 +23,8 @@ ports = [80, {APP_PORT}]
 
 @pytest.fixture(scope="module")
 def env(lab_module: Lab) -> Iterator[tuple[Lab, Proxy, Origin]]:
-    lab = lab_module
-    origin = Origin(lab)
-    proxy = Proxy(lab, CONFIG).start()
-    lab.set_forwarding(False)  # every answer below comes through the daemon
-    try:
-        yield lab, proxy, origin
-    finally:
-        lab.set_forwarding(True)
-        proxy.stop()
-        print(proxy.stderr())
+    with through_proxy(lab_module, CONFIG) as (proxy, origin):
+        yield lab_module, proxy, origin
 
 
 def app(lab: Lab, path: str) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab import Lab
-from tests.proxy import APP_PORT, Origin, Proxy, client_py
+from tests.proxy import APP_PORT, Origin, Proxy, client_py, through_proxy
 
 pytestmark = pytest.mark.lab
 
@@ -41,16 +41,9 @@ print("done")
 
 @pytest.fixture(scope="module")
 def env(lab_module: Lab) -> Iterator[tuple[Lab, Proxy, Origin]]:
-    lab = lab_module
-    origin = Origin(lab)
-    proxy = Proxy(lab, f"[proxy]\nports = [80, {APP_PORT}]\n[cache]\nenabled = false\n")
-    proxy.start()
-    lab.set_forwarding(False)  # everything below must pass through the daemon
-    try:
-        yield lab, proxy, origin
-    finally:
-        lab.set_forwarding(True)
-        proxy.stop()
+    config = f"[proxy]\nports = [80, {APP_PORT}]\n[cache]\nenabled = false\n"
+    with through_proxy(lab_module, config) as (proxy, origin):
+        yield lab_module, proxy, origin
 
 
 def daemon_fds(proxy: Proxy) -> int:
