@@ -12,11 +12,14 @@ client, method, URL, user ("-"), hierarchy code/peer address, content type.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import threading
 from dataclasses import dataclass
 from typing import TextIO
+
+log = logging.getLogger("tproxy.accesslog")
 
 # Squid writes URLs and types verbatim, space separated: a space or control byte in a field would
 # shift every later column for log parsers, so such bytes are percent-encoded.
@@ -52,25 +55,41 @@ def format_record(r: AccessRecord) -> str:
     )
 
 
+class AccessLogError(OSError):
+    """The access log cannot be opened; ``str`` is one line naming the file and the setting."""
+
+
 class AccessLog:
-    """Line-buffered access log; ``reopen`` after logrotate moves the file (SIGUSR1/SIGHUP)."""
+    """Line-buffered access log; ``reopen`` after logrotate moves the file (SIGUSR1/SIGHUP).
+
+    Failures never take the proxy down, and each is one line in the daemon log: a full disk
+    when the first line is lost (and how many were lost once writing works again), a reopen
+    that fails (the old file is kept), a log file deleted under the daemon (see
+    :meth:`reopen_if_deleted`).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._fh: TextIO | None = None
-        self._open()
+        self.lost = 0  # lines dropped since writing last failed (0: writing works)
+        try:
+            self._fh = self._open(path)
+        except OSError as exc:
+            raise AccessLogError(_cannot_open(path, exc)) from None
 
-    def _open(self) -> None:
-        if not self.path:
-            self._fh = None
-        elif self.path == "-":
-            self._fh = sys.stdout
-        else:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    @staticmethod
+    def _open(path: str) -> TextIO | None:
+        if not path:
+            return None
+        if path == "-":
+            return sys.stdout
+        directory = os.path.dirname(path)
+        if directory:
+            # The log directory may have been removed (by hand, or a tmpfs /var/log after a
+            # reboot): create it again rather than stop logging.
+            os.makedirs(directory, exist_ok=True)
+        return open(path, "a", encoding="utf-8", buffering=1)
 
     @property
     def enabled(self) -> bool:
@@ -86,14 +105,50 @@ class AccessLog:
         with self._lock:
             try:
                 fh.write(line)
-            except (OSError, ValueError, io.UnsupportedOperation):
-                # A full disk must not take the proxy down; the daemon log reports it once.
-                pass
+            except (OSError, ValueError, io.UnsupportedOperation) as exc:
+                # A full disk must not take the proxy down; the daemon log says it once.
+                if not self.lost:
+                    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                    log.error(
+                        "access log %s: write failed (%s); lines are dropped until it works",
+                        self.path,
+                        reason,
+                    )
+                self.lost += 1
+                return
+            if self.lost:
+                log.warning("access log %s: writing again, %d lines lost", self.path, self.lost)
+                self.lost = 0
 
-    def reopen(self) -> None:
+    def reopen(self, path: str | None = None) -> bool:
+        """Open ``path`` (default: the same one) afresh, after logrotate renamed the file or a
+        reload moved it. If it cannot be opened, the old file and path stay in use and the
+        daemon log says why: False."""
+        path = self.path if path is None else path
+        try:
+            fh = self._open(path)
+        except OSError as exc:
+            log.error("%s; still writing to %s", _cannot_open(path, exc), self.path or "nothing")
+            return False
         with self._lock:
             self._close_locked()
-            self._open()
+            self._fh = fh
+            self.path = path
+        return True
+
+    def reopen_if_deleted(self) -> bool:
+        """Reopen when the open file was deleted (``rm -r /var/log/tproxy``): lines written to an
+        unlinked file are lost without an error. True when it reopened."""
+        fh = self._fh
+        if fh is None or fh is sys.stdout or not self.path:
+            return False
+        try:
+            if os.fstat(fh.fileno()).st_nlink > 0:
+                return False
+        except (OSError, ValueError):
+            pass
+        log.warning("access log %s was deleted; opening it again", self.path)
+        return self.reopen()
 
     def close(self) -> None:
         with self._lock:
@@ -101,5 +156,12 @@ class AccessLog:
 
     def _close_locked(self) -> None:
         if self._fh is not None and self._fh is not sys.stdout:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # flushing the last line failed (disk full): already counted as lost
         self._fh = None
+
+
+def _cannot_open(path: str, exc: OSError) -> str:
+    return f"cannot open the access log {path} (log.access_log): {exc.strerror or exc}"

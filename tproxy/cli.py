@@ -96,6 +96,16 @@ def cmd_rules(args: argparse.Namespace) -> int:
         netfilter.flush_routing(plan.route_table, plan.rule_priority)
         forget_timewait(cfg.proxy.ports)
         print("tproxy rules and routes removed")
+        from tproxy import preflight
+
+        if preflight.instance_running():
+            # Flushing under a live daemon is the admin's "fail open now" lever; it must not
+            # look as if the daemon had stopped. (ExecStopPost runs after it exited: no line.)
+            print(
+                "warning: the tproxy daemon is still running but intercepts nothing now; "
+                "`systemctl reload tproxy` puts its rules back, `systemctl stop tproxy` stops it",
+                file=sys.stderr,
+            )
         return 0
     cfg = config_mod.with_overrides(
         load_config(args.config),

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,8 @@ log = logging.getLogger("tproxy.daemon")
 
 # STATUS= lines for systemd are refreshed at this period (seconds).
 STATUS_INTERVAL = 5.0
+# How often the daemon checks that its access log file still exists (seconds).
+LOG_CHECK_INTERVAL = 10.0
 
 
 class Notifier:
@@ -82,6 +85,11 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.rules_applied = False
+        # Set before the first change to the kernel: teardown removes rules only if this
+        # daemon may have installed them (a second instance that failed to start must not
+        # remove the first one's).
+        self.kernel_touched = False
+        self.instance: socket.socket | None = None  # preflight.claim_instance's lock
         self.reload_lock = asyncio.Lock()
 
     def make_plan(self, cfg: Config) -> netfilter.RulesPlan:
@@ -96,6 +104,7 @@ class Daemon:
         await asyncio.to_thread(self._apply_kernel_state, plan)
 
     def _apply_kernel_state(self, plan: netfilter.RulesPlan) -> None:
+        self.kernel_touched = True
         netfilter.apply_routing(plan)
         netfilter.apply(plan)
         self.rules_applied = True
@@ -111,7 +120,8 @@ class Daemon:
             log.error("withdrawing interception rules failed: %s", exc)
 
     async def remove_kernel_state(self) -> None:
-        await asyncio.to_thread(self._remove_kernel_state)
+        if self.kernel_touched:
+            await asyncio.to_thread(self._remove_kernel_state)
 
     def _remove_kernel_state(self) -> None:
         try:
@@ -139,9 +149,18 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
         loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        preflight.check_privileges()
         preflight.check(self.plan.lan_interfaces, self.plan.ipv6)
+        # Held until the process exits: a second daemon stops here, before touching anything.
+        self.instance = preflight.claim_instance()
         try:
-            await self.server.start()
+            try:
+                await self.server.start()
+            except OSError as exc:
+                raise preflight.PreflightError(
+                    f"cannot listen on port {self.cfg.proxy.listen_port} (proxy.listen_port): "
+                    f"{exc.strerror or exc}"
+                ) from None
             for comp in self.components:
                 await comp.start(self)
             await self.apply_kernel_state(self.plan)
@@ -156,6 +175,7 @@ class Daemon:
                 self.spawn(self._watchdog(self.notifier.watchdog_interval), "watchdog")
             if self.notifier.enabled:
                 self.spawn(self._status_loop(), "status")
+            self.spawn(self._log_check(), "access log check")
             await self.stopping.wait()
             log.info("stopping: draining %d connections", len(self.server.connections))
             self.notifier.notify("STOPPING=1")
@@ -174,6 +194,9 @@ class Daemon:
             await self.server.stop()
             await self.remove_kernel_state()
             self.access_log.close()
+            if self.instance is not None:
+                self.instance.close()
+                self.instance = None
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
 
@@ -183,6 +206,11 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _log_check(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_CHECK_INTERVAL)
+            self.access_log.reopen_if_deleted()
 
     async def _status_loop(self) -> None:
         while True:
@@ -236,27 +264,33 @@ class Daemon:
             # connections go on.
             plan = self.make_plan(new).keeping_divert(self.plan)
             await self._reload_components(new)
-            if plan != self.plan:
-                old = self.plan
-                if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
-                    await asyncio.to_thread(
-                        netfilter.flush_routing, old.route_table, old.rule_priority
-                    )
-                await self.apply_kernel_state(plan)
-                self.plan = plan
-            if new.log.access_log != self.cfg.log.access_log:
-                self.access_log.path = new.log.access_log
-            self.access_log.reopen()
+            old = self.plan
+            if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
+                await asyncio.to_thread(netfilter.flush_routing, old.route_table, old.rule_priority)
+            # Applied even when the plan is unchanged (it is idempotent and atomic): after a
+            # `tproxy rules flush` or another tool removed them, a reload puts the rules back.
+            await self.apply_kernel_state(plan)
+            self.plan = plan
+            # A new path that cannot be opened keeps the old file (one error line says so).
+            self.access_log.reopen(new.log.access_log)
             self.cfg = new
             self.server.cfg = new
             self.server.limiter.reconfigure(new.section("limits", LimitsConfig), time.monotonic())
             log.info("reloaded %s", new.path)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            errors = exc.errors if isinstance(exc, config_mod.ConfigErrors) else [exc]
+            log.error(
+                "reload refused, keeping the running configuration: %s",
+                "; ".join(config_mod.ConfigError.__str__(e) for e in errors),
+            )
         except netfilter.RulesError as exc:
             log.error("reload: applying rules failed, keeping the old ones: %s", exc)
             with contextlib.suppress(netfilter.RulesError):
                 await self.apply_kernel_state(self.plan)
+        except Exception:
+            # Whatever went wrong, the daemon goes on with what it runs; the traceback is for a
+            # bug report, the first line for the admin.
+            log.exception("reload failed, keeping the running configuration")
         finally:
             self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
 
