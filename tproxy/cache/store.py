@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -61,8 +62,10 @@ from typing import Any, BinaryIO, Literal
 
 from cachetools import Cache, LRUCache
 
-from tproxy.cache.policy import CacheEntry, Headers, hot, vary_matches
+from tproxy.cache.policy import CacheEntry, Fields, Headers, hot, vary_key, vary_matches
 from tproxy.config import Reader, register_section
+
+log = logging.getLogger("tproxy.cache")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -81,6 +84,15 @@ LOADED_ENTRIES_SIZE = 4 * MiB
 Tier = Literal["memory", "disk"]
 
 
+# Vary variants kept per primary key: ``Vary: User-Agent`` can make one per client, and each
+# costs an index slot and a metadata file; the oldest variant gives way to a new one.
+MAX_VARIANTS = 32
+
+
+class CacheDirError(OSError):
+    """The cache's ``disk_dir`` cannot be created or written; the message names it."""
+
+
 class CorruptObjectError(Exception):
     """A stored body did not match its recorded length or digest; it has been dropped."""
 
@@ -92,6 +104,27 @@ def object_id(entry: CacheEntry) -> str:
 
 def object_id_of(key: str, vary_key: str) -> str:
     return f"{key}\x1f{vary_key}" if vary_key else key
+
+
+def _may_select(oid: str, key: str, request: Fields) -> bool:
+    """Whether the object ``oid`` stored under primary key ``key`` can be selected for a
+    request with these fields, judged from the id alone: its Vary selection (policy.vary_key:
+    sorted ``name=value`` / ``name!`` lines) is recomputed for the request and compared.
+    False only when it certainly does not match (then its metadata need not be read); the
+    entry's own check (policy.vary_matches) still decides for the rest."""
+    if oid == key:
+        return True  # no Vary selection
+    prefix = key + "\x1f"
+    if not oid.startswith(prefix):
+        return True
+    stored = oid[len(prefix) :]
+    if stored == "*":
+        return False
+    names = []
+    for part in stored.split("\n"):
+        name, eq, _ = part.partition("=")
+        names.append(name if eq else part[:-1])
+    return vary_key([",".join(names).encode("latin-1")], request) == stored
 
 
 class _BodyCheck:
@@ -461,8 +494,19 @@ class _DiskTier:
         self.index: OrderedDict[str, _Record] = OrderedDict()
         self.bytes = 0
         self.ram = 0  # estimated RAM of the index (see _record_ram)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.objects.mkdir(parents=True, exist_ok=True)
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            self.objects.mkdir(parents=True, exist_ok=True)
+            # Root ignores permission bits; a write is the only real test (read-only mount,
+            # full disk, a file where a directory should be).
+            probe, f = self.temp_file()
+            f.close()
+            probe.unlink()
+        except OSError as exc:
+            raise CacheDirError(
+                f"cache disk_dir {directory} cannot be used: {exc.strerror or exc} "
+                f'({exc.filename or directory}); fix it or set disk_dir = "" for memory only'
+            ) from exc
         self._load(verify)
 
     # paths
@@ -723,7 +767,12 @@ class Writer:
             self.active = False
             self._chunks = None
         elif store.disk is not None:
-            self._tmp, self._file = store.disk.temp_file()
+            try:
+                self._tmp, self._file = store.disk.temp_file()
+            except OSError as exc:  # a full disk, no descriptors left: just do not store
+                log.warning("cache: not storing %s: %s", entry.url, exc)
+                self.active = False
+                self._chunks = None
 
     def __enter__(self) -> Writer:
         return self
@@ -750,14 +799,22 @@ class Writer:
             else:
                 self._chunks = None  # too big for the memory tier; disk only
         if self._file is not None:
-            self._file.write(chunk)
+            try:
+                self._file.write(chunk)
+            except OSError as exc:
+                # ENOSPC, EIO: the response still streams to its client; only storing stops
+                # (an exception here would have broken the client's transfer).
+                log.warning("cache: not storing %s: %s", self.entry.url, exc)
+                self.abort()
+                return False
         return True
 
     def abort(self) -> None:
         self.active = False
         self._chunks = None
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # close flushes, which fails on a full disk
+                self._file.close()
             self._file = None
         if self._tmp is not None:
             with contextlib.suppress(OSError):
@@ -776,11 +833,16 @@ class Writer:
             return False
         entry = replace(self.entry, body_length=self._length)
         if self._file is not None:
-            self._file.flush()
-            if self._store.fsync:
-                os.fsync(self._file.fileno())
-            on_disk = os.fstat(self._file.fileno()).st_size
-            self._file.close()
+            try:
+                self._file.flush()
+                if self._store.fsync:
+                    os.fsync(self._file.fileno())
+                on_disk = os.fstat(self._file.fileno()).st_size
+                self._file.close()
+            except OSError as exc:
+                log.warning("cache: not storing %s: %s", self.entry.url, exc)
+                self.abort()
+                return False
             self._file = None
             if on_disk != self._length:  # e.g. ENOSPC swallowed somewhere: never publish
                 self.abort()
@@ -946,15 +1008,28 @@ class CacheStore:
             if not ids:
                 return None
             single = len(ids) == 1  # the common case: no list, no sorting
-            only = self._entry_of(ids[0]) if single else None
+            if single:
+                only = self._entry_of(ids[0])
+            else:
+                # Only variants whose id (it holds the Vary selection) can match are read:
+                # not one metadata file per variant and lookup (at most MAX_VARIANTS of them).
+                fields = Fields(request_headers)
+                entries = [
+                    e
+                    for oid in ids
+                    if _may_select(oid, key, fields) and (e := self._entry_of(oid)) is not None
+                ]
         if single:
             if only is None or not (hot(only).vary_free or vary_matches(only, request_headers)):
                 return None
             return only
-        for entry in self.variants(key):
-            if vary_matches(entry, request_headers):
-                return entry
-        return None
+        best: CacheEntry | None = None
+        for entry in entries:
+            if vary_matches(entry, fields) and (
+                best is None or entry.response_time > best.response_time
+            ):
+                best = entry
+        return best
 
     def select_hit(
         self, key: str, request_headers: Headers
@@ -1073,16 +1148,27 @@ class CacheStore:
         check: int,
     ) -> bool:
         with self._lock:
+            evicted: list[tuple[str, _Record]] | None = []
+            if self.disk is not None and tmp_body is not None:
+                try:
+                    evicted = self.disk.install(oid, tmp_body, entry, length, check)
+                except OSError as exc:
+                    # ENOSPC, EIO ... while moving the body or writing its metadata: install()
+                    # removed the new body; the old object (if any) is untouched and served on.
+                    log.warning("cache: not storing %s: %s", entry.url, exc)
+                    with contextlib.suppress(OSError):
+                        tmp_body.unlink()
+                    return False
             old = self._mem.pop(oid, None)
             self._loaded.pop(oid, None)
             if self.disk is not None and tmp_body is not None:
-                evicted = self.disk.install(oid, tmp_body, entry, length, check)
                 if evicted is None:  # metadata too large: not stored (and the old one gone)
                     self._drop(oid)
                     if old is not None:
                         self._index_drop(oid, old.entry.key, old.entry.url)
                     return False
                 self._index_add(oid, entry.key, entry.url)
+                self._trim_variants(entry.key, oid)
                 for gone, record in evicted:
                     self._mem.pop(gone, None)  # the disk budget bounds the whole cache
                     self._loaded.pop(gone, None)
@@ -1092,11 +1178,24 @@ class CacheStore:
             kept = self.disk is None or oid in self.disk.index
             if data is not None and kept:
                 self._mem_put(oid, _MemObject(entry, data))
+                if self.disk is None:
+                    self._trim_variants(entry.key, oid)
             if kept and oid not in self._mem and self.disk is not None:
                 self._remember(oid, entry)  # likely asked for soon: spare the metadata read
             if old is not None:
                 self._index_drop(oid, old.entry.key, old.entry.url)
             return True
+
+    def _trim_variants(self, key: str, keep: str) -> None:
+        """Drop the oldest variants of ``key`` beyond :data:`MAX_VARIANTS` (never ``keep``,
+        the one just stored). Ids are listed in the order they were first stored."""
+        ids = self._ids_for(self._variants, key, 0)
+        excess = len(ids) - MAX_VARIANTS
+        for victim in ids:
+            if excess <= 0:
+                break
+            if victim != keep and self._drop(victim):
+                excess -= 1
 
     def update_entry(self, entry: CacheEntry) -> bool:
         """Replace the stored entry (headers and times after a 304), body unchanged."""
@@ -1114,7 +1213,12 @@ class CacheStore:
                 length = _p_length(_packed(self.disk.index[oid]))
                 if entry.body_length != length:
                     entry = replace(entry, body_length=length)
-                if self.disk.update_entry(oid, entry):
+                try:
+                    written = self.disk.update_entry(oid, entry)
+                except OSError as exc:  # the old metadata stays (written by rename)
+                    log.warning("cache: could not update %s: %s", entry.url, exc)
+                    written = False
+                if written:
                     found = True
                     self._index_add(oid, entry.key, entry.url)
                     if oid not in self._mem:
