@@ -157,3 +157,14 @@ def test_rules_show_is_readable(lab: Lab) -> None:
     assert "# live rules of tproxy's chains" in out
     assert "--on-port 3129" in out
     assert "Traceback" not in out
+
+
+def test_rules_apply_without_a_daemon_warns(lab: Lab) -> None:
+    proxy = Proxy(lab)
+    try:
+        res = proxy.tproxy("rules", "apply", "-c", str(proxy.config_path), "-i", lab.gw_lan_if)
+        assert "TPROXY-" in proxy.rules()
+        assert "no tproxy daemon runs here" in res.stderr
+    finally:
+        proxy.tproxy("rules", "flush")
+    assert "TPROXY" not in proxy.rules()

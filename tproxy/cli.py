@@ -130,6 +130,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
     netfilter.apply_routing(plan)
     netfilter.apply(plan)
     print("tproxy rules applied")
+    from tproxy import preflight
+
+    if not preflight.instance_running():
+        # TPROXY drops what no socket takes: without a daemon these rules cut the LAN's web.
+        print(
+            "warning: no tproxy daemon runs here: diverted connections are dropped until one "
+            "starts; `tproxy rules flush` removes the rules",
+            file=sys.stderr,
+        )
     return 0
 
 
