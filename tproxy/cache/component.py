@@ -155,8 +155,11 @@ class StoreSink:
         self.lookup = lookup
 
     def data(self, chunk: bytes) -> None:
-        if self.writer.active:
-            self.writer.write(chunk)
+        if self.writer.active and not self.writer.write(chunk):
+            # Too large to store (or the disk failed): nothing will be stored, so the
+            # collapsed waiters must not wait for the end of a body that may never come (a
+            # live stream) — they go upstream on their own now.
+            self.cache.resolve(self.lookup)
 
     def end(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         self.lookup.storing = False
@@ -282,6 +285,9 @@ class Cache:
                     if isinstance(event, http1.ResponseHead):
                         now = self.now()
                         if event.status == 304:
+                            if not _validates(entry, event.headers):
+                                self.store.delete_object(_oid(entry))  # outdated
+                                return
                             fresh = policy.refresh_entry(entry, event.headers, request_time, now)
                             self.store.update_entry(fresh)
                             self.counters.refresh_unmodified += 1
@@ -515,6 +521,8 @@ class Cache:
         now = self.now()
         stale = lookup.revalidating
         if stale is not None:
+            if resp.status == 304 and not _validates(stale, resp.headers):
+                return self.refetch(conn, ex, lookup, stale)
             if resp.status == 304:
                 refreshed = policy.refresh_entry(stale, resp.headers, lookup.request_time, now)
                 self.store.update_entry(refreshed)
@@ -560,6 +568,30 @@ class Cache:
         if self.cfg.x_cache_header:
             ex.extra_headers.append((b"X-Cache", b"MISS"))
         return False
+
+    def refetch(
+        self, conn: ClientConnection, ex: Exchange, lookup: Lookup, stale: CacheEntry
+    ) -> bool:
+        """The origin answered our conditional request with a 304 for a representation other
+        than the stored one (RFC 9111 §4.3.4 selects nothing to update): the stored response
+        is outdated, and the client's own request goes upstream again, unconditional as it
+        came. Serving the stored body under the 304's new validators would hand out the
+        wrong content."""
+        self.store.delete_object(_oid(stale))
+        lookup.revalidating = None
+        ex.head = replace(ex.head, headers=lookup.client_headers)
+        self.counters.refresh_modified += 1
+        if not ex.retryable or not ex.request_done or ex.response_started:
+            # A request body cannot be sent twice (and a GET with one is rare): give up.
+            conn.fail_exchange(ex, 502, "The origin validated another version of the object.")
+            return True
+        ex.retryable = False  # once
+        conn.detach_upstream(ex)  # the 304 has no body: that connection can be reused
+        ex.response_head = None
+        ex.status = 0
+        ex.ctype = None
+        conn.forward_request(ex)
+        return True
 
     def freshen_from_head(self, lookup: Lookup, resp: http1.ResponseHead) -> None:
         """RFC 9111 §4.3.5: a HEAD response updates the stored GET, or invalidates it."""
@@ -620,8 +652,8 @@ class Cache:
             obj.close()
             conn.respond_local(ex, data, status, "TCP_HIT")
             return True
-        chunks = obj.iter_chunks() if status == 200 else obj.iter_range(0, length - 1)
-        conn.stream_local(ex, data, _closing(obj, chunks), status, "TCP_HIT")
+        # The whole body, whatever the status: iter_chunks checks it against its CRC-32.
+        conn.stream_local(ex, data, _closing(obj, obj.iter_chunks()), status, "TCP_HIT")
         return True
 
     def serve(
@@ -687,11 +719,13 @@ class Cache:
             obj.close()
             conn.respond_local(ex, data_head, status, final)
             return True
-        if obj.tier == "memory" and status == 200:
+        if obj.tier == "memory" and status != 206:
             body = obj.body()
             conn.respond_local(ex, data_head + body, status, final)
             return True
-        chunks = obj.iter_chunks() if status == 200 else obj.iter_range(start, end)
+        # A full body of any status is read through iter_chunks, which checks its CRC-32; only
+        # a range (206) cannot be checked.
+        chunks = obj.iter_chunks() if status != 206 else obj.iter_range(start, end)
         conn.stream_local(ex, data_head, _closing(obj, chunks), status, final)
         return True
 
@@ -721,6 +755,17 @@ def _oid(entry: CacheEntry) -> str:
     from tproxy.cache.store import object_id
 
     return object_id(entry)
+
+
+def _validates(entry: CacheEntry, not_modified: http1.Headers) -> bool:
+    """Does a 304 to our conditional request (made from ``entry``'s validators) update
+    ``entry``? RFC 9111 §4.3.4: its ETag / Last-Modified must select it. A 304 without any
+    validator is taken as answering the validators we sent (origins that omit ETag in a 304,
+    against RFC 9110 §15.4.5, are common); only one naming another representation is not."""
+    f = policy.Fields(not_modified)
+    if b"etag" not in f and b"last-modified" not in f:
+        return True
+    return bool(policy.select_for_304([entry], not_modified))
 
 
 def _has(headers: http1.Headers, names: frozenset[bytes]) -> bool:
