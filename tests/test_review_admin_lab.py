@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -72,8 +73,6 @@ def test_port_in_use_is_one_line_and_touches_nothing(lab: Lab) -> None:
         "import socket,time;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
         "s.bind(('127.0.0.1',3129));s.listen();print('up',flush=True);time.sleep(60)"
     )
-    import subprocess
-
     holder = lab.popen("gateway", [sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"up"
     proxy = Proxy(lab)
@@ -168,3 +167,22 @@ def test_rules_apply_without_a_daemon_warns(lab: Lab) -> None:
     finally:
         proxy.tproxy("rules", "flush")
     assert "TPROXY" not in proxy.rules()
+
+
+def test_reload_to_a_missing_lan_interface_is_refused(lab: Lab) -> None:
+    proxy = Proxy(lab, f'[proxy]\nlan_interfaces = ["{lab.gw_lan_if}"]\n')
+    argv = [*TPROXY, "run", "--config", str(proxy.config_path), "--access-log", ""]
+    proxy.proc = lab.popen(
+        "gateway", argv, stdout=subprocess.DEVNULL, stderr=proxy.stderr_path.open("wb")
+    )
+    try:
+        assert wait_for(proxy, "intercepting", timeout=15), proxy.stderr()
+        before = kernel_state(proxy)
+        text = proxy.config_path.read_text().replace(lab.gw_lan_if, "nosuch0")
+        proxy.config_path.write_text(text)
+        proxy.proc.send_signal(signal.SIGHUP)
+        (line,) = wait_for(proxy, "reload refused")
+        assert "proxy.lan_interfaces: LAN interface 'nosuch0' does not exist" in line
+        assert kernel_state(proxy) == before
+    finally:
+        proxy.stop()

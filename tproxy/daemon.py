@@ -263,6 +263,11 @@ class Daemon:
             # component has adopted it. A dropped port keeps its socket divert: its open
             # connections go on.
             plan = self.make_plan(new).keeping_divert(self.plan)
+            # What start-up refuses, a reload refuses too: iptables accepts `-i` with a name no
+            # interface has, so a typo'd LAN interface would silently intercept nothing.
+            found = preflight.problems(plan.lan_interfaces, plan.ipv6)
+            if found:
+                raise ConfigError(new.path, "proxy.lan_interfaces", "; ".join(found))
             await self._reload_components(new)
             old = self.plan
             if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
