@@ -523,3 +523,21 @@ def test_cache_config_errors(table: dict[str, object], key: str) -> None:
         parse({"cache": table})
     # config.parse() calls finish() on the section again, so an unknown key may be listed twice.
     assert {e.key for e in info.value.errors} == {key}
+
+
+def test_printing_the_rules_does_not_touch_the_cache_directory(tmp_path: Path) -> None:
+    # `tproxy rules show` builds the daemon's components for their share of the rules; the
+    # cache's disk tier is opened (created, scanned, test-written) only when the daemon starts.
+    cache_dir = tmp_path / "not" / "yet"
+    conf = tmp_path / "t.toml"
+    conf.write_text(
+        '[proxy]\nlan_interfaces = ["lan0"]\n'
+        f'[cache]\nenabled = true\ndisk_dir = "{cache_dir}"\n[control]\nenabled = false\n'
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "tproxy.cli", "rules", "show", "--config", str(conf)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "TPROXY --on-port" in res.stdout
+    assert not (tmp_path / "not").exists()

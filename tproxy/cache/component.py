@@ -193,7 +193,9 @@ class Cache:
 
     def __init__(self, cfg: CacheConfig) -> None:
         self.cfg = cfg
-        self.store = CacheStore.from_config(cfg)
+        # Opened in start(): building the component (also done by `tproxy rules show`, which
+        # only needs rules_extras) must not create, scan or test-write the cache directory.
+        self._store: CacheStore | None = None
         self.counters = Counters()
         self.verifier = HostVerifier()
         self.inflight: dict[str, Inflight] = {}
@@ -203,6 +205,12 @@ class Cache:
         # of these, and a client repeats the same few requests.
         self._keys: dict[tuple[bytes | None, bytes, str, int, bool], tuple[str, str]] = {}
 
+    @property
+    def store(self) -> CacheStore:
+        if self._store is None:
+            self._store = CacheStore.from_config(self.cfg)
+        return self._store
+
     # -- component protocol ---------------------------------------------------------------
 
     def rules_extras(self, cfg: Config) -> dict[str, Any]:
@@ -210,6 +218,7 @@ class Cache:
 
     async def start(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        _ = self.store  # open (and check) the disk tier before any rule sends traffic here
         daemon.server.request_hooks.append(self.on_request)
         daemon.server.response_hooks.append(self.on_response)
         from tproxy import control
