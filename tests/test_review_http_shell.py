@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from tproxy import config
@@ -764,5 +765,33 @@ def test_many_small_response_fields_up_to_the_limit_pass_one_more_is_502() -> No
             assert status == 200 and head.count(b"X-F") == MAX_RESPONSE_HEADER_COUNT - 1
             r.send(GET % str(MAX_RESPONSE_HEADER_COUNT + 1).encode())
             assert (await r.response())[0] == 502
+
+    run(main())
+
+
+def test_a_response_without_date_gets_one_and_a_dated_one_keeps_its_own() -> None:
+    """RFC 9110 §6.6.1: a recipient with a clock MUST append a Date to a response it forwards
+    without one; a response that has one passes it on unchanged (one Date, the origin's)."""
+    origin_date = b"Sun, 06 Nov 1994 08:49:37 GMT"
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(ok())
+        await conn.head()
+        await conn.send(ok(extra=b"DATE: " + origin_date + b"\r\n"))
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            before = time.time()
+            r.send(GET % b"undated")
+            status, head, _ = await r.response()
+            dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
+            assert status == 200 and len(dates) == 1, head
+            stamp = parsedate_to_datetime(dates[0].split(b":", 1)[1].strip().decode())
+            assert before - 2 <= stamp.timestamp() <= time.time() + 1
+            r.send(GET % b"dated")
+            status, head, _ = await r.response()
+            dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
+            assert dates == [b"DATE: " + origin_date], head
 
     run(main())

@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import re
 import socket
 import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tproxy import http1, netutil
@@ -100,6 +102,29 @@ ERROR_REASONS = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+
+
+# RFC 9110 §6.6.1: a recipient with a clock MUST add a Date to a response it forwards without
+# one. Found in the head's raw field lines (strict parsing already refused whitespace before a
+# colon), which is cheaper than lower-casing every field name of every response.
+_DATE_FIELD = re.compile(rb"\r\ndate:", re.IGNORECASE)
+_http_date: tuple[int, bytes] = (0, b"")
+
+
+def has_date(head: ResponseHead) -> bool:
+    wire = head.wire
+    if wire is not None and wire[0] is head.headers:
+        return _DATE_FIELD.search(wire[2]) is not None
+    return any(name.lower() == b"date" for name, _ in head.headers)
+
+
+def http_date() -> bytes:
+    """Now as an IMF-fixdate (RFC 9110 §5.6.7), formatted once per second."""
+    global _http_date
+    now = int(time.time())
+    if _http_date[0] != now:
+        _http_date = (now, formatdate(now, usegmt=True).encode("ascii"))  # locale-independent
+    return _http_date[1]
 
 
 def error_response(
@@ -1007,6 +1032,8 @@ class ClientConnection(_Side):
         for hook in self.server.response_hooks:
             if hook(self, ex, head):
                 return
+        if not has_date(head):
+            ex.extra_headers.append((b"Date", http_date()))
         ex.held = http1.serialize_response_head(
             head,
             peer_version=client_version,
