@@ -194,6 +194,8 @@ def test_prerm_flushes_rules_on_remove() -> None:
     text = prerm.read_text()
     assert "#DEBHELPER#" in text
     assert text.index("#DEBHELPER#") < text.index("rules flush")  # after the service stopped
+    # ... and after py3clean: byte-code written now would keep /usr/lib/tproxy after a purge.
+    assert "python3 -I -B /usr/bin/tproxy rules flush" in text
     subprocess.run(["sh", "-n", str(prerm)], check=True)
     assert prerm.stat().st_mode & 0o111
 
