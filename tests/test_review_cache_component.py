@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.inproc import Records
 from tproxy import config, http1
-from tproxy.accesslog import AccessRecord
 from tproxy.cache import policy
 from tproxy.cache.component import Cache
 from tproxy.cache.store import CacheConfig, CorruptObjectError
@@ -25,16 +25,6 @@ from tproxy.httpconn import ClientConnection, Exchange
 from tproxy.server import Server
 
 WAIT = 5.0
-
-
-class Records:
-    enabled = True
-
-    def __init__(self) -> None:
-        self.records: list[AccessRecord] = []
-
-    def write(self, record: AccessRecord) -> None:
-        self.records.append(record)
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from tests.inproc import Records
 from tproxy import config
-from tproxy.accesslog import AccessRecord
 from tproxy.http1 import MAX_RESPONSE_HEADER_COUNT
 from tproxy.httpconn import LINGER_IDLE, ClientConnection
 from tproxy.server import Server
@@ -31,18 +31,6 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 SWEEP = 0.05
 
 Handler = Callable[["OriginConn"], Awaitable[None]]
-
-
-class Records:
-    """An access log that keeps its records (the Server only needs ``enabled`` and ``write``)."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.records: list[AccessRecord] = []
-
-    def write(self, record: AccessRecord) -> None:
-        self.records.append(record)
 
 
 @dataclass
