@@ -205,6 +205,35 @@ def test_a_304_with_the_stored_etag_is_still_served_from_the_store(tmp_path: Pat
     run(main())
 
 
+def test_a_full_answer_to_a_revalidation_that_cannot_be_stored_drops_the_stale_copy(
+    tmp_path: Path,
+) -> None:
+    """RFC 9111 §4.3.3: a full response to a conditional request means no stored response
+    nominated in it is suitable. When that response may not be stored (here `no-store`), the
+    stale copy was kept and every later request revalidated it again; now it is dropped."""
+
+    async def handler(origin: Origin, head: bytes, w: asyncio.StreamWriter) -> None:
+        if len(origin.requests) == 1:
+            w.write(respond("200 OK", b"old body", 'ETag: "a"', "Cache-Control: max-age=0"))
+        else:
+            w.write(respond("200 OK", b"new body", 'ETag: "b"', "Cache-Control: no-store"))
+
+    async def main() -> None:
+        async with rig(handler, tmp_path) as r:
+            reader, writer = await r.client()
+            writer.write(r.get("/doc"))
+            assert (await read_response(reader))[2] == b"old body"
+            writer.write(r.get("/doc"))
+            assert (await read_response(reader))[::2] == (200, b"new body")
+            assert b"if-none-match" in r.origin.requests[1].lower()  # it was a revalidation
+            writer.write(r.get("/doc"))
+            assert (await read_response(reader))[::2] == (200, b"new body")
+            # Nothing stored any more, so nothing to revalidate: a plain request.
+            assert b"if-none-match" not in r.origin.requests[2].lower()
+
+    run(main())
+
+
 # -- collapsed forwarding and an object too large to store ---------------------------------
 
 

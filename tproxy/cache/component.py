@@ -554,6 +554,11 @@ class Cache:
         ok, reason = policy.storable(method, lookup.client_headers, resp.status, resp.headers)
         if not ok:
             log.debug("not storing %s: %s", lookup.url, reason)
+            if stale is not None and resp.status < 500:
+                # RFC 9111 §4.3.3: a full response to our conditional request says the stored
+                # one is not suitable; kept, it would only be revalidated again and again. A
+                # 5xx says nothing about it (it may still serve under stale-if-error).
+                self.store.delete_object(_oid(stale))
             self.resolve(lookup)
             return False
         entry = policy.make_entry(
