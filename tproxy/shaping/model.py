@@ -73,6 +73,8 @@ UNSHAPED_MARK = UNSHAPED_NUMBER << MARK_SHIFT
 UNSHAPED_CLASSID = QDISC_HANDLE
 DEFAULT_FAIR_SLOTS = 16
 MAX_FAIR_SLOTS = 255  # slot s uses leaf minor low byte s+1, which must fit in 8 bits
+# An IPv6 client is its /64 (8 bytes) in a fair class, as in tproxy.limits (RFC 7421).
+FAIR_IPV6_PREFIX_BYTES = 8
 
 # HTB's tree depth limit is TC_HTB_MAXDEPTH = 8 levels (include/uapi/linux/pkt_sched.h).
 # The root class and a fair class's slot leaves take two of them.
@@ -173,6 +175,18 @@ def _parse_class(r: Reader) -> ShapingClass | None:
     cap = r.rate("per_connection_cap", 1) if r.has("per_connection_cap") else None
     if r.has("fair_slots") and not fair:
         r.error("fair_slots", "only meaningful with per_client_fair = true")
+    if cap is not None and cap < MIN_RATE:
+        # SO_MAX_PACING_RATE takes bytes/s: a few bits a second stalls the connection.
+        r.error("per_connection_cap", f"must be at least {format_rate(MIN_RATE)}")
+    if fair and rate >= MIN_RATE and rate // slots < MIN_RATE:
+        # Each slot leaf gets at least MIN_RATE (fair_leaf_rate): more slots than the class
+        # rate can give that would guarantee more than the class has, which HTB accepts and
+        # silently under-delivers.
+        r.error(
+            "fair_slots",
+            f"{slots} slots of {format_rate(rate)} are below {format_rate(MIN_RATE)} each;"
+            f" use at most {rate // MIN_RATE} slots or a higher rate",
+        )
     cls = ShapingClass(
         name=name,
         rate=rate,
@@ -353,6 +367,10 @@ def parse_shaping(r: Reader) -> ShapingConfig:
     enabled = r.boolean("enabled", d.enabled)
     lan_rate = r.rate("lan_interface_rate", d.lan_interface_rate)
     wan_rate = r.rate("wan_interface_rate", d.wan_interface_rate)
+    # The root class carries the link rate; HTB's rate tables lose precision below MIN_RATE.
+    for key, value in (("lan_interface_rate", lan_rate), ("wan_interface_rate", wan_rate)):
+        if 0 < value < MIN_RATE:
+            r.error(key, f"must be at least {format_rate(MIN_RATE)}")
     wan_ifaces = tuple(r.str_list("wan_interfaces"))
     for index, name in enumerate(wan_ifaces):
         if not IFACE_NAME_RE.match(name):
@@ -481,15 +499,24 @@ def class_minor(number: int, slot: int | None = None) -> int:
 
 
 def client_slot(client: str, slots: int) -> int:
-    """Stable slot of a client address in a fair class: CRC-32 of the packed address.
+    """Stable slot of a client in a fair class: CRC-32 of the packed address (IPv4) or of its
+    /64 prefix (IPv6).
 
     Stable across processes and restarts (unlike ``hash()``), so the daemon and the NFQUEUE
-    handler agree without sharing state.
+    handler agree without sharing state. An IPv4-mapped address (a dual-stack socket's view,
+    RFC 4291 §2.5.5.2) is the IPv4 client, so both see the same slot. An IPv6 host owns its
+    whole /64 (RFC 7421) and picks a new temporary address at will (RFC 8981): hashed per
+    address, one host would spread its connections over many slots and take many shares.
     """
     try:
-        packed = ipaddress.ip_address(client).packed
+        addr = ipaddress.ip_address(client.split("%", 1)[0])
     except ValueError:
-        packed = client.encode()
+        return zlib.crc32(client.encode()) % slots
+    if isinstance(addr, ipaddress.IPv6Address):
+        mapped = addr.ipv4_mapped
+        packed = mapped.packed if mapped is not None else addr.packed[:FAIR_IPV6_PREFIX_BYTES]
+    else:
+        packed = addr.packed
     return zlib.crc32(packed) % slots
 
 

@@ -1,0 +1,152 @@
+"""Review of the [shaping] section and the pure plan, as an admin replacing Squid delay pools.
+
+Each case is a config an operator could plausibly write; the answer must be one clear error
+naming the key, or a plan that does what the config says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tproxy import config
+from tproxy.config import ConfigError, ConfigErrors
+from tproxy.shaping.model import (
+    MAX_CLASSES,
+    MIN_RATE,
+    FlowFacts,
+    ShapingConfig,
+    build_plan,
+    client_slot,
+    mark_for,
+    select_class,
+)
+
+BASE: dict[str, Any] = {"enabled": True, "lan_interface_rate": "10mbit"}
+
+
+def parse(table: dict[str, Any]) -> ShapingConfig:
+    config.load(None)  # registers the feature sections
+    result: ShapingConfig = config.parse({"shaping": table}).sections["shaping"]
+    return result
+
+
+def error_of(table: dict[str, Any]) -> str:
+    with pytest.raises((ConfigError, ConfigErrors)) as info:
+        parse(table)
+    return str(info.value)
+
+
+# -- what was already right (kept as regression tests) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ({"class": [{"name": "a", "rate": "20mbit"}]}, "class[0].rate", "exceeds"),
+        ({"class": [{"name": "a", "rate": "2mbit", "ceil": "20mbit"}]}, "class[0].ceil", "exceeds"),
+        ({"class": [{"name": "a", "rate": "2mbit", "ceil": "1mbit"}]}, "class[0].ceil", "below"),
+        ({"class": [{"name": "a", "rate": "0mbit"}]}, "class[0].rate", "positive"),
+        ({"class": [{"name": "a", "rate": -5}]}, "class[0].rate", "positive"),
+        ({"class": [{"name": "a", "rate": "1mbit", "ceil": 0}]}, "class[0].ceil", "positive"),
+        ({"lan_interface_rate": 0}, "lan_interface_rate", "positive"),
+        (
+            {"class": [{"name": "a", "rate": "6mbit"}, {"name": "b", "rate": "6mbit"}]},
+            "lan_interface_rate",
+            "sum to 12mbit",
+        ),
+        (
+            {"class": [{"name": "a", "rate": "1mbit"}, {"name": "a", "rate": "1mbit"}]},
+            "class[1].name",
+            "duplicate",
+        ),
+        (
+            {"class": [{"name": "a", "rate": "1mbit"}], "select": [{"class": "zz"}]},
+            "select[0].class",
+            "no class named 'zz'",
+        ),
+        (
+            {"class": [{"name": "a", "rate": "1mbit"}], "default_class": "zz"},
+            "default_class",
+            "no class named 'zz'",
+        ),
+        ({"default_class": "zz"}, "default_class", "no class named"),
+        (
+            {
+                "lan_interface_rate": "10gbit",
+                "class": [{"name": f"c{i}", "rate": "10kbit"} for i in range(MAX_CLASSES + 1)],
+            },
+            "shaping.class",
+            f"at most {MAX_CLASSES}",
+        ),
+    ],
+)
+def test_operator_mistakes_are_one_error_naming_the_key(
+    extra: dict[str, Any], key: str, words: str
+) -> None:
+    text = error_of({**BASE, **extra})
+    assert key in text and words in text
+
+
+def test_the_largest_class_count_builds_distinct_marks_and_classids() -> None:
+    classes = [{"name": f"c{i}", "rate": "10kbit"} for i in range(MAX_CLASSES)]
+    cfg = parse({**BASE, "lan_interface_rate": "10gbit", "class": classes})
+    plan = build_plan(cfg, ["lan0"])
+    ids = [rec.classid for rec in plan.interfaces[0].classes]
+    marks = {mark_for(plan, f"c{i}") for i in range(MAX_CLASSES)}
+    assert len(ids) == len(set(ids)) == MAX_CLASSES + 1  # + the root
+    assert len(marks) == MAX_CLASSES and mark_for(plan, None) not in marks
+
+
+def test_ipv6_group_cidrs_select_classes() -> None:
+    import ipaddress
+
+    from tproxy.shaping.component import Clients
+
+    clients = Clients(groups=(("kids", (ipaddress.ip_network("2001:db8:1::/48"),)),))
+    assert clients.groups_of("2001:db8:1:2::99") == {"kids"}
+    assert clients.groups_of("2001:db8:2::1") == {"default"}
+    assert clients.groups_of("fe80::1%eth0") == {"default"}
+
+
+# -- defects found --------------------------------------------------------------------------------
+
+
+def test_fair_slot_is_the_same_for_a_mapped_and_a_plain_ipv4_client() -> None:
+    # The daemon on a dual-stack socket sees ::ffff:a.b.c.d, the NFQUEUE handler a.b.c.d: the
+    # same client must land in the same leaf for HTTP and HTTPS.
+    for last in range(1, 40):
+        assert client_slot(f"::ffff:10.0.0.{last}", 16) == client_slot(f"10.0.0.{last}", 16)
+
+
+def test_fair_slot_groups_an_ipv6_host_by_its_slash_64() -> None:
+    # RFC 8981 temporary addresses: one host, many addresses, one share.
+    slots = {client_slot(f"2001:db8:0:7::{i:x}", 16) for i in range(1, 200)}
+    assert len(slots) == 1
+    others = {client_slot(f"2001:db8:0:{n:x}::1", 16) for n in range(1, 200)}
+    assert len(others) > 8  # different /64s still spread over the slots
+
+
+def test_per_connection_cap_below_the_minimum_rate_is_refused() -> None:
+    # 1bit would pace at 1 byte/s: a connection that never finishes, not a cap.
+    text = error_of({**BASE, "class": [{"name": "a", "rate": "1mbit", "per_connection_cap": 8}]})
+    assert "class[0].per_connection_cap" in text and "at least" in text
+
+
+def test_link_rate_below_the_minimum_rate_is_refused() -> None:
+    text = error_of({**BASE, "lan_interface_rate": "1kbit"})
+    assert "lan_interface_rate" in text and "at least" in text
+
+
+def test_fair_slots_that_cannot_each_get_the_minimum_rate_are_refused() -> None:
+    # 1mbit over 255 slots is 3.9kbit a slot; HTB would get 255 x 8kbit = 2mbit of guarantees
+    # under a 1mbit parent and silently over-commit it.
+    table = {"name": "a", "rate": "1mbit", "per_client_fair": True, "fair_slots": 255}
+    text = error_of({**BASE, "class": [table]})
+    assert "class[0].fair_slots" in text and str(MIN_RATE // 1000) in text
+
+
+def test_selector_without_criteria_catches_everything_like_a_default() -> None:
+    cfg = parse({**BASE, "class": [{"name": "a", "rate": "1mbit"}], "select": [{"class": "a"}]})
+    assert select_class(cfg, FlowFacts(host="x.org", cache="miss")) == "a"
