@@ -31,6 +31,12 @@ leniency, never a refusal of an innocent client). Entries with open connections 
 evicted; since each holds at least one of the ``max_connections`` connections, the table can
 only be full of them if ``max_clients < max_connections``, which the config rejects.
 
+Exemptions (``exempt``, CIDRs): clients inside them pass every per-client limit, as hosts a
+Squid admin lists in an ACL before ``maxconn``/delay pools (the office server, a monitoring
+box, a NATed lab behind one address). They still count toward the daemon ceiling, which
+protects the daemon, not fairness. An IPv6 entry must cover whole ``/ipv6_prefix`` groups:
+limits count per group, so one address inside a group cannot be exempt alone.
+
 Logging: :meth:`Limiter.should_log` says yes once per client, per kind of refusal, per
 ``log_interval``, so a flood produces one log line per interval and not one per connection.
 
@@ -49,7 +55,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from tproxy.config import Reader, register_section
+from tproxy.config import IPNetwork, Reader, register_section
 
 __all__ = [
     "DEFAULT_IPV6_PREFIX",
@@ -63,6 +69,7 @@ __all__ = [
     "Refusal",
     "TokenBucket",
     "client_key",
+    "is_exempt",
     "parse_limits",
 ]
 
@@ -112,6 +119,8 @@ class LimitsConfig:
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
     log_interval: float = DEFAULT_LOG_INTERVAL
     max_clients: int = DEFAULT_MAX_CLIENTS
+    # Clients not held to the per-client limits (the ceiling still counts them).
+    exempt: tuple[IPNetwork, ...] = ()
 
 
 def parse_limits(r: Reader) -> LimitsConfig:
@@ -133,7 +142,15 @@ def parse_limits(r: Reader) -> LimitsConfig:
         ipv6_prefix=r.integer("ipv6_prefix", d.ipv6_prefix, 1, 128),
         log_interval=r.duration("log_interval", d.log_interval),
         max_clients=r.integer("max_clients", d.max_clients, 1),
+        exempt=r.networks("exempt"),
     )
+    for index, net in enumerate(cfg.exempt):
+        if net.version == 6 and net.prefixlen > cfg.ipv6_prefix:
+            r.error(
+                f"exempt[{index}]",
+                f"{net} is narrower than the /{cfg.ipv6_prefix} IPv6 clients are counted by"
+                f" (ipv6_prefix): exempt the whole /{cfg.ipv6_prefix} or raise ipv6_prefix",
+            )
     if cfg.max_clients < cfg.max_connections:
         # Every client with an open connection must fit in the table (see module docstring).
         r.error(
@@ -267,12 +284,33 @@ _REFUSALS = {
 
 
 class _Client:
-    __slots__ = ("conns", "new", "requests")
+    __slots__ = ("conns", "exempt", "new", "requests")
 
-    def __init__(self, new: TokenBucket | None, requests: TokenBucket | None) -> None:
+    def __init__(
+        self, new: TokenBucket | None, requests: TokenBucket | None, exempt: bool = False
+    ) -> None:
         self.conns = 0
         self.new = new
         self.requests = requests
+        self.exempt = exempt
+
+
+def _key_network(key: str) -> IPNetwork | None:
+    """The addresses a client key stands for: ``10.0.0.5``, ``2001:db8::/64`` (or None)."""
+    try:
+        return ipaddress.ip_network(key)
+    except ValueError:
+        return None  # not an address (a test or an odd transport)
+
+
+def is_exempt(key: str, exempt: tuple[IPNetwork, ...]) -> bool:
+    """Whether every address of the client ``key`` lies inside one of the ``exempt`` CIDRs."""
+    if not exempt:
+        return False
+    net = _key_network(key)
+    if net is None:
+        return False
+    return any(net.version == e.version and net.subnet_of(e) for e in exempt)  # type: ignore[arg-type]
 
 
 class Limiter:
@@ -320,10 +358,13 @@ class Limiter:
         next request on a surplus connection is refused with 503 (see :meth:`on_request`).
         """
         self._apply(cfg)
-        for client in self._clients.values():
-            client.new = self._rebucket(client.new, self._new_rate, cfg.per_client_new_burst, now)
+        for key, client in self._clients.items():
+            client.exempt = is_exempt(key, cfg.exempt)
+            new_rate = 0.0 if client.exempt else self._new_rate
+            req_rate = 0.0 if client.exempt else self._req_rate
+            client.new = self._rebucket(client.new, new_rate, cfg.per_client_new_burst, now)
             client.requests = self._rebucket(
-                client.requests, self._req_rate, cfg.per_client_requests_burst, now
+                client.requests, req_rate, cfg.per_client_requests_burst, now
             )
 
     @staticmethod
@@ -354,7 +395,7 @@ class Limiter:
         if client is None:
             client = self._new_client(key, now)
         else:
-            if self._per_client and client.conns >= self._per_client:
+            if self._per_client and client.conns >= self._per_client and not client.exempt:
                 return self._refuse(Kind.CONNECTIONS, RETRY_AFTER_BUSY)
             bucket = client.new
             if bucket is not None:
@@ -471,13 +512,14 @@ class Limiter:
             del self._clients[old]
             self.evicted += 1
         cfg = self.cfg
-        new = TokenBucket(self._new_rate, cfg.per_client_new_burst, now) if self._new_rate else None
-        req = (
-            TokenBucket(self._req_rate, cfg.per_client_requests_burst, now)
-            if self._req_rate
-            else None
-        )
-        client = _Client(new, req)
+        # Decided once per entry (an address parse), not per call: exempt clients simply have
+        # no buckets and skip the concurrency test.
+        exempt = is_exempt(key, cfg.exempt)
+        new_rate = 0.0 if exempt else self._new_rate
+        req_rate = 0.0 if exempt else self._req_rate
+        new = TokenBucket(new_rate, cfg.per_client_new_burst, now) if new_rate else None
+        req = TokenBucket(req_rate, cfg.per_client_requests_burst, now) if req_rate else None
+        client = _Client(new, req, exempt)
         if new is not None:
             new.take(now)  # this connection's token; a fresh bucket always has one
         self._clients[key] = client
