@@ -104,7 +104,7 @@ def test_full_section() -> None:
     rule, catch_all = cfg.rules
     assert rule.key == "filter.rule[0]" and catch_all.key == "filter.rule[1]"
     assert rule.domains == ("games.example", "=exact.example", "xn--bcher-kva.example")
-    assert rule.url_prefix == ("http://example.com/Ads/", "http://x.example")
+    assert rule.url_prefix == ("http://example.com/Ads/", "http://x.example/")
     assert rule.methods == ("POST", "PUT")
     assert rule.mime == ("video/*", "application/x-msdownload")
     assert rule.extensions == (".exe", ".msi")

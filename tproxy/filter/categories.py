@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tproxy.filter.domains import DomainIndex, normalize_domain
+from tproxy.filter.urlnorm import normalize_target
 
 DOMAINS_FILE = "domains"
 URLS_FILE = "urls"
@@ -128,8 +129,11 @@ def parse_urls(
         if not path.isascii() or not path.isprintable():
             warn.add(file, number, f"invalid characters in the path: {line[:80]!r}")
             continue
-        # Paths are compared lower-cased, as squidGuard does: lists are written for any case.
-        into.setdefault(strip_www(result[0]), []).append((path.lower(), category))
+        # Paths are compared lower-cased, as squidGuard does: lists are written for any case;
+        # and in the form requests are matched in (urlnorm: escapes, dot segments). An entry
+        # for a whole site ("host" or "host/") keeps an empty path: it matches every path.
+        norm = normalize_target(path).lower() if path not in ("", "/") else ""
+        into.setdefault(strip_www(result[0]), []).append((norm, category))
         count += 1
     return count
 

@@ -47,6 +47,8 @@ import re2
 
 from tproxy.config import DEFAULTS_PATH, ConfigError, IPNetwork, Reader, register_section
 from tproxy.filter.domains import normalize_domain
+from tproxy.filter.urlnorm import normalize_target
+from tproxy.uri import split_authority
 
 Action = Literal["allow", "deny"]
 ACTIONS: tuple[Action, ...] = ("allow", "deny")
@@ -421,7 +423,11 @@ def _parse_rule(
 
 
 def normalize_url_prefix(entry: str) -> str | None:
-    """``http://Host/path`` with scheme and host lower-cased; a bare ``host/path`` gets http://.
+    """``http://host/path`` in the form requests are matched in; a bare ``host/path`` gets
+    http://. The host is normalised like a request's (case, trailing dot, default port, IDN)
+    and the path like a request target (:mod:`tproxy.filter.urlnorm`: escapes, dot segments),
+    so ``Example.com/%41ds/`` and a request for ``/Ads/`` meet. An entry without a path gets
+    ``/``: ``http://a.example`` must not match ``http://a.example.evil/``.
 
     Prefixes are compared with the absolute request URL (RFC 9112 §3.2.2 absolute-form),
     which only exists for plain HTTP here: HTTPS is never decrypted.
@@ -435,10 +441,19 @@ def normalize_url_prefix(entry: str) -> str | None:
     elif "://" in text:
         return None
     slash = text.find("/")
-    host, path = (text, "") if slash < 0 else (text[:slash], text[slash:])
+    host, path = (text, "/") if slash < 0 else (text[:slash], text[slash:])
     if not host:
         return None
-    return "http://" + host.lower() + path
+    name, port = split_authority(host)
+    if not name:
+        return None
+    if not name.startswith("["):
+        result = normalize_domain(name)
+        if isinstance(result, str):
+            return None
+        name = result[0]
+    authority = f"{name}:{port}" if port else name
+    return "http://" + authority + normalize_target(path)
 
 
 def parse_filter(r: Reader) -> FilterConfig:

@@ -47,8 +47,9 @@ from tproxy.filter.model import (
     WindowConfig,
     compile_re2,
 )
+from tproxy.filter.urlnorm import match_host, match_parts
+from tproxy.filter.urlnorm import match_url as match_url
 from tproxy.uri import media_type as media_type
-from tproxy.uri import normalize_host
 from tproxy.uri import split_url as split_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -405,8 +406,9 @@ class Policy:
 
     def request_verdict(self, info: RequestInfo, trace: Trace | None = None) -> Verdict:
         group = self.select_group(info.client_ip, info.client_mac)
-        url, url_host, path = split_url(info.url)
-        host = normalize_host(info.host) if info.host else url_host
+        # Rules see one spelling of the URL (percent-escapes, dot segments: see urlnorm).
+        url, url_host, path = match_parts(info.url)
+        host = match_host(info.host) if info.host else url_host
         req = _Req(self.categories, host, url, path, info.method, info.user_agent)
         return self._decide(group, group.rules, req, None, info.now, trace)
 
@@ -422,8 +424,8 @@ class Policy:
         """The verdict with the response head known (``status`` is informational: a 304 or
         a 1xx carries no body, so MIME/size rules do not apply to it)."""
         group = self.select_group(info.client_ip, info.client_mac)
-        full, url_host, path = split_url(url if url is not None else info.url)
-        host = normalize_host(info.host) if info.host else url_host
+        full, url_host, path = match_parts(url if url is not None else info.url)
+        host = match_host(info.host) if info.host else url_host
         req = _Req(self.categories, host, full, path, info.method, info.user_agent)
         no_body = status < 200 or status in (204, 304) or info.method.upper() == "HEAD"
         # No body (RFC 9110 §6.4.1: 1xx, 204, 304, and any response to HEAD): nothing for
@@ -449,7 +451,7 @@ class Policy:
         if not self.https:
             return Verdict("allow", group.name, "filter.https", "HTTPS filtering is off")
         if sni:
-            host = normalize_host(sni)
+            host = match_host(sni)
             req = _Req(self.categories, host, None, None, None, None)
             verdict = self._decide(group, group.sni_rules, req, None, now, trace)
             if not ech or verdict.action == "deny" or verdict.rule.startswith("filter.rule["):
