@@ -265,6 +265,33 @@ def apply_plan(plan: ShapingPlan, netns: str | None = None) -> list[str]:
     return actions
 
 
+def repair_plan(plan: ShapingPlan, netns: str | None = None) -> tuple[list[str], list[str]]:
+    """Put our tree back on every interface of ``plan`` that lost it while the daemon ran.
+
+    A LAN interface that is deleted and created again (a bridge rebuilt by ifupdown, a VLAN
+    or a USB NIC re-plugged, a VPN tun restarted) comes back with the kernel's default qdisc:
+    without this, its traffic would run unshaped until the next restart, silently. Interfaces
+    that still carry our qdisc are not touched (not even diffed: this runs periodically).
+    Returns (actions, problems): one line per interface that could not be repaired (absent,
+    or an operator's own qdisc now sits there, which we never replace).
+    """
+    actions: list[str] = []
+    problems: list[str] = []
+    with _ipr(netns) as ipr:
+        for ip in plan.interfaces:
+            index = _index(ipr, ip.iface)
+            if index is None:
+                problems.append(f"interface {ip.iface} not found")
+                continue
+            if _is_ours(_root_qdisc(ipr, index)):
+                continue
+            try:
+                actions += _sync_interface(ipr, ip)
+            except ShapingError as exc:
+                problems.append(str(exc))
+    return actions, problems
+
+
 def _remove(ipr: Any, iface: str) -> bool:
     index = _index(ipr, iface)
     if index is None:

@@ -48,6 +48,7 @@ from tproxy import http1
 from tproxy.config import Config, ConfigError
 from tproxy.netfilter import ClassifyRule
 from tproxy.shaping.model import (
+    UNSHAPED_CLASSID,
     UNSHAPED_MARK,
     ClassCounters,
     FlowFacts,
@@ -217,6 +218,8 @@ class ShapingComponent:
             weakref.WeakKeyDictionary()
         )
         self._task: asyncio.Task[None] | None = None
+        # What check_kernel last found it could not repair (logged once per change).
+        self._repair_problems: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -352,20 +355,52 @@ class ShapingComponent:
             log.info("shaping: %d tc changes on %s", len(actions), _names(new, old))
 
     async def _counter_loop(self) -> None:
-        from tproxy.shaping.apply import ShapingError, read_counters
-
         while True:
-            ifaces = [ip.iface for ip in self.plan.interfaces]
-            if ifaces and self.applied:
-                try:
-                    sample = await asyncio.to_thread(read_counters, ifaces)
-                except ShapingError as exc:
-                    log.debug("shaping: reading counters failed: %s", exc)
-                else:
-                    now = time.monotonic()
-                    self.counters = with_rates(self.counters, sample, now - self.counters_at)
-                    self.counters_at = now
+            await self.check_kernel()
             await asyncio.sleep(COUNTER_INTERVAL)
+
+    async def check_kernel(self) -> None:
+        """Read the class counters; put the tree back on interfaces that lost it.
+
+        An interface deleted and created again (bridge rebuilt, VLAN or USB NIC re-plugged)
+        comes back with the kernel's default qdisc: its traffic would pass unshaped until a
+        restart, silently. Noticed here within :data:`COUNTER_INTERVAL`, it is repaired (an
+        operator's own qdisc found there is reported, never replaced).
+        """
+        from tproxy.shaping.apply import ShapingError, read_counters, repair_plan
+
+        ifaces = [ip.iface for ip in self.plan.interfaces]
+        if not ifaces or not self.applied:
+            return
+        try:
+            sample = await asyncio.to_thread(read_counters, ifaces)
+        except ShapingError as exc:
+            log.debug("shaping: reading counters failed: %s", exc)
+            return
+        now = time.monotonic()
+        self.counters = with_rates(self.counters, sample, now - self.counters_at)
+        self.counters_at = now
+        if all((i, UNSHAPED_CLASSID) in sample for i in ifaces):
+            if self._repair_problems:
+                log.info("shaping: every interface carries its classes again")
+                self._repair_problems = ()
+                self.error = None
+            return
+        try:
+            actions, problems = await asyncio.to_thread(repair_plan, self.plan)
+        except ShapingError as exc:
+            actions, problems = [], [str(exc)]
+        if actions:
+            log.warning(
+                "shaping: re-applied the classes on %s (the interface lost its qdisc)",
+                ", ".join(dict.fromkeys(a.split(":", 1)[0] for a in actions)),
+            )
+        if tuple(problems) != self._repair_problems:
+            # Once per change of state, not every COUNTER_INTERVAL.
+            for problem in problems:
+                log.warning("shaping: not shaping: %s", problem)
+            self._repair_problems = tuple(problems)
+        self.error = "; ".join(problems) or None
 
     # -- hooks --------------------------------------------------------------------------------
 
