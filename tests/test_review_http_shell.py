@@ -781,5 +781,8 @@ def test_a_response_without_date_gets_one_and_a_dated_one_keeps_its_own() -> Non
             status, head, _ = await r.response()
             dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
             assert dates == [b"DATE: " + origin_date], head
+            r.send(b"GET /bad HTTP/1.1\r\nHost: origin.test\r\nContent-Length: x\r\n\r\n")
+            status, head, _ = await r.response()  # our own answer (400) is dated too
+            assert status == 400 and head.count(b"\r\nDate: ") == 1, head
 
     run(main())

@@ -142,6 +142,7 @@ def error_response(
     ).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
+        f"Date: {http_date().decode()}\r\n"  # RFC 9110 §6.6.1: we are the origin of this one
         f"Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"Cache-Control: no-store\r\n"
