@@ -60,6 +60,7 @@ from tproxy.tls import (
     ClientHelloInfo,
     TcpSegment,
     parse_ip_tcp,
+    sni_from_prefix,
 )
 
 log = logging.getLogger("tproxy.nfqueue")
@@ -74,6 +75,8 @@ FLOW_TTL = 10.0
 # queues 8 packets per flow (SYN and ACK included), so decide by the 6th data segment at the
 # latest — a flow that leaves the queue undecided would bypass the filter.
 MAX_HELLO_SEGMENTS = 6
+# A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
+MIN_FORWARD_TTL = 1
 # Kernel queue length (packets awaiting a verdict). With fail-open, packets beyond it pass
 # unfiltered, so it must absorb bursts of new flows: 8 packets × 512 flows arriving at once.
 QUEUE_MAX_LEN = 4096
@@ -143,6 +146,7 @@ class InspectorStats:
     accepted: int = 0
     reset: int = 0
     no_sni: int = 0
+    decoys: int = 0
     flows_evicted: int = 0
     errors: int = 0
 
@@ -191,6 +195,12 @@ class FlowInspector:
                 return Outcome(Action.PASS, segment=seg)
         if not seg.payload:
             return Outcome(Action.PASS, segment=seg)
+        if seg.ttl <= MIN_FORWARD_TTL:
+            # A decoy: this router drops a forwarded packet whose TTL/hop limit would reach 0
+            # (RFC 1812 §5.3.1, RFC 8200 §3), so the server never sees these bytes; evasion
+            # tools send a harmless ClientHello this way before the real one. Not ours to judge.
+            self.stats.decoys += 1
+            return Outcome(Action.PASS, segment=seg)
         flow = self.flows.get(key)
         if flow is None:
             # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
@@ -202,12 +212,17 @@ class FlowInspector:
         if info.incomplete and flow.segments < MAX_HELLO_SEGMENTS:
             return Outcome(Action.PASS, segment=seg)
         del self.flows[key]
-        return self._verdict(seg, hw, info)
-
-    def _verdict(self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo) -> Outcome:
         sni = info.sni if info.complete else None
-        why = "" if sni else (info.reason or "no server_name extension")
         if info.incomplete:
+            # Out of queue budget: a name that has already arrived still decides.
+            sni = sni_from_prefix(flow.assembler.contiguous())
+        return self._verdict(seg, hw, info, sni)
+
+    def _verdict(
+        self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo, sni: str | None
+    ) -> Outcome:
+        why = "" if sni else (info.reason or "no server_name extension")
+        if info.incomplete and not sni:
             why = f"no complete ClientHello in {MAX_HELLO_SEGMENTS} segments"
         if sni is None:
             self.stats.no_sni += 1
@@ -499,6 +514,7 @@ class SniQueue:
             "accepted": s.accepted,
             "reset": s.reset,
             "no_sni": s.no_sni,
+            "decoys": s.decoys,
             "flows_pending": len(self.inspector.flows),
             "flows_evicted": s.flows_evicted,
             "errors": s.errors + q.verdict_errors,

@@ -251,6 +251,46 @@ def parse_client_hello(data: bytes) -> ClientHelloInfo:
         return _invalid(f"malformed: {exc}")
 
 
+def sni_from_prefix(data: bytes) -> str | None:
+    """The server name of a ClientHello of which only the first bytes are here, when its
+    server_name extension is among them (else None; never raises).
+
+    For a hello cut into more TCP segments than the kernel queues: evasion tools split hellos
+    into many small segments, and a name that has arrived must decide rather than the
+    no-name default. Records may be truncated; every extension before server_name must be
+    whole (we walk them by their lengths, RFC 8446 §4.2).
+    """
+    try:
+        joined = _handshake_bytes(data)
+        if isinstance(joined, ClientHelloInfo):
+            return None
+        message = joined[0]
+        if len(message) < HANDSHAKE_HEADER_LEN or message[0] != HANDSHAKE_CLIENT_HELLO:
+            return None
+        body = message[HANDSHAKE_HEADER_LEN:]
+        pos = 2 + 32
+        if pos + 1 > len(body):
+            return None
+        pos += 1 + body[pos]
+        if pos + 2 > len(body):
+            return None
+        pos += 2 + _U16.unpack_from(body, pos)[0]
+        if pos + 1 > len(body):
+            return None
+        pos += 1 + body[pos] + 2  # compression methods, extensions length
+        while pos + 4 <= len(body):
+            etype, elen = _U16.unpack_from(body, pos)[0], _U16.unpack_from(body, pos + 2)[0]
+            pos += 4
+            if pos + elen > len(body):
+                return None
+            if etype == EXT_SERVER_NAME:
+                return _parse_sni(body[pos : pos + elen])
+            pos += elen
+        return None
+    except (_Bad, IndexError, ValueError, struct.error):
+        return None
+
+
 # -- TCP reassembly ---------------------------------------------------------------------------
 
 SEQ_MOD = 1 << 32
@@ -384,16 +424,18 @@ class TcpSegment(NamedTuple):
     seq: int
     flags: int
     payload: bytes
+    # IPv4 TTL / IPv6 hop limit as received: a forwarded packet with 1 or less dies here.
+    ttl: int = 64
 
 
-def _tcp(packet: bytes, start: int, end: int, src: str, dst: str) -> TcpSegment | None:
+def _tcp(packet: bytes, start: int, end: int, src: str, dst: str, ttl: int) -> TcpSegment | None:
     if end - start < 20:
         return None
     sport, dport, seq, _ack, off, flags = _TCP.unpack_from(packet, start)
     doff = (off >> 4) * 4
     if doff < 20 or start + doff > end:
         return None
-    return TcpSegment(src, dst, sport, dport, seq, flags, packet[start + doff : end])
+    return TcpSegment(src, dst, sport, dport, seq, flags, packet[start + doff : end], ttl)
 
 
 def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
@@ -407,7 +449,7 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
         return None
     version = packet[0] >> 4
     if version == 4:
-        vihl, _tos, total, _ident, frag, _ttl, proto, _csum, s, d = _IPV4.unpack_from(packet)
+        vihl, _tos, total, _ident, frag, ttl, proto, _csum, s, d = _IPV4.unpack_from(packet)
         ihl = (vihl & 0x0F) * 4
         # RFC 791: the MF flag (0x2000) or a fragment offset means this is a fragment.
         if proto != PROTO_TCP or ihl < 20 or frag & 0x3FFF:
@@ -421,11 +463,12 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
             end,
             socket.inet_ntop(socket.AF_INET, s),
             socket.inet_ntop(socket.AF_INET, d),
+            ttl,
         )
     if version == 6:
         if n < 40:
             return None
-        _vtf, plen, nh, _hlim, s, d = _IPV6.unpack_from(packet)
+        _vtf, plen, nh, hlim, s, d = _IPV6.unpack_from(packet)
         end = min(n, 40 + plen)
         pos = 40
         for _ in range(MAX_V6_EXT_HEADERS):
@@ -436,6 +479,7 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
                     end,
                     socket.inet_ntop(socket.AF_INET6, s),
                     socket.inet_ntop(socket.AF_INET6, d),
+                    hlim,
                 )
             if pos + 8 > end:
                 return None

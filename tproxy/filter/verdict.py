@@ -19,9 +19,10 @@ Semantics (the operator's contract):
 * **SNI** — for HTTPS only the server name is visible (nothing is decrypted), so only rules
   whose matchers are all among ``domains``, ``categories`` (their ``domains`` lists; ``urls``
   need a path) and ``window`` are considered; rules with URL, method, User-Agent, MIME,
-  extension or size matchers are skipped. A flow without SNI — or with an encrypted
-  ClientHello (ECH), whose outer SNI is only the provider's public name — gets
-  ``sni_default`` unless the client's group can never deny anything by SNI.
+  extension or size matchers are skipped. A flow without SNI gets ``sni_default`` unless the
+  client's group can never deny anything by SNI. A ClientHello with an ECH extension is
+  decided by its outer name: browsers send GREASE ECH everywhere, so ECH alone says nothing;
+  real ECH is stopped by denying the providers' public names (``cloudflare-ech.com``).
 """
 
 from __future__ import annotations
@@ -451,17 +452,17 @@ class Policy:
         if not self.https:
             return Verdict("allow", group.name, "filter.https", "HTTPS filtering is off")
         if sni:
+            # ECH (0xfe0d) is decided by its outer name like any hello: Chrome sends a GREASE
+            # ECH extension in every ClientHello (draft-ietf-tls-esni §6.2), indistinguishable
+            # from a real one by design, so sending ECH flows to sni_default would put nearly
+            # all browsing under it. Real ECH names the provider's public name (e.g.
+            # cloudflare-ech.com): deny that name to stop hidden destinations.
             host = match_host(sni)
             req = _Req(self.categories, host, None, None, None, None)
-            verdict = self._decide(group, group.sni_rules, req, None, now, trace)
-            if not ech or verdict.action == "deny" or verdict.rule.startswith("filter.rule["):
-                return verdict
-            # ECH: the outer SNI only names the provider; unless a rule spoke about it, the
-            # real destination is unknown.
+            return self._decide(group, group.sni_rules, req, None, now, trace)
         if not group.sni_can_deny:
             return Verdict("allow", group.name, group.default_key, "group denies nothing by SNI")
-        what = "encrypted ClientHello (ECH)" if ech else "no SNI in ClientHello"
-        return Verdict(self.config.sni_default, group.name, "sni_default", what)
+        return Verdict(self.config.sni_default, group.name, "sni_default", "no SNI in ClientHello")
 
     # -- explanation ----------------------------------------------------------------------------
 
@@ -514,7 +515,10 @@ def explain_sni(
     group = policy.select_group(client_ip, client_mac)
     lines = [f"client {client_ip}: group {group.name}", f"TLS server name {sni or '(none)'}"]
     if ech:
-        lines.append("encrypted ClientHello (ECH): the server name is the provider's public name")
+        lines.append(
+            "ClientHello has an ECH extension (GREASE or real): decided by this outer name;"
+            " real ECH names only the provider's public name"
+        )
     lines.append(f"rules of group {group.name} that apply to SNI (domains, categories, window):")
     v = policy.sni_verdict(client_ip, sni, now, ech=ech, client_mac=client_mac, trace=lines.append)
     lines.append(f"verdict: {v.action.upper()} by {v.rule}: {v.reason}")
