@@ -32,6 +32,7 @@ URLS_FILE = "urls"
 MAX_WARNINGS = 1000
 # A category name is a directory name; keep it to something safe to print and to use in keys.
 MAX_CATEGORY_NAME = 64
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class ListWarning(NamedTuple):
@@ -71,7 +72,11 @@ def _entries(text: str) -> Iterable[tuple[int, str]]:
 
 def _decode(data: bytes) -> str:
     # Lists are ASCII in practice; a stray Latin-1 byte becomes a lone surrogate here, fails
-    # validation on its own line and is reported — the rest of the file still loads.
+    # validation on its own line and is reported — the rest of the file still loads. A UTF-8
+    # byte order mark (Windows editors write one) is not part of the first line: with it a
+    # leading "# comment" line was taken for a bad entry.
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM) :]
     return data.decode("utf-8", errors="surrogateescape")
 
 
@@ -198,6 +203,9 @@ class LoadResult(NamedTuple):
     warnings: list[ListWarning]
     # All warnings, including those past MAX_WARNINGS that were not kept.
     warnings_total: int
+    # Categories that could not be loaded at all ({name: why}): no directory, no list file,
+    # an unreadable file. A rule naming one would match nothing.
+    failed: dict[str, str] = {}  # noqa: RUF012 -- NamedTuple default, never mutated
 
 
 def load_categories(
@@ -210,6 +218,7 @@ def load_categories(
     """
     root = Path(directory)
     warn = _Warnings()
+    failed: dict[str, str] = {}
     if names is None:
         try:
             wanted = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -225,9 +234,11 @@ def load_categories(
         cdir = root / category
         if len(category) > MAX_CATEGORY_NAME or "/" in category or category in ("", ".", ".."):
             warn.add(str(cdir), 0, "not a usable category name")
+            failed[category] = "not a usable category name"
             continue
         if not cdir.is_dir():
             warn.add(str(cdir), 0, "no such category directory")
+            failed[category] = f"no such category directory {cdir}"
             continue
         counts = {DOMAINS_FILE: 0, URLS_FILE: 0}
         present = 0
@@ -239,6 +250,7 @@ def load_categories(
                 continue
             except OSError as exc:
                 warn.add(str(file), 0, f"cannot read: {exc.strerror or exc}")
+                failed[category] = f"cannot read {file}: {exc.strerror or exc}"
                 continue
             present += 1
             text = _decode(data)
@@ -248,7 +260,8 @@ def load_categories(
                 counts[kind] = parse_urls(text, str(file), url_map, category, warn)
         if not present:
             warn.add(str(cdir), 0, f"neither {DOMAINS_FILE!r} nor {URLS_FILE!r} file present")
+            failed.setdefault(category, f"neither {DOMAINS_FILE!r} nor {URLS_FILE!r} in {cdir}")
         stats.append(CategoryStats(category, counts[DOMAINS_FILE], counts[URLS_FILE]))
     urls = {host: tuple(entries) for host, entries in url_map.items()}
     result = Categories(DomainIndex(domain_map), urls, tuple(stats))
-    return LoadResult(result, warn.items, warn.total)
+    return LoadResult(result, warn.items, warn.total, failed)

@@ -145,6 +145,17 @@ def load_policy(cfg: FilterConfig) -> tuple[Policy, list[str]]:
     categories = Categories.empty()
     if cfg.used_categories:
         result = load_categories(cfg.categories_dir, cfg.used_categories)
+        if result.failed:
+            # Like a missing folder (load_files): a rule whose list cannot be read would match
+            # nothing, and a reload caught while a list updater replaces the files would open
+            # the filter up. Refused: the running policy and its lists stay.
+            raise ConfigErrors(
+                [
+                    ref.origin.error(f"category {ref.name!r}: {result.failed[ref.name]}")
+                    for ref in cfg.category_refs
+                    if ref.name in result.failed
+                ]
+            )
         categories = result.categories
         warnings += [f"category list {w}" for w in result.warnings]
         if result.warnings_total > len(result.warnings):
