@@ -487,6 +487,10 @@ class Policy:
             hours = ",".join(str(h) for h in w.hours)
             lines.append(f"window {w.name} ({days} {hours}): {state}")
         lines.append(f"request {info.method} {info.url} host={info.host}")
+        matched = match_url(info.url)
+        if matched != split_url(info.url)[0]:
+            # The client's spelling differs from the one rules see (escapes, dot segments).
+            lines.append(f"matched as {matched}")
         lines.append(f"rules of group {group.name}:")
         if response is None:
             v = self.request_verdict(info, trace=lines.append)
