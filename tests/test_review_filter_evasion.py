@@ -177,3 +177,18 @@ def test_url_prefix_without_path_stops_at_the_host() -> None:
     # Host case, trailing dot and the default port are spelling, not meaning.
     assert action(b"/Path/1", b"other.example", p=p) == "deny"
     assert action(b"/path/1", b"other.example", p=p) == "allow"  # paths keep their case
+
+
+def test_ip_literal_hosts_can_be_denied_with_a_regex() -> None:
+    # The filter cannot know which name an address serves (no DNS here); a school that wants
+    # "no browsing by address" says so with one url_regex, which sees the rebuilt URL.
+    p = make_policy(
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\n'
+        "url_regex = ['^http://(?:[0-9.]+|\\[[0-9a-f:.]+\\])(?::[0-9]+)?/']"
+    )
+    assert action(b"/", b"93.184.216.34", p=p) == "deny"
+    assert action(b"/", b"93.184.216.34:8080", p=p) == "deny"
+    assert action(b"/", b"[2001:DB8::1]", p=p) == "deny"
+    assert action(b"/", None, "192.0.2.9", p) == "deny"  # HTTP/1.0 without Host
+    assert action(b"http://10.1.2.3/x", b"school.example", p=p) == "deny"
+    assert action(b"/", b"school.example", p=p) == "allow"
