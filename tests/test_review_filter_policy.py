@@ -172,6 +172,7 @@ def test_block_response_head_and_keep_alive() -> None:
     assert lines[0] == b"HTTP/1.1 403 Forbidden"
     assert b"Content-Length: %d" % len(body) in lines
     assert b"Connection: keep-alive" in lines and b"Cache-Control: no-store" in lines
+    assert sum(line.startswith(b"Date: ") for line in lines) == 1  # RFC 9110 §6.6.1
     only = block_response(POLICY, v, XSS, head_only=True, keep=False)
     assert only.endswith(b"\r\n\r\n") and b"Connection: close" in only
     # HEAD: the same Content-Length as GET would get (RFC 9110 §9.3.2), and no body.

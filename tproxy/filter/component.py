@@ -37,6 +37,7 @@ from tproxy.config import Config, ConfigError, ConfigErrors
 from tproxy.filter.categories import Categories, load_categories
 from tproxy.filter.model import MAX_TEMPLATE_BYTES, FilterConfig, validate_template
 from tproxy.filter.verdict import Policy, RequestInfo, Verdict, render_block_page
+from tproxy.httpconn import http_date
 from tproxy.nfqueue import FlowDecision, SniClass, SniQueue
 from tproxy.uri import bracket
 
@@ -174,6 +175,7 @@ def block_response(
     # (ours included) so lifting the block takes effect at once.
     head = (
         "HTTP/1.1 403 Forbidden\r\n"
+        f"Date: {http_date().decode()}\r\n"  # RFC 9110 §6.6.1
         "Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"
