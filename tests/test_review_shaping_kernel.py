@@ -8,6 +8,7 @@ the way an operator would see it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -50,6 +51,8 @@ class Box:
         """qdiscs and classes without counters, sorted: equal dumps = equal kernel state."""
         lines = self.tc("qdisc", "show", "dev", iface).splitlines()
         lines += self.tc("class", "show", "dev", iface).splitlines()
+        # HTB prints a live counter in its qdisc line (a stray IPv6 neighbour packet moves it).
+        lines = [re.sub(r"direct_packets_stat \d+ ?", "", line) for line in lines]
         return "\n".join(sorted(line.strip() for line in lines if line.strip()))
 
     def add_pair(self, a: str, b: str) -> None:
