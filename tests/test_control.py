@@ -25,13 +25,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.inproc import hand_over
 from tests.lab import Lab
 from tests.proxy import Proxy
 from tproxy import config as config_mod
 from tproxy import control, metrics, status_cli
 from tproxy.config import ConfigError, ConfigErrors
 from tproxy.daemon import Daemon
-from tproxy.httpconn import ClientConnection
 from tproxy.server import Server
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -263,13 +263,8 @@ async def intercept(server: Server, origin: bool = True) -> tuple[Client, asynci
     has the original destination as its local address (getsockname), and that is where the
     proxy connects upstream. Without root: accept on a listener at the destination, close the
     listener, then (``origin``) start an origin on that very port (SO_REUSEADDR)."""
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        port = lst.getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        accepted, _ = lst.accept()  # the handshake is complete: no wait
-    accepted.setblocking(False)
-    await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
+    client, port = await hand_over(server)
+    reader, writer = await asyncio.open_connection(sock=client)
     srv = await asyncio.start_server(_serve_origin, "127.0.0.1", port) if origin else None
     return Client(reader, writer), srv
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from tests.inproc import Records
+from tests.inproc import Records, hand_over
 from tproxy import config
 from tproxy.http1 import MAX_RESPONSE_HEADER_COUNT
-from tproxy.httpconn import LINGER_IDLE, ClientConnection
+from tproxy.httpconn import LINGER_IDLE
 from tproxy.server import Server
 
 WAIT = 5.0
@@ -124,17 +124,11 @@ async def rig(handler: Handler, **proxy: Any) -> AsyncIterator[Rig]:
     cfg = config.with_overrides(config.load(None), **overrides)
     log = Records()
     server = Server(cfg, log)  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        port = lst.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
-        accepted, _ = lst.accept()
+    client, port = await hand_over(server)
     # A blocking copy for tests that play a simple synchronous client (Rig.sock).
     sock = client.dup()
     sock.settimeout(WAIT)
     reader, writer = await asyncio.open_connection(sock=client)
-    accepted.setblocking(False)
-    await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
     conns: list[OriginConn] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -158,7 +152,7 @@ async def rig(handler: Handler, **proxy: Any) -> AsyncIterator[Rig]:
             await asyncio.sleep(SWEEP)
             server.sweep(time.monotonic())
 
-    sweeper = loop.create_task(sweep(), name="test sweeper")
+    sweeper = asyncio.get_running_loop().create_task(sweep(), name="test sweeper")
     try:
         yield Rig(server, log, conns, reader, writer, port, sock)
     finally:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from typing import Any
 
-from tests.inproc import Records
+from tests.inproc import Records, hand_over
 from tproxy import config
-from tproxy.httpconn import ClientConnection
 from tproxy.limits import LimitsConfig
 from tproxy.server import Server
 
@@ -34,15 +32,9 @@ async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def exchange_statuses(server: Server, count: int) -> tuple[list[int], bytes]:
     """Send ``count`` requests on one keep-alive connection; the statuses until it closes."""
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        port = lst.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
-        accepted, _ = lst.accept()
-    accepted.setblocking(False)
+    client, port = await hand_over(server)
     up = await asyncio.start_server(origin, "127.0.0.1", port, reuse_address=True)
     reader, writer = await asyncio.open_connection(sock=client)
-    await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
     statuses: list[int] = []
     last = b""
     try:

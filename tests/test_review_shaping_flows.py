@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.inproc import Records
+from tests.inproc import Records, hand_over
 from tproxy import config
-from tproxy.httpconn import ClientConnection
 from tproxy.netutil import SO_MAX_PACING_RATE
 from tproxy.server import Server
 from tproxy.shaping.apply import PACING_UNLIMITED
@@ -90,15 +89,9 @@ def test_keep_alive_responses_each_get_their_own_class_and_cap() -> None:
         comp.applied = True  # the plan's CLASSIFY rules and qdisc are not needed for marks
         comp._sync_hooks()
         plan = comp.plan
-        loop = asyncio.get_running_loop()
-        with socket.create_server(("127.0.0.1", 0)) as lst:
-            port = lst.getsockname()[1]
-            client = socket.create_connection(("127.0.0.1", port))
-            accepted, _ = lst.accept()
-        accepted.setblocking(False)
+        client, port = await hand_over(server)
         up = await asyncio.start_server(origin, "127.0.0.1", port, reuse_address=True)
         reader, writer = await asyncio.open_connection(sock=client)
-        await loop.connect_accepted_socket(lambda: ClientConnection(server), accepted)
         seen: list[tuple[bytes, tuple[int, int]]] = []
         try:
             for path in (b"/page", b"/clip", b"/page", b"/iso", b"/clip"):
