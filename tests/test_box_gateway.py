@@ -316,6 +316,22 @@ def test_stop_removes_every_rule(gateway: box.Box) -> None:
 
 
 @pytest.mark.box
+def test_remove_stops_the_service_and_keeps_the_admins_config(gateway: box.Box) -> None:
+    b = gateway
+    b.systemctl("start", "tproxy.service")
+    _wait_active(b)
+    assert _tproxy_rules(b) != ""
+    # The admin's edit to the conffile must survive a remove (Debian policy §10.7.3).
+    b.sh("echo '# edited by the admin' >> /etc/tproxy/tproxy.toml")
+    b.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q tproxy", timeout=120)
+    assert b.systemctl("is-active", "tproxy.service", check=False).stdout.strip() != "active"
+    assert _tproxy_rules(b) == ""
+    assert b.curl("/").stdout == "200"  # routed again
+    assert "# edited by the admin" in b.sh("cat /etc/tproxy/tproxy.toml").stdout
+    assert b.sh("test -e /usr/bin/tproxy || echo gone").stdout.strip() == "gone"
+
+
+@pytest.mark.box
 def test_purge_removes_config_cache_and_logs(gateway: box.Box) -> None:
     b = gateway
     b.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tproxy", timeout=120)
