@@ -123,3 +123,48 @@ def test_keep_alive_responses_each_get_their_own_class_and_cap() -> None:
         assert UNSHAPED_MARK not in {s[1][0] for s in seen}
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_hit_waits_for_the_shaped_bytes_before_going_unshaped() -> None:
+    """SO_MARK is read when a packet is sent: switching the socket to the unshaped mark (a
+    cache hit) while bytes of a shaped response still wait would send those unshaped too."""
+
+    async def main() -> None:
+        config.load(None)
+        cfg = config.with_overrides(
+            config.parse({"shaping": SHAPING, "proxy": {"lan_interfaces": ["lo"]}}),
+            transparent_upstream=False,
+        )
+        server = Server(cfg, Records())  # type: ignore[arg-type]
+        comp = ShapingComponent(cfg)
+        comp.server = server
+        comp.applied = True
+        client, _port = await hand_over(server)
+        try:
+            await asyncio.sleep(0.05)
+            (conn,) = server.connections
+            sock = conn.transport.get_extra_info("socket")
+            name = "web"  # no per-connection cap: the transfer below is not paced
+            shaped = mark_for(comp.plan, name, conn.client_ip)
+            comp._mark_client(conn, shaped, name)
+            # The client does not read: the response fills both buffers and waits.
+            conn.transport.write(b"x" * (16 << 20))
+            comp._mark_client(conn, UNSHAPED_MARK, None)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == shaped
+            # Once everything is out, the hit goes unshaped.
+            client.setblocking(False)
+            got = 0
+            while got < 16 << 20:
+                try:
+                    got += len(client.recv(1 << 20))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            comp._mark_client(conn, UNSHAPED_MARK, None)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == UNSHAPED_MARK
+        finally:
+            client.close()
+            await server.drain(0.3)
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
