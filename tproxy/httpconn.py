@@ -16,6 +16,7 @@ that switch protocols (101, RFC 9110 §7.8) become opaque tunnels between the sa
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import logging
 import re
@@ -66,6 +67,12 @@ SNIFF_LIMIT = 64
 # A client that sends nothing this long may be speaking a server-first protocol (the origin
 # talks first): it gets an opaque tunnel instead of waiting for a request that never comes.
 SNIFF_TIMEOUT = 2.0
+# socket()/connect() failing for lack of the daemon's own resources (getrlimit(2) RLIMIT_NOFILE,
+# the system file table, kernel memory): the proxy is overloaded, the origin is not at fault.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Retry-After (RFC 9110 §10.2.3) of the 503 a request gets while the daemon is out of file
+# descriptors: by then connections have closed (each such 503 closes its own).
+RETRY_AFTER_RESOURCES = 1
 # Idle upstream connections kept per (destination, source) and in all.
 POOL_PER_KEY = 32
 POOL_TOTAL = 2048
@@ -487,6 +494,7 @@ class ClientConnection(_Side):
         self.pending_size = 0
         self.connecting: asyncio.Task[None] | None = None
         self.paused = False
+        self.write_paused = False  # between the transport's pause_writing and resume_writing
         self.closed = False
         self.eof = False
         self.last_activity = time.monotonic()
@@ -622,10 +630,12 @@ class ClientConnection(_Side):
         self.server.connection_done(self)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.producer is not None:
             self.pump()
         elif self.upstream is not None:
@@ -882,6 +892,14 @@ class ClientConnection(_Side):
             return
         except OSError as exc:
             self.connecting = None
+            if exc.errno in RESOURCE_ERRNOS:
+                # Our own descriptors (or socket memory) ran out, not the origin: RFC 9110
+                # §15.6.4 503 with Retry-After, and the connection closes to give one back.
+                self.fail_exchange(
+                    ex, 503, "The proxy is overloaded; please try again shortly.",
+                    headers=[("Retry-After", str(RETRY_AFTER_RESOURCES))], keep_alive=False,
+                )  # fmt: skip
+                return
             reason = exc.strerror or exc.__class__.__name__
             self.fail_exchange(ex, 502, f"Could not connect to the origin server: {reason}.")
             return
@@ -938,7 +956,9 @@ class ClientConnection(_Side):
                 self.connecting.cancel()
                 self.connecting = None
             self.pending.clear()
-        log.info("%s: %d %s", self.client_ip, event.status, event.reason)
+        self.server.client_log(
+            log, self, "bad request", "%s: %d %s", self.client_ip, event.status, event.reason
+        )
         if ex is None or not ex.response_started:
             self.write(error_response(event.status, event.reason))
             self.access_simple(event.status, "TCP_DENIED" if ex is None else "TCP_MISS_ABORTED")
@@ -1128,7 +1148,10 @@ class ClientConnection(_Side):
     def response_error(self, ex: Exchange, up: Upstream, event: ProtocolError) -> None:
         self.drop_upstream(up, ex)
         self.server.stats.upstream_errors += 1
-        log.info("bad response from %s for %s: %s", self.sockname[0], ex.url, event.reason)
+        self.server.client_log(
+            log, self, "bad response", "bad response from %s for %s: %s", self.sockname[0],
+            ex.url, event.reason,
+        )  # fmt: skip
         if not ex.response_started:
             self.fail_exchange(
                 ex, 502, f"The origin server sent an invalid response: {event.reason}."
@@ -1173,8 +1196,16 @@ class ClientConnection(_Side):
         self.forward_request(ex, fresh=True)
         return True
 
-    def fail_exchange(self, ex: Exchange, status: int, detail: str) -> None:
-        """Answer the current request with an error page generated here."""
+    def fail_exchange(
+        self,
+        ex: Exchange,
+        status: int,
+        detail: str,
+        headers: Sequence[tuple[str, str]] = (),
+        keep_alive: bool = True,
+    ) -> None:
+        """Answer the current request with an error page generated here (``keep_alive``
+        False closes the connection after it even where it could stay open)."""
         self.drop_upstream(ex.upstream, ex)
         self.upstream = None
         self.pending.clear()
@@ -1184,9 +1215,9 @@ class ClientConnection(_Side):
         ex.hierarchy = "HIER_NONE"
         ex.content_type = "text/html"
         ex.response_started = True
-        keep = ex.head.keep_alive and ex.request_done and not self.server.draining
+        keep = keep_alive and ex.head.keep_alive and ex.request_done and not self.server.draining
         ex.client_keep_alive = keep
-        data = error_response(status, detail, keep_alive=keep)
+        data = error_response(status, detail, keep_alive=keep, headers=headers)
         ex.sent = len(data)
         self.write(data)
         self.log_exchange(ex)
@@ -1299,8 +1330,14 @@ class ClientConnection(_Side):
         transport = self.transport
         if producer is None or ex is None or transport is None:
             return
+        # Called again only when the client drained its buffer: that is activity, and without
+        # it idle_timeout would cut a long cache hit to a client that reads steadily.
+        self.last_activity = time.monotonic()
         try:
-            while transport.get_write_buffer_size() < WRITE_BUFFER_HIGH:
+            # Until the transport pauses us: it does so only *above* the high-water mark
+            # (asyncio and uvloop test size > high), so stopping at == HIGH would wait for a
+            # resume_writing() that never comes and stall the stream.
+            while not self.write_paused and not self.closed:
                 chunk = next(producer, None)
                 if chunk is None:
                     break

@@ -66,6 +66,7 @@ __all__ = [
     "Kind",
     "Limiter",
     "LimitsConfig",
+    "LogThrottle",
     "Refusal",
     "TokenBucket",
     "client_key",
@@ -99,6 +100,9 @@ RETRY_AFTER_BUSY = 1
 KEY_CACHE_SIZE = 4096
 #: The key under which daemon-wide refusals (the ceiling) are throttled in the log.
 DAEMON_KEY = "*"
+#: Most (key, kind) pairs a :class:`LogThrottle` remembers; the oldest is forgotten beyond it
+#: (which can only let one more line through for it, never hold back a first one).
+THROTTLE_KEYS = 65_536
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -278,6 +282,46 @@ _REFUSALS = {
     for k in Kind
     for s in range(1, 61)
 }
+
+
+# -- log throttling ---------------------------------------------------------------------------
+
+
+class LogThrottle:
+    """At most one log line per key per ``interval``; the lines held back are counted.
+
+    For the daemon's per-connection diagnostics (a malformed request, a failed connect, an
+    origin's bad response): each is worth a line, but one client repeating it must not write a
+    line per connection — that fills the disk or the journal, whose rate limit (journald's
+    RateLimitBurst) then drops the daemon's *other* messages too.
+    """
+
+    __slots__ = ("_held", "_last", "interval", "max_keys")
+
+    def __init__(self, interval: float, max_keys: int = THROTTLE_KEYS) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        # key -> time of its last line, oldest first (insertion = time order, see allow()).
+        self._last: OrderedDict[Any, float] = OrderedDict()
+        self._held: dict[Any, int] = {}
+
+    def allow(self, key: Any, now: float) -> int | None:
+        """None: stay quiet about ``key`` now; else log, mentioning the returned number of
+        lines held back since the last one."""
+        last = self._last
+        while last:  # forget keys whose interval is over (front = oldest)
+            first, stamp = next(iter(last.items()))
+            if stamp + self.interval > now and len(last) < self.max_keys:
+                break
+            del last[first]
+        if key in last:
+            held = self._held
+            if key not in held and len(held) >= self.max_keys:
+                held.clear()  # bounded: only the "N held back" remarks are lost
+            held[key] = held.get(key, 0) + 1
+            return None
+        last[key] = now
+        return self._held.pop(key, 0)
 
 
 # -- the limiter ------------------------------------------------------------------------------

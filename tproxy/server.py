@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -19,12 +20,25 @@ from typing import Any
 from tproxy import http1, netutil
 from tproxy.accesslog import AccessLog, AccessRecord
 from tproxy.config import Config
-from tproxy.httpconn import TUNNEL, ClientConnection, Exchange, Pool, Upstream, open_connection
-from tproxy.limits import Limiter, LimitsConfig, Refusal
+from tproxy.httpconn import (
+    RESOURCE_ERRNOS,
+    TUNNEL,
+    ClientConnection,
+    Exchange,
+    Pool,
+    Upstream,
+    open_connection,
+)
+from tproxy.limits import DAEMON_KEY, Limiter, LimitsConfig, LogThrottle, Refusal
 
 log = logging.getLogger("tproxy.server")
 
 SWEEP_INTERVAL = 1.0
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
 
 # A hook returns True when it answered the request (or response) itself.
 RequestHook = Callable[[ClientConnection, Exchange], bool]
@@ -56,6 +70,8 @@ class Server:
         self.limits = http1.Limits()
         self.pool = Pool()
         self.limiter = Limiter(cfg.section("limits", LimitsConfig))
+        # Per-connection diagnostics, at most one line per client and kind per log_interval.
+        self.log_throttle = LogThrottle(self.limiter.cfg.log_interval)
         self.connections: set[ClientConnection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
         self.sweeper: asyncio.Task[None] | None = None
@@ -113,6 +129,29 @@ class Server:
             log.warning("limit: %s refused: %s (further refusals of it logged once per interval)",
                         key, refusal.reason)  # fmt: skip
 
+    def log_throttled(
+        self, logger: logging.Logger, key: str, kind: str, level: int, msg: str, *args: object
+    ) -> None:
+        """``logger.log(level, msg, *args)`` unless ``key`` logged a ``kind`` line less than
+        log_interval ago; the next line says how many were held back meanwhile."""
+        if not logger.isEnabledFor(level):
+            return
+        self.log_throttle.interval = self.limiter.cfg.log_interval  # follows a reload
+        held = self.log_throttle.allow((key, kind), time.monotonic())
+        if held is None:
+            return
+        if held:
+            msg += " (%d more like it since the last such line)"
+            args = (*args, held)
+        logger.log(level, msg, *args)
+
+    def client_log(
+        self, logger: logging.Logger, conn: ClientConnection, kind: str, msg: str, *args: object
+    ) -> None:
+        """An info line about what one client's connection did, throttled per client."""
+        key = conn.limit_key or self.limiter.client_key(conn.client_ip)
+        self.log_throttled(logger, key, kind, logging.INFO, msg, *args)
+
     def release(self, conn: ClientConnection) -> None:
         if conn.limit_key is not None:
             self.limiter.on_close(conn.limit_key, time.monotonic())
@@ -158,7 +197,21 @@ class Server:
             )
         except (OSError, TimeoutError) as exc:
             self.stats.upstream_errors += 1
-            log.info("connect to %s for %s failed: %r", dst[0], conn.client_ip, exc)
+            if out_of_resources(exc):
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                self.log_throttled(
+                    log, DAEMON_KEY, "resources", logging.WARNING,
+                    "out of file descriptors or socket memory (%s; RLIMIT_NOFILE %d, %d client"
+                    " connections): requests get 503; raise LimitNOFILE or lower"
+                    " limits.max_connections",
+                    exc.strerror if isinstance(exc, OSError) else exc, soft,
+                    len(self.connections),
+                )  # fmt: skip
+            else:
+                self.client_log(
+                    log, conn, "connect", "connect to %s for %s failed: %r", dst[0],
+                    conn.client_ip, exc,
+                )  # fmt: skip
             raise
 
     # -- lifecycle ------------------------------------------------------------------------
