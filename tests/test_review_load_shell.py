@@ -337,3 +337,27 @@ def test_local_stream_does_not_stall_when_the_buffer_lands_on_high_water() -> No
             await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_fd_budget_raises_the_soft_limit_for_max_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tproxy.daemon import FD_RESERVE, FDS_PER_CONNECTION, check_fd_budget, fd_budget
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 1024
+    if hard != resource.RLIM_INFINITY and hard < 4 * low:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} is too small to test raising")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        limit, need = fd_budget(1000)
+        assert need == 1000 * FDS_PER_CONNECTION + FD_RESERVE
+        assert limit == need == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # Beyond the hard limit: raised as far as allowed, and the admin is told once.
+        if hard != resource.RLIM_INFINITY:
+            caplog.set_level(logging.WARNING)
+            check_fd_budget(hard)
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+            assert any("RLIMIT_NOFILE" in r.getMessage() for r in caplog.records)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

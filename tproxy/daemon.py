@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -36,6 +37,42 @@ log = logging.getLogger("tproxy.daemon")
 STATUS_INTERVAL = 5.0
 # How often the daemon checks that its access log file still exists (seconds).
 LOG_CHECK_INTERVAL = 10.0
+# File descriptors per client connection at the ceiling: the client's socket and the upstream's.
+FDS_PER_CONNECTION = 2
+# Descriptors besides connections: listeners, cache files, the access log, control and metrics
+# sockets, NFQUEUE, netlink, the event loop's own.
+FD_RESERVE = 256
+
+
+def fd_budget(max_connections: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE toward what ``max_connections`` needs (up to the hard
+    limit, which an unprivileged process may do, getrlimit(2)); returns (limit, needed).
+
+    Started by hand the soft limit is often 1024 (systemd's DefaultLimitNOFILE=1024:524288 for
+    select() compatibility; we use epoll): the descriptors would run out at ~500 connections,
+    long before the limits.max_connections ceiling that is meant to refuse cleanly."""
+    need = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft, need
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError) as exc:
+            log.debug("raising RLIMIT_NOFILE to %d failed: %s", want, exc)
+    return soft, need
+
+
+def check_fd_budget(max_connections: int) -> None:
+    limit, need = fd_budget(max_connections)
+    if limit < need:
+        log.warning(
+            "RLIMIT_NOFILE is %d but limits.max_connections %d needs about %d: descriptors run"
+            " out first (requests then get 503); raise LimitNOFILE or lower max_connections",
+            limit, max_connections, need,
+        )  # fmt: skip
 
 
 class Notifier:
@@ -153,6 +190,7 @@ class Daemon:
         preflight.check(self.plan.lan_interfaces, self.plan.ipv6)
         # Held until the process exits: a second daemon stops here, before touching anything.
         self.instance = preflight.claim_instance()
+        check_fd_budget(self.server.limiter.cfg.max_connections)
         try:
             try:
                 await self.server.start()
@@ -281,6 +319,7 @@ class Daemon:
             self.cfg = new
             self.server.cfg = new
             self.server.limiter.reconfigure(new.section("limits", LimitsConfig), time.monotonic())
+            check_fd_budget(self.server.limiter.cfg.max_connections)
             log.info("reloaded %s", new.path)
         except ConfigError as exc:
             errors = exc.errors if isinstance(exc, config_mod.ConfigErrors) else [exc]
