@@ -190,7 +190,6 @@ class Daemon:
         preflight.check(self.plan.lan_interfaces, self.plan.ipv6)
         # Held until the process exits: a second daemon stops here, before touching anything.
         self.instance = preflight.claim_instance()
-        check_fd_budget(self.server.limiter.cfg.max_connections)
         try:
             try:
                 await self.server.start()
@@ -199,6 +198,9 @@ class Daemon:
                     f"cannot listen on port {self.cfg.proxy.listen_port} (proxy.listen_port): "
                     f"{exc.strerror or exc}"
                 ) from None
+            # After the listeners: a start that fails says one thing only. No connection
+            # arrives before the rules below exist, so the limit is raised in time.
+            check_fd_budget(self.server.limiter.cfg.max_connections)
             for comp in self.components:
                 await comp.start(self)
             await self.apply_kernel_state(self.plan)
