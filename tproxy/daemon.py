@@ -280,12 +280,16 @@ class Daemon:
                 await comp.reload(self, new)
                 adopted.append(comp)
         except ConfigError:
-            for comp in reversed(adopted):
-                try:
-                    await comp.reload(self, self.cfg)
-                except Exception:
-                    log.exception("reload: putting %s back to the running config failed", comp.name)
+            await self._restore_components(adopted)
             raise
+
+    async def _restore_components(self, adopted: list[component.Component]) -> None:
+        """Put components that took a refused reload back on the running config."""
+        for comp in reversed(adopted):
+            try:
+                await comp.reload(self, self.cfg)
+            except Exception:
+                log.exception("reload: putting %s back to the running config failed", comp.name)
 
     async def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
@@ -310,11 +314,18 @@ class Daemon:
                 raise ConfigError(new.path, "proxy.lan_interfaces", "; ".join(found))
             await self._reload_components(new)
             old = self.plan
-            if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
-                await asyncio.to_thread(netfilter.flush_routing, old.route_table, old.rule_priority)
-            # Applied even when the plan is unchanged (it is idempotent and atomic): after a
-            # `tproxy rules flush` or another tool removed them, a reload puts the rules back.
-            await self.apply_kernel_state(plan)
+            try:
+                if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
+                    await asyncio.to_thread(
+                        netfilter.flush_routing, old.route_table, old.rule_priority
+                    )
+                # Applied even when the plan is unchanged (it is idempotent and atomic): after a
+                # `tproxy rules flush` or another tool removed them, a reload puts them back.
+                await self.apply_kernel_state(plan)
+            except netfilter.RulesError:
+                # The old rules go back (below); the components must match them again.
+                await self._restore_components(list(self.components))
+                raise
             self.plan = plan
             # A new path that cannot be opened keeps the old file (one error line says so).
             self.access_log.reopen(new.log.access_log)
