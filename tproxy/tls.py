@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,8 +131,9 @@ def _handshake_bytes(data: bytes) -> tuple[bytes, int, bool] | ClientHelloInfo:
         offset = body_start + rlen
 
 
-def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
-    """(sni, ech, alpn) from a ClientHello body (RFC 8446 §4.1.2); raises _Bad."""
+def _extensions(body: bytes, partial: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(type, data) of each extension of a ClientHello body (RFC 8446 §4.1.2, §4.2); raises
+    _Bad. ``partial``: the body may be cut short; the extensions that are whole are given."""
     end = len(body)
     pos = 2 + 32  # legacy_version, random
     if pos + 1 > end:
@@ -149,16 +151,13 @@ def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
     if pos > end:
         raise _Bad("truncated in compression methods")
     if pos == end:
-        return None, False, ()  # no extensions at all (old TLS 1.0-1.2 clients)
+        return  # no extensions at all (old TLS 1.0-1.2 clients)
     if pos + 2 > end:
         raise _Bad("truncated extensions length")
     (n,) = _U16.unpack_from(body, pos)
     pos += 2
-    if pos + n != end:
+    if pos + n != end and not partial:
         raise _Bad("extensions length does not match the message")
-    sni: str | None = None
-    ech = False
-    alpn: tuple[str, ...] = ()
     seen: set[int] = set()
     while pos < end:
         if pos + 4 > end:
@@ -170,8 +169,16 @@ def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
         if etype in seen:  # RFC 8446 §4.2: at most one extension of each type
             raise _Bad(f"duplicate extension {etype}")
         seen.add(etype)
-        ext = body[pos : pos + elen]
+        yield etype, body[pos : pos + elen]
         pos += elen
+
+
+def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
+    """(sni, ech, alpn) from a ClientHello body (RFC 8446 §4.1.2); raises _Bad."""
+    sni: str | None = None
+    ech = False
+    alpn: tuple[str, ...] = ()
+    for etype, ext in _extensions(body):
         if etype == EXT_SERVER_NAME:
             sni = _parse_sni(ext)
         elif etype == EXT_ALPN:
@@ -267,25 +274,9 @@ def sni_from_prefix(data: bytes) -> str | None:
         message = joined[0]
         if len(message) < HANDSHAKE_HEADER_LEN or message[0] != HANDSHAKE_CLIENT_HELLO:
             return None
-        body = message[HANDSHAKE_HEADER_LEN:]
-        pos = 2 + 32
-        if pos + 1 > len(body):
-            return None
-        pos += 1 + body[pos]
-        if pos + 2 > len(body):
-            return None
-        pos += 2 + _U16.unpack_from(body, pos)[0]
-        if pos + 1 > len(body):
-            return None
-        pos += 1 + body[pos] + 2  # compression methods, extensions length
-        while pos + 4 <= len(body):
-            etype, elen = _U16.unpack_from(body, pos)[0], _U16.unpack_from(body, pos + 2)[0]
-            pos += 4
-            if pos + elen > len(body):
-                return None
+        for etype, ext in _extensions(message[HANDSHAKE_HEADER_LEN:], partial=True):
             if etype == EXT_SERVER_NAME:
-                return _parse_sni(body[pos : pos + elen])
-            pos += elen
+                return _parse_sni(ext)
         return None
     except (_Bad, IndexError, ValueError, struct.error):
         return None
