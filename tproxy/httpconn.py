@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 from tproxy import http1, netutil
 from tproxy.accesslog import AccessRecord
@@ -70,6 +70,13 @@ SNIFF_TIMEOUT = 2.0
 # socket()/connect() failing for lack of the daemon's own resources (getrlimit(2) RLIMIT_NOFILE,
 # the system file table, kernel memory): the proxy is overloaded, the origin is not at fault.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def out_of_resources(exc: BaseException) -> TypeGuard[OSError]:
+    """Whether ``exc`` is the daemon running out of its own resources (RESOURCE_ERRNOS)."""
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
 # Retry-After (RFC 9110 §10.2.3) of the 503 a request gets while the daemon is out of file
 # descriptors: by then connections have closed (each such 503 closes its own).
 RETRY_AFTER_RESOURCES = 1
@@ -892,7 +899,7 @@ class ClientConnection(_Side):
             return
         except OSError as exc:
             self.connecting = None
-            if exc.errno in RESOURCE_ERRNOS:
+            if out_of_resources(exc):
                 # Our own descriptors (or socket memory) ran out, not the origin: RFC 9110
                 # §15.6.4 503 with Retry-After, and the connection closes to give one back.
                 self.fail_exchange(

@@ -21,23 +21,19 @@ from tproxy import http1, netutil
 from tproxy.accesslog import AccessLog, AccessRecord
 from tproxy.config import Config
 from tproxy.httpconn import (
-    RESOURCE_ERRNOS,
     TUNNEL,
     ClientConnection,
     Exchange,
     Pool,
     Upstream,
     open_connection,
+    out_of_resources,
 )
 from tproxy.limits import DAEMON_KEY, Limiter, LimitsConfig, LogThrottle, Refusal
 
 log = logging.getLogger("tproxy.server")
 
 SWEEP_INTERVAL = 1.0
-
-
-def out_of_resources(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
 
 
 # A hook returns True when it answered the request (or response) itself.
@@ -204,7 +200,7 @@ class Server:
                     "out of file descriptors or socket memory (%s; RLIMIT_NOFILE %d, %d client"
                     " connections): requests get 503; raise LimitNOFILE or lower"
                     " limits.max_connections",
-                    exc.strerror if isinstance(exc, OSError) else exc, soft,
+                    exc.strerror, soft,
                     len(self.connections),
                 )  # fmt: skip
             else:
