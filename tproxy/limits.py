@@ -323,6 +323,10 @@ class LogThrottle:
         last[key] = now
         return self._held.pop(key, 0)
 
+    def __len__(self) -> int:
+        """How many keys are remembered (at most ``max_keys``)."""
+        return len(self._last)
+
 
 # -- the limiter ------------------------------------------------------------------------------
 
@@ -365,8 +369,8 @@ class Limiter:
         self._clients: dict[str, _Client] = {}
         # Clients without connections, in the order they became idle: the expiry queue.
         self._idle: OrderedDict[str, float] = OrderedDict()
-        # (key, kind) → time of the last log line, in insertion (= time) order.
-        self._logged: OrderedDict[tuple[str, Kind], float] = OrderedDict()
+        # Refusal log lines, once per (key, kind) per log_interval (set by _apply).
+        self._logged = LogThrottle(0.0)
         self._refused = dict.fromkeys(Kind, 0)
         self._now = 0.0
         self.active = 0  # connections counted by on_accept and not yet by on_close
@@ -379,6 +383,8 @@ class Limiter:
     def _apply(self, cfg: LimitsConfig) -> None:
         self.cfg = cfg
         self._max = cfg.max_connections
+        self._logged.interval = cfg.log_interval
+        self._logged.max_keys = cfg.max_clients
         self._per_client = cfg.per_client_connections if cfg.enabled else 0
         self._new_rate = cfg.per_client_new_per_second if cfg.enabled else 0.0
         self._req_rate = cfg.per_client_requests_per_second if cfg.enabled else 0.0
@@ -499,20 +505,7 @@ class Limiter:
         """
         if kind is Kind.CEILING:
             key = DAEMON_KEY
-        logged = self._logged
-        interval = self.cfg.log_interval
-        while logged:
-            first, stamp = next(iter(logged.items()))
-            if stamp + interval > now:
-                break
-            del logged[first]
-        slot = (key, kind)
-        if slot in logged:
-            return False
-        if len(logged) >= self.cfg.max_clients:
-            logged.popitem(last=False)  # bounded: forget the oldest, at worst one extra line
-        logged[slot] = now
-        return True
+        return self._logged.allow((key, kind), now) is not None
 
     # -- introspection --------------------------------------------------------------------
 
