@@ -41,7 +41,7 @@ import logging
 import struct
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -212,7 +212,6 @@ class ShapingComponent:
         self.counters_at = 0.0
         self.marked = 0  # requests put into a class
         self.reclassified = 0  # flows moved by their response head
-        self.upstream_hooked = False
         self.hooked = False  # our HTTP hooks are registered on the server (while active)
         # The mark each client socket carries, so a keep-alive connection is re-marked only
         # when its class changes (setsockopt per request would be wasted syscalls).
@@ -310,10 +309,7 @@ class ShapingComponent:
         # so our response hook re-marks before any other hook writes the head.
         server.request_hooks.insert(0, self.on_request)
         server.response_hooks.insert(0, self.on_response)
-        upstream_hooks: list[Callable[..., Any]] | None = getattr(server, "upstream_hooks", None)
-        if upstream_hooks is not None:
-            upstream_hooks.append(self.on_upstream)
-            self.upstream_hooked = True
+        server.upstream_hooks.append(self.on_upstream)
         self.hooked = True
 
     def _unhook(self) -> None:
@@ -325,10 +321,8 @@ class ShapingComponent:
             server.request_hooks.remove(self.on_request)
         if self.on_response in server.response_hooks:
             server.response_hooks.remove(self.on_response)
-        upstream_hooks: list[Callable[..., Any]] = getattr(server, "upstream_hooks", [])
-        if self.on_upstream in upstream_hooks:
-            upstream_hooks.remove(self.on_upstream)
-        self.upstream_hooked = False
+        if self.on_upstream in server.upstream_hooks:
+            server.upstream_hooks.remove(self.on_upstream)
         self.hooked = False
 
     # -- kernel -------------------------------------------------------------------------------
@@ -421,8 +415,6 @@ class ShapingComponent:
             self._mark_client(conn, UNSHAPED_MARK, None)
         else:
             self._mark_client(conn, mark, name)
-        if not self.upstream_hooked:
-            asyncio.get_running_loop().call_soon(self._after_request, conn, ex)
         return False
 
     def on_upstream(self, conn: ClientConnection, ex: Exchange, up: Upstream) -> None:
@@ -451,22 +443,6 @@ class ShapingComponent:
         state.facts = facts
         self._mark_client(conn, state.mark, name)
         return False
-
-    def _after_request(self, conn: ClientConnection, ex: Exchange) -> None:
-        """Without a server hook for bound upstreams: a pooled upstream is bound right after
-        the request hooks; a new one when the connecting task ends."""
-        if conn.exchange is not ex:
-            return
-        if ex.upstream is not None:
-            self.on_upstream(conn, ex, ex.upstream)
-            return
-        task = conn.connecting
-        if task is not None and not task.done():
-            task.add_done_callback(lambda _t: self._bound(conn, ex))
-
-    def _bound(self, conn: ClientConnection, ex: Exchange) -> None:
-        if conn.exchange is ex and ex.upstream is not None:
-            self.on_upstream(conn, ex, ex.upstream)
 
     def _mark_client(self, conn: ClientConnection, mark: int, name: str | None) -> None:
         if self._client_marks.get(conn) == mark:
