@@ -431,7 +431,7 @@ class Cache:
         now = self.now()
         plain = entry is not None and policy.request_is_plain(head.headers)
         if plain and entry is not None:
-            # The common hit: no request directives, conditionals or Range (see decide_hit).
+            # The common hit: no request directives, conditionals or Range (see plain_fresh).
             cfg = self.cfg
             fresh = policy.plain_fresh(
                 head.method,
@@ -443,12 +443,12 @@ class Cache:
             )
             if fresh is not None and self.serve_plain(conn, ex, entry, fresh[0], body):
                 return True
-        decision = policy.decide_hit(
+        # The fast path above was tried already: the full rules (the same answer, RFC 9111 §4).
+        decision = policy.decide(
             head.method,
             head.headers,
             entry,
             now,
-            plain=plain,
             heuristic_fraction=self.cfg.heuristic_fraction,
             heuristic_max=self.cfg.heuristic_max,
         )
