@@ -619,7 +619,7 @@ def test_overloaded_follows_the_connection_ceiling() -> None:
                 await second.get()
             second.close()
             first.close()
-            await until(lambda: not control.overloaded(daemon.server))
+            await until(lambda: not daemon.server.overloaded)
             snap = control.snapshot(daemon, None)
             assert snap["overloaded"] is False
             assert snap["limits"]["refused"]["ceiling"] == 1

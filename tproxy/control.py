@@ -38,7 +38,6 @@ from tproxy.config import Config, ConfigError, Reader, register_section
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
-    from tproxy.server import Server
 
 log = logging.getLogger("tproxy.control")
 
@@ -209,17 +208,11 @@ def snapshot(daemon: Daemon, meter: RateMeter | None, now: float | None = None) 
             "errors": s.upstream_errors,
             "pool_idle": server.pool.count,
         },
-        "overloaded": overloaded(server),
+        "overloaded": server.overloaded,
         "draining": server.draining,
         "limits": server.limiter.stats(),
         "components": components,
     }
-
-
-def overloaded(server: Server) -> bool:
-    """True while admission control refuses new connections (tproxy.limits' daemon ceiling);
-    a daemon without limits is never overloaded."""
-    return server.overloaded
 
 
 def human_duration(seconds: float) -> str:
@@ -254,7 +247,7 @@ def status_line(daemon: Daemon) -> str:
     rps = ctl.meter.rate(time.monotonic(), s.requests_total) if ctl is not None else 0.0
     return format_status_line(
         s.connections_active,
-        overloaded(daemon.server),
+        daemon.server.overloaded,
         rps,
         s.requests_total,
         s.upstream_errors,
