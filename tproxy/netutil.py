@@ -1,18 +1,22 @@
-"""Socket options the transparent proxy needs and the Python socket module does not name.
+"""Socket options and queries the transparent proxy needs that the socket module does not name.
 
-Values from linux/in.h, linux/in6.h and asm-generic/socket.h; see also the kernel's
+Values from linux/in.h, linux/in6.h, linux/sockios.h and asm-generic/socket.h; see also the kernel's
 Documentation/networking/tproxy.rst.
 """
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 
 IP_TRANSPARENT = 19  # linux/in.h: bind to / accept for non-local addresses
 IPV6_TRANSPARENT = 75  # linux/in6.h
 IP_BIND_ADDRESS_NO_PORT = 24  # defer the source-port choice to connect(): 4-tuple aware
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_MAX_PACING_RATE = 47  # asm-generic/socket.h: per-socket pacing, bytes per second
+
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent (tcp(7))
 
 LISTEN_BACKLOG = 4096
 
@@ -73,3 +77,13 @@ def upstream_socket(
         sock.close()
         raise
     return sock
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes queued on a TCP socket that the kernel has not sent yet (0 if it cannot say)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    unsent: int = struct.unpack("=i", raw)[0]
+    return unsent

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import ipaddress
 import logging
-import struct
 import time
 import weakref
 from collections.abc import Mapping
@@ -49,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from tproxy import http1
 from tproxy.config import Config, ConfigError
 from tproxy.netfilter import ClassifyRule
+from tproxy.netutil import unsent_bytes
 from tproxy.shaping.model import (
     UNSHAPED_CLASSID,
     UNSHAPED_MARK,
@@ -507,20 +506,11 @@ def _socket_of(transport: Any) -> Any:
     return transport.get_extra_info("socket")
 
 
-# linux/sockios.h: bytes in a TCP socket's send queue not yet sent (tcp(7)).
-SIOCOUTQNSD = 0x894B
-
-
 def _unsent(conn: ClientConnection, sock: Any) -> bool:
     """Whether response bytes still wait: in the transport's buffer or the kernel's unsent queue."""
     if conn.transport is not None and conn.transport.get_write_buffer_size():
         return True
-    try:
-        raw = fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
-    except OSError:
-        return False
-    unsent: int = struct.unpack("=i", raw)[0]
-    return unsent > 0
+    return unsent_bytes(sock) > 0
 
 
 def _mark(sock: Any, plan: ShapingPlan, name: str | None, client: str) -> bool:
