@@ -699,7 +699,7 @@ class Cache:
             status = cond
             out = policy.not_modified_headers(fields) if status == 304 else []
             if status == 304:
-                out.append((b"Age", policy.Decision(Kind.FRESH, "", age).age_header))
+                out.append((b"Age", policy.age_value(age)))
                 if x_cache is not None:
                     out.append((b"X-Cache", x_cache))
             data = _head(status, b"Not Modified" if status == 304 else b"Precondition Failed",

@@ -655,7 +655,7 @@ class Decision:
     @property
     def age_header(self) -> bytes:
         """The Age value to send: whole seconds (RFC 9111 §5.1)."""
-        return str(min(int(self.age), DELTA_SECONDS_MAX)).encode()
+        return age_value(self.age)
 
 
 def _forbids_stale(cc: dict[str, str | None]) -> bool:
