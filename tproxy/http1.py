@@ -74,6 +74,7 @@ import re
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 from httptools import (
     HttpParserError,
@@ -151,6 +152,11 @@ class Limits:
 
 #: What origins get by default (the request defaults, with more room for response fields).
 RESPONSE_LIMITS = Limits(max_header_count=MAX_RESPONSE_HEADER_COUNT)
+
+
+def format_http_date(ts: float) -> bytes:
+    """``ts`` as an IMF-fixdate (RFC 9110 §5.6.7), whatever the locale."""
+    return formatdate(ts, usegmt=True).encode("ascii")
 
 
 # --------------------------------------------------------------------------- events

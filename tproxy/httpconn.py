@@ -25,7 +25,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 from tproxy import http1, netutil
@@ -137,7 +136,7 @@ def http_date() -> bytes:
     global _http_date
     now = int(time.time())
     if _http_date[0] != now:
-        _http_date = (now, formatdate(now, usegmt=True).encode("ascii"))  # locale-independent
+        _http_date = (now, http1.format_http_date(now))
     return _http_date[1]
 
 

@@ -25,10 +25,10 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from email.utils import formatdate
 from urllib.parse import urljoin, urlsplit
 
 # request_url is part of this module's interface (the cache CLI and the store normalise with it).
+from tproxy.http1 import format_http_date as format_http_date
 from tproxy.uri import bracket, list_tokens, split_authority
 from tproxy.uri import request_url as request_url
 
@@ -287,11 +287,6 @@ def parse_http_date(value: bytes | str | None, now: float | None = None) -> floa
 
 def time_year(ts: float) -> int:
     return time.gmtime(ts).tm_year
-
-
-def format_http_date(ts: float) -> bytes:
-    """IMF-fixdate (RFC 9110 §5.6.7)."""
-    return formatdate(ts, usegmt=True).encode("ascii")
 
 
 # -- entity tags (RFC 9110 §8.8.3) ------------------------------------------------------------
