@@ -385,10 +385,10 @@ domains = ["bad.example"]
     assert p.sni_verdict("10.0.1.5", None, MON_10).action == "allow"
     # ECH: decided by the outer name like any hello (browsers GREASE ECH into every hello);
     # real ECH is stopped by a rule on the provider's public name.
-    v = p.sni_verdict("10.0.0.5", "cloudflare-ech.com", MON_10, ech=True)
+    v = p.sni_verdict("10.0.0.5", "cloudflare-ech.com", MON_10)
     assert (v.action, v.rule) == ("allow", "default")
-    assert p.sni_verdict("10.0.0.5", "bad.example", MON_10, ech=True).action == "deny"
-    assert p.sni_verdict("10.0.1.5", "cloudflare-ech.com", MON_10, ech=True).action == "allow"
+    assert p.sni_verdict("10.0.0.5", "bad.example", MON_10).action == "deny"
+    assert p.sni_verdict("10.0.1.5", "cloudflare-ech.com", MON_10).action == "allow"
     assert p.sni_verdict("fd00:1::9", "bad.example", MON_10).action == "deny"
 
 

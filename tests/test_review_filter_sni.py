@@ -53,7 +53,7 @@ POLICY = make_policy()
 
 
 def decide(client: str, mac: Any, server: str, port: int, sni: Any, ech: bool, why: str) -> Any:
-    v = POLICY.sni_verdict(client, sni, MON_10, ech=ech, client_mac=mac)
+    v = POLICY.sni_verdict(client, sni, MON_10, client_mac=mac)
     return FlowDecision(v.allowed, v.reason)
 
 
@@ -89,7 +89,7 @@ def test_grease_ech_does_not_turn_every_chrome_flow_into_sni_default() -> None:
 
 def test_real_ech_is_blocked_by_denying_its_public_name() -> None:
     # Real ECH: the outer name is the provider's public name; deny that to stop hidden names.
-    v = POLICY.sni_verdict("10.0.0.5", "cloudflare-ech.com", MON_10, ech=True)
+    v = POLICY.sni_verdict("10.0.0.5", "cloudflare-ech.com", MON_10)
     assert v.action == "deny" and v.rule == "filter.rule[0]"
     text = explain_sni(POLICY, "10.0.0.5", "ok.example", MON_10, ech=True)
     assert "verdict: ALLOW" in text and "ECH" in text

@@ -544,7 +544,7 @@ class FilterComponent:
         ech: bool,
         why: str,
     ) -> FlowDecision:
-        v = self.policy.sni_verdict(client_ip, sni, self.now(), ech=ech, client_mac=client_mac)
+        v = self.policy.sni_verdict(client_ip, sni, self.now(), client_mac=client_mac)
         server = bracket(server_ip)
         name = sni or server
         if v.allowed:
@@ -552,7 +552,7 @@ class FilterComponent:
         else:
             self.stats.sni_denied += 1
             log.info(
-                "deny %s TLS %s (server %s:%d): by %s (group %s): %s%s",
+                "deny %s TLS %s (server %s:%d): by %s (group %s): %s%s%s",
                 client_ip,
                 sni or "(no SNI)",
                 server,
@@ -561,6 +561,8 @@ class FilterComponent:
                 v.group,
                 v.reason,
                 f" [{why}]" if why and not sni else "",
+                # Decided by the outer name either way (Policy.sni_verdict); the admin sees it.
+                " [ECH]" if ech else "",
             )
         daemon = self._daemon
         if daemon is not None:

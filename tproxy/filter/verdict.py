@@ -444,7 +444,6 @@ class Policy:
         sni: str | None,
         now: datetime,
         *,
-        ech: bool = False,
         client_mac: str | None = None,
         trace: Trace | None = None,
     ) -> Verdict:
@@ -524,7 +523,7 @@ def explain_sni(
             " real ECH names only the provider's public name"
         )
     lines.append(f"rules of group {group.name} that apply to SNI (domains, categories, window):")
-    v = policy.sni_verdict(client_ip, sni, now, ech=ech, client_mac=client_mac, trace=lines.append)
+    v = policy.sni_verdict(client_ip, sni, now, client_mac=client_mac, trace=lines.append)
     lines.append(f"verdict: {v.action.upper()} by {v.rule}: {v.reason}")
     return "\n".join(lines)
 
