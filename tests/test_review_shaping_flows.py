@@ -76,17 +76,24 @@ async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.close()
 
 
+def shaped_server() -> tuple[Server, ShapingComponent]:
+    """An in-process Server with the SHAPING config and its component. The plan's CLASSIFY rules
+    and qdisc are not installed: what is checked is each socket's SO_MARK and pacing cap."""
+    config.load(None)
+    cfg = config.with_overrides(
+        config.parse({"shaping": SHAPING, "proxy": {"lan_interfaces": ["lo"]}}),
+        transparent_upstream=False,
+    )
+    server = Server(cfg, Records())  # type: ignore[arg-type]
+    comp = ShapingComponent(cfg)
+    comp.server = server
+    comp.applied = True
+    return server, comp
+
+
 def test_keep_alive_responses_each_get_their_own_class_and_cap() -> None:
     async def main() -> None:
-        config.load(None)
-        cfg = config.with_overrides(
-            config.parse({"shaping": SHAPING, "proxy": {"lan_interfaces": ["lo"]}}),
-            transparent_upstream=False,
-        )
-        server = Server(cfg, Records())  # type: ignore[arg-type]
-        comp = ShapingComponent(cfg)
-        comp.server = server
-        comp.applied = True  # the plan's CLASSIFY rules and qdisc are not needed for marks
+        server, comp = shaped_server()
         comp._sync_hooks()
         plan = comp.plan
         client, port = await hand_over(server)
@@ -130,15 +137,7 @@ def test_a_hit_waits_for_the_shaped_bytes_before_going_unshaped() -> None:
     cache hit) while bytes of a shaped response still wait would send those unshaped too."""
 
     async def main() -> None:
-        config.load(None)
-        cfg = config.with_overrides(
-            config.parse({"shaping": SHAPING, "proxy": {"lan_interfaces": ["lo"]}}),
-            transparent_upstream=False,
-        )
-        server = Server(cfg, Records())  # type: ignore[arg-type]
-        comp = ShapingComponent(cfg)
-        comp.server = server
-        comp.applied = True
+        server, comp = shaped_server()
         client, _port = await hand_over(server)
         try:
             await asyncio.sleep(0.05)
