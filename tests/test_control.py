@@ -164,7 +164,8 @@ def test_format_status_is_readable() -> None:
         "version": "0.1.0", "pid": 42, "config": "/etc/tproxy/tproxy.toml", "uptime": 3725.0,
         "started": 0.0, "connections": {"active": 3, "total": 120},
         "requests": {"total": 999, "per_second": 12.345, "window": 10.0}, "bad_requests": 2,
-        "bytes": {"in": 2048, "out": 5 * 1024 * 1024}, "overloaded": True, "draining": False,
+        "bytes": {"in": 2048, "out": 5 * 1024 * 1024, "spliced": 4 * 1024 * 1024},
+        "overloaded": True, "draining": False,
         "upstream": {"connects": 50, "errors": 1, "pool_idle": 4},
         "components": {"cache": {"entries": 5, "memory": {"bytes": 100}, "ratio": 0.5}},
     }  # fmt: skip
@@ -172,7 +173,7 @@ def test_format_status_is_readable() -> None:
     assert "up 1h02m" in text
     assert re.search(r"^connections\s+3 active, 120 total$", text, re.M)
     assert re.search(r"^requests\s+999 total, 12.3/s \(last 10 s\)$", text, re.M)
-    assert "2.0 KiB from clients, 5.0 MiB to clients" in text
+    assert "2.0 KiB from clients, 5.0 MiB to clients (4.0 MiB of it spliced)" in text
     assert "OVERLOADED" in text
     assert re.search(r"^cache\s+entries=5 memory.bytes=100 ratio=0.5$", text, re.M)
 
@@ -297,7 +298,8 @@ def test_control_component_end_to_end(sock_dir: Path) -> None:
             assert res["requests"]["total"] == 3
             assert res["connections"] == {"active": 1, "total": 1}
             # The live connection's bytes count before it closes.
-            assert res["bytes"] == {"in": client.sent, "out": client.received}
+            assert res["bytes"] == {"in": client.sent, "out": client.received, "spliced": 0}
+            assert res["spliced_bodies"] == 0  # small bodies go through user space
             assert res["upstream"]["connects"] == 1 and res["upstream"]["errors"] == 0
             assert res["pid"] == os.getpid()
             assert {"control", "metrics"} <= set(res["components"])
@@ -333,7 +335,7 @@ def test_control_component_end_to_end(sock_dir: Path) -> None:
             await until(lambda: not daemon.server.connections)
             res3 = (await _ask(path, b"status\n"))["result"]
             assert res3["connections"] == {"active": 0, "total": 1}
-            assert res3["bytes"] == {"in": client.sent, "out": client.received}
+            assert res3["bytes"] == {"in": client.sent, "out": client.received, "spliced": 0}
         finally:
             client.close()
             assert origin is not None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import Lab
+from tests.lab import Lab, origin_file_bytes
 from tests.proxy import APP_PORT, Origin, Proxy, client_py, through_proxy
 
 pytestmark = pytest.mark.lab
@@ -58,6 +60,36 @@ for _ in range(3):
     # The same upstream connection (nginx's $connection) served all three, in sequence.
     assert len({c[0] for c in counts}) == 1, counts
     assert [int(c[1]) for c in counts] == [int(counts[0][1]) + i for i in range(3)]
+
+
+def test_a_large_download_moves_in_the_kernel_and_arrives_intact(
+    env: tuple[Lab, Proxy, Origin],
+) -> None:
+    """A 16 MiB body nothing needs to look at (no-store: not cached) is spliced: byte for
+    byte what nginx serves, twice on one connection, and that upstream connection is reused
+    after it (nginx's $connection_requests counts on)."""
+    lab, proxy, _ = env
+    before = json.loads(
+        proxy.tproxy("status", "--json", "--socket", str(proxy.control_socket)).stdout
+    )
+    code = """
+import hashlib, http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
+for path in ("/conn", "/nocache/16m", "/nocache/16m", "/conn"):
+    c.request("GET", path)
+    body = c.getresponse().read()
+    print(hashlib.sha256(body).hexdigest() if path != "/conn" else body.decode().strip())
+"""
+    out = client_py(lab, code, lab.origin_v4).splitlines()
+    want = hashlib.sha256(origin_file_bytes("16m")).hexdigest()
+    assert out[1:3] == [want, want]
+    (conn1, n1), (conn2, n2) = out[0].split(), out[3].split()
+    assert conn1 == conn2 and int(n2) == int(n1) + 3, out  # one origin connection throughout
+    after = json.loads(
+        proxy.tproxy("status", "--json", "--socket", str(proxy.control_socket)).stdout
+    )
+    assert after["spliced_bodies"] - before["spliced_bodies"] == 2
+    assert after["bytes"]["spliced"] - before["bytes"]["spliced"] > 2 * 15 * 1024 * 1024
 
 
 def test_pipelined_requests_are_answered_in_order(env: tuple[Lab, Proxy, Origin]) -> None:

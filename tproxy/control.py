@@ -202,7 +202,12 @@ def snapshot(daemon: Daemon, meter: RateMeter | None, now: float | None = None) 
             "window": meter.window if meter else 0.0,
         },
         "bad_requests": s.bad_requests,
-        "bytes": {"in": s.bytes_in + live_in, "out": s.bytes_out + live_out},
+        "bytes": {
+            "in": s.bytes_in + live_in,
+            "out": s.bytes_out + live_out,
+            "spliced": s.spliced_bytes,
+        },
+        "spliced_bodies": s.spliced_bodies,
         "upstream": {
             "connects": s.upstream_connects,
             "errors": s.upstream_errors,

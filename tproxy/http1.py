@@ -344,6 +344,11 @@ class _Parser:
         "_trailers",
     )
 
+    @property
+    def length_remaining(self) -> int:
+        """Body bytes still due in a Content-Length body (0 in any other state)."""
+        return self._remaining if self._state == _S_LENGTH else 0
+
     def __init__(self, limits: Limits, err: int) -> None:
         self._limits = limits
         self._err = err  # status used for errors: 0 → the specific one (requests), else 502
@@ -855,6 +860,18 @@ class ResponseParser(_Parser):
             raise RuntimeError("feed() after feed_eof()")
         self._buf = self._buf + data if self._buf else data
         return self._run()
+
+    def body_passed(self, n: int) -> list[Event]:
+        """``n`` bytes of the current Content-Length body went by without feed() (the shell
+        relayed them in the kernel); returns [EndOfMessage] when they were the last."""
+        if self._state != _S_LENGTH or self._buf or not 0 < n <= self._remaining:
+            raise ValueError("body_passed outside a Content-Length body")
+        self._remaining -= n
+        if self._remaining:
+            return []
+        self._pending.popleft()
+        self._state = _S_HEAD
+        return [_EOM]
 
     def feed_eof(self) -> list[Event]:
         """The origin closed: ends a close-delimited body (RFC 9112 §6.3 item 8)."""

@@ -40,6 +40,7 @@ from tproxy.http1 import (
     Sniff,
     Tunnel,
 )
+from tproxy.splice import SPLICE_MIN, BodySplice
 from tproxy.uri import bracket, effective_url, media_type
 
 if TYPE_CHECKING:
@@ -304,12 +305,18 @@ class Upstream(_Side):
         self.orphan = False
         self.orphan_keep = False
         self.orphan_sink: BodySink | None = None
+        self.fd = -1
+        # The body relay in the kernel while it runs (see ClientConnection.try_splice): the
+        # transport must not read meanwhile.
+        self.splice: BodySplice | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
 
     def orphan_events(self, events: Sequence[http1.Event]) -> None:
         for event in events:
@@ -365,6 +372,8 @@ class Upstream(_Side):
             return
         self.got_bytes = True
         client.on_response_events(self, self.parser.feed(data))
+        if self.parser.length_remaining >= SPLICE_MIN:
+            client.try_splice(self)
 
     def eof_received(self) -> bool:
         if self.orphan:
@@ -384,6 +393,7 @@ class Upstream(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stop_splice()
         self.pool.forget(self)
         if self.orphan:
             self.orphan_failed()
@@ -399,17 +409,33 @@ class Upstream(_Side):
         if self.client is not None:
             self.client.resume_reading()
 
+    def resume_reading(self) -> None:
+        if self.splice is None:  # the splice resumes it when the body is through
+            super().resume_reading()
+
+    def stop_splice(self) -> None:
+        """This connection ends during a spliced body: stop the relay, and the client's
+        response is cut short with it."""
+        sp = self.splice
+        if sp is not None:
+            self.splice = None
+            sp.cancel()
+            if self.client is not None and self.client.splice is sp:
+                self.client.splice_done_by(self)
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
     def close(self) -> None:
+        self.stop_splice()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
         self.pool.forget(self)
 
     def abort(self) -> None:
+        self.stop_splice()
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
@@ -522,6 +548,8 @@ class ClientConnection(_Side):
         self.opaque = False  # relayed as an opaque tunnel from the first byte
         self.tunnel_logged = False
         self.linger_until = 0.0  # LINGER_TIME's end (in state LINGER)
+        self.fd = -1
+        self.splice: BodySplice | None = None  # a response body relayed in the kernel
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -546,6 +574,7 @@ class ClientConnection(_Side):
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fd = sock.fileno()
         self.server.accepted(self)
         self.set_deadline(SNIFF_TIMEOUT)
 
@@ -614,6 +643,7 @@ class ClientConnection(_Side):
         self.state = CLOSING
         if self.refused:
             return
+        self.stop_splice()
         self.server.release(self)
         if self.opaque:
             self.log_tunnel("TCP_TUNNEL")
@@ -657,6 +687,12 @@ class ClientConnection(_Side):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
+            if self.splice is not None:
+                # Nothing may overtake a body the kernel is still moving; no path writes
+                # during one, so this is a bug, and the connection cannot be trusted.
+                log.error("%s: write during a spliced body; closing", self.client_ip)
+                self.abort()
+                return
             self.bytes_out += len(data)
             self.transport.write(data)
 
@@ -685,13 +721,103 @@ class ClientConnection(_Side):
 
     def close(self) -> None:
         self.state = CLOSING
+        self.stop_splice()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
     def abort(self) -> None:
         self.state = CLOSING
+        self.stop_splice()
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    # -- kernel relay of a response body (tproxy.splice) ------------------------------
+
+    def try_splice(self, up: Upstream) -> None:
+        """Hand the rest of the current Content-Length body to splice(2) when nothing in
+        user space needs its bytes: not stored (no sink), sent on as it came
+        (Framing.LENGTH), nothing of ours still queued ahead of it, both sides open and
+        flowing. Anything else keeps the ordinary relay; so does a failure to set up."""
+        ex = self.exchange
+        transport = self.transport
+        if (
+            ex is None
+            or ex.upstream is not up
+            or ex.sink is not None
+            or ex.held
+            or ex.response_framing is not Framing.LENGTH
+            or self.splice is not None
+            or self.closed
+            or up.closed
+            or up.paused
+            or self.write_paused
+            or self.producer is not None
+            or transport is None
+            or transport.get_write_buffer_size()
+            or self.fd < 0
+            or up.fd < 0
+        ):
+            return
+        try:
+            sp = BodySplice(
+                asyncio.get_running_loop(),
+                up.fd,
+                self.fd,
+                up.parser.length_remaining,
+                self.spliced,
+                lambda side, err: self.splice_done(ex, up, side, err),
+            )
+        except OSError:
+            return  # out of descriptors for the pipe: the ordinary relay still works
+        self.splice = sp
+        up.splice = sp
+        up.pause_reading()
+        sp.start()
+
+    def spliced(self, n: int) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.sent += n
+        self.bytes_out += n
+        self.server.stats.spliced_bytes += n
+        self.touch()
+
+    def stop_splice(self) -> None:
+        sp = self.splice
+        if sp is not None:
+            self.splice = None
+            sp.cancel()
+            up = self.upstream
+            if up is not None and up.splice is sp:
+                up.splice = None
+
+    def splice_done_by(self, up: Upstream) -> None:
+        """The origin connection was closed or lost while its body was spliced."""
+        ex = self.exchange
+        if ex is not None and ex.upstream is up:
+            self.splice_done(ex, up, "origin", None)
+        else:
+            self.splice = None
+
+    def splice_done(
+        self, ex: Exchange, up: Upstream, side: str | None, err: OSError | None
+    ) -> None:
+        self.splice = None
+        up.splice = None
+        if side is None:
+            self.server.stats.spliced_bodies += 1
+            up.resume_reading()
+            self.on_response_events(up, up.parser.body_passed(up.parser.length_remaining))
+            return
+        # RFC 9112 §8: a body cut short is an incomplete message; the client must see the
+        # connection end without the rest, never a shorter body taken for the whole.
+        if side == "origin":
+            log.info("%s: origin closed during the body of %s: %s", self.client_ip, ex.url, err)
+        if self.exchange is ex:
+            self.log_exchange(ex, aborted=True)
+            self.exchange = None
+        self.drop_upstream(up)
+        self.abort()
 
     def to_upstream(self, data: bytes) -> None:
         up = self.upstream

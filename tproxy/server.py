@@ -54,6 +54,9 @@ class Stats:
     # Client-side bytes of closed connections (live ones keep their own counts).
     bytes_in: int = 0
     bytes_out: int = 0
+    # Response bodies relayed in the kernel (tproxy.splice), and their bytes.
+    spliced_bodies: int = 0
+    spliced_bytes: int = 0
 
 
 class Server:

@@ -145,7 +145,12 @@ def format_status(st: Mapping[str, Any]) -> str:
         (
             "traffic",
             f"{human_bytes(st['bytes']['in'])} from clients, "
-            f"{human_bytes(st['bytes']['out'])} to clients",
+            f"{human_bytes(st['bytes']['out'])} to clients"
+            + (
+                f" ({human_bytes(spliced)} of it spliced)"
+                if (spliced := st["bytes"].get("spliced"))
+                else ""
+            ),
         ),
         (
             "upstream",
