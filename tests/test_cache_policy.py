@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tproxy.cache.policy import (
+    DEFAULT_HEURISTIC_FRACTION,
+    DEFAULT_HEURISTIC_MAX,
     DELTA_SECONDS_MAX,
     FULL,
     INVALID,
@@ -21,7 +23,6 @@ from tproxy.cache.policy import (
     conditional_headers,
     current_age,
     decide,
-    decide_hit,
     delta_seconds,
     evaluate_conditionals,
     format_http_date,
@@ -36,6 +37,7 @@ from tproxy.cache.policy import (
     parse_etag,
     parse_etag_list,
     parse_http_date,
+    plain_fresh,
     plan_range,
     refresh_entry,
     request_cache_control,
@@ -539,32 +541,44 @@ _REQUEST_VARIANTS = (
     ["Range: bytes=0-1"],
 )
 
+# (heuristic_fraction, heuristic_max): the defaults and two that change heuristic lifetimes.
+_HEURISTICS = ((DEFAULT_HEURISTIC_FRACTION, DEFAULT_HEURISTIC_MAX), (0.5, 10.0), (0.1, 86400.0))
+
 
 def _same_decisions(e: CacheEntry, requests: list[list[str]], ages: list[float]) -> int:
-    """Compare decide_hit() with decide() for every method, request and clock reading."""
+    """Compare plain_fresh() -- the shortcut the cache component takes for a plain request
+    before it runs decide() -- with decide() for every method, request and clock reading.
+
+    For a request that request_is_plain() admits, plain_fresh() answers decide()'s age and
+    lifetime exactly when decide() says FRESH, and None otherwise (then the component runs
+    decide()). Returns how many times the shortcut answered."""
     fast_hits = 0
     for method in (b"GET", b"HEAD", b"get", b"POST"):
         for req in requests:
             headers = H(*req)
+            if not request_is_plain(headers):
+                continue  # the component never asks plain_fresh() about these
             for dt in ages:
                 now = e.response_time + dt
-                slow = decide(method, headers, e, now)
-                for plain in (None, request_is_plain(headers)):
-                    assert decide_hit(method, headers, e, now, plain=plain) == slow
-                for fraction, cap in ((0.5, 10.0), (0.1, 86400.0)):
-                    ref = decide(
+                for fraction, cap in _HEURISTICS:
+                    slow = decide(
                         method, headers, e, now, heuristic_fraction=fraction, heuristic_max=cap
                     )
-                    got = decide_hit(
+                    fast = plain_fresh(
                         method, headers, e, now, heuristic_fraction=fraction, heuristic_max=cap
                     )
-                    assert got == ref
-                fast_hits += slow.kind is Kind.FRESH and request_is_plain(headers)
+                    if fast is not None:
+                        assert slow.kind is Kind.FRESH
+                        assert fast == (slow.age, slow.lifetime)
+                        fast_hits += 1
+                    elif method.isupper():
+                        # Methods as the parser delivers them; decide() also upper-cases others.
+                        assert slow.kind is not Kind.FRESH
     return fast_hits
 
 
 @pytest.mark.parametrize(("resp", "age", "req", "kind", "reason"), DECIDE_CASES)
-def test_decide_hit_matches_decide(
+def test_plain_fresh_matches_decide(
     resp: list[str], age: float, req: list[str], kind: Kind, reason: str | None
 ) -> None:
     e = entry(*resp, age=age)
@@ -572,7 +586,7 @@ def test_decide_hit_matches_decide(
     _same_decisions(e, [req, *_REQUEST_VARIANTS], ages)
 
 
-def test_decide_hit_matches_decide_on_vary_heuristics_and_refresh() -> None:
+def test_plain_fresh_matches_decide_on_vary_heuristics_and_refresh() -> None:
     gz = H("Accept-Encoding: gzip")
     lm = D(NOW - 100_000)
     stored = [
@@ -592,10 +606,12 @@ def test_decide_hit_matches_decide_on_vary_heuristics_and_refresh() -> None:
     assert fast_hits > 50  # the comparison exercised the shortcut, not only the fallback
     # A 304 refresh makes a new entry with its own derived values (new times, new headers).
     old = entry("Cache-Control: max-age=100", age=90)
-    assert decide_hit(b"GET", [], old, NOW + 20).kind is Kind.REVALIDATE
+    assert plain_fresh(b"GET", [], old, NOW + 20) is None
+    assert decide(b"GET", [], old, NOW + 20).kind is Kind.REVALIDATE
     fresh = refresh_entry(old, H("Date: " + D(NOW + 20)), NOW + 20, NOW + 20)
-    assert decide_hit(b"GET", [], fresh, NOW + 20) == decide(b"GET", [], fresh, NOW + 20)
-    assert decide_hit(b"GET", [], fresh, NOW + 20).kind is Kind.FRESH
+    slow = decide(b"GET", [], fresh, NOW + 20)
+    assert slow.kind is Kind.FRESH
+    assert plain_fresh(b"GET", [], fresh, NOW + 20) == (slow.age, slow.lifetime)
 
 
 @settings(max_examples=150, deadline=None)
@@ -636,7 +652,7 @@ def test_decide_hit_matches_decide_on_vary_heuristics_and_refresh() -> None:
     ),
     age=st.floats(min_value=-10, max_value=200, allow_nan=False),
 )
-def test_decide_hit_matches_decide_generated(
+def test_plain_fresh_matches_decide_generated(
     directives: list[str], extra: list[str], req: list[str], age: float
 ) -> None:
     lines = [*(["Cache-Control: " + ", ".join(directives)] if directives else []), *extra]

@@ -129,6 +129,14 @@ def test_shaping_off_registers_no_hooks() -> None:
     asyncio.run(run())
 
 
+@dataclass
+class LimitedConn:
+    """The two attributes Server.admit() and Server.limit_request() use of a connection."""
+
+    client_ip: str
+    limit_key: str | None = None
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -138,22 +146,23 @@ def test_shaping_off_registers_no_hooks() -> None:
         LimitsConfig(enabled=False, max_connections=2, max_clients=10),
     ],
 )
-def test_limiter_fast_path_never_skips_a_refusal(cfg: LimitsConfig) -> None:
-    lim = Limiter(LimitsConfig(enabled=False, max_connections=10, max_clients=10))
-    for i in range(4):
-        assert lim.on_accept(f"10.0.0.{i % 2}", 0.0) is None
-    lim.reconfigure(cfg, 0.0)  # may lower the ceiling below the 4 open connections
+def test_limit_request_fast_path_never_skips_a_refusal(cfg: LimitsConfig) -> None:
+    server = daemon_for("").server
+    server.limiter = Limiter(LimitsConfig(enabled=False, max_connections=10, max_clients=10))
+    conns = [LimitedConn(f"10.0.0.{i % 2}") for i in range(4)]
+    assert all(server.admit(c) for c in conns)  # type: ignore[arg-type]
+    lim = server.limiter
+    lim.reconfigure(cfg, time.monotonic())  # may lower the ceiling below the 4 open connections
+    # The 50 requests take well under 1/rate: the burst of 3 per client is all a client gets.
     refused = 0
-    for step in range(50):
-        now = step * 0.01
-        fast = lim.requests_unlimited()
-        refusal = lim.on_request(f"10.0.0.{step % 2}", now)
-        if fast:
-            assert refusal is None
-        refused += refusal is not None
+    for i in range(50):
+        refused += server.limit_request(conns[i % 2]) is not None  # type: ignore[arg-type]
     limited = cfg.enabled and cfg.per_client_requests_per_second > 0
     assert lim.limits_requests is limited
+    # Refused only by a request rate or by the lowered ceiling, and then never skipped.
     assert (refused > 0) is (limited or cfg.max_connections < 4)
+    if limited:
+        assert refused <= 50 - 2 * 3  # each client's burst went through
 
 
 @pytest.mark.lab

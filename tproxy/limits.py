@@ -390,7 +390,7 @@ class Limiter:
         self._req_rate = cfg.per_client_requests_per_second if cfg.enabled else 0.0
         #: Whether :meth:`on_request` can refuse anything below the ceiling: without a request
         #: rate (limits off, or the rate 0) the shell skips the call while ``active`` is at most
-        #: ``ceiling`` (see :meth:`requests_unlimited`).
+        #: ``ceiling`` (the fast path of :meth:`tproxy.server.Server.limit_request`).
         self.limits_requests = bool(self._req_rate)
         self.ceiling = cfg.max_connections
         # An idle client's buckets are certainly full this long after its last call.
@@ -490,12 +490,6 @@ class Limiter:
         if wait:
             return self._refuse(Kind.REQUEST_RATE, math.ceil(wait))
         return None
-
-    def requests_unlimited(self) -> bool:
-        """True when :meth:`on_request` would certainly admit: no per-client request rate and
-        not above the ceiling. The shell's fast path (no clock read, no client lookup); the
-        hot path inlines the same two attribute tests."""
-        return not self.limits_requests and self.active <= self.ceiling
 
     def should_log(self, key: str, kind: Kind, now: float) -> bool:
         """True for the first refusal of ``kind`` for ``key`` in each ``log_interval``.

@@ -110,8 +110,9 @@ class Server:
 
     def limit_request(self, conn: ClientConnection) -> Refusal | None:
         limiter = self.limiter
-        # Fast path, taken on every request with limits off or without a request rate:
-        # Limiter.requests_unlimited() inlined (this runs once per proxied request).
+        # Fast path, taken on every request with limits off or without a request rate: then
+        # on_request() could only refuse above the ceiling (after a reload lowered it). Two
+        # attribute tests, no clock read or client lookup: this runs once per proxied request.
         if not limiter.limits_requests and limiter.active <= limiter.ceiling:
             return None
         key = conn.limit_key

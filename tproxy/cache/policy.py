@@ -776,7 +776,7 @@ def request_is_plain(request_headers: Headers) -> bool:
 
 
 class HotEntry:
-    """What :func:`decide_hit` needs from a stored response, derived once per entry.
+    """What :func:`plain_fresh` needs from a stored response, derived once per entry.
 
     ``memo`` is for the shell: serialised forms of the same immutable entry (head bytes)."""
 
@@ -834,42 +834,6 @@ def plain_fresh(
             if lifetime - age > 0:
                 return age, lifetime
     return None
-
-
-def decide_hit(
-    request_method: bytes,
-    request_headers: Headers,
-    entry: CacheEntry | None,
-    now: float,
-    *,
-    plain: bool | None = None,
-    heuristic_fraction: float = DEFAULT_HEURISTIC_FRACTION,
-    heuristic_max: float = DEFAULT_HEURISTIC_MAX,
-) -> Decision:
-    """Exactly :func:`decide`, through :func:`plain_fresh` first when the request is plain
-    (``plain`` as :func:`request_is_plain` says; None: check here)."""
-    if entry is not None:
-        if plain is None:
-            plain = request_is_plain(request_headers)
-        if plain:
-            fresh = plain_fresh(
-                request_method,
-                request_headers,
-                entry,
-                now,
-                heuristic_fraction=heuristic_fraction,
-                heuristic_max=heuristic_max,
-            )
-            if fresh is not None:
-                return Decision(Kind.FRESH, "fresh", fresh[0], fresh[1])
-    return decide(
-        request_method,
-        request_headers,
-        entry,
-        now,
-        heuristic_fraction=heuristic_fraction,
-        heuristic_max=heuristic_max,
-    )
 
 
 def stale_if_error_ok(
