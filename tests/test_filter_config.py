@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -327,3 +328,37 @@ def test_check_lists_refuses_a_config_the_daemon_would_refuse(tmp_path: Path) ->
     res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     assert res.returncode == 0, res
     assert "adult: 1 domains, 0 urls" in res.stdout
+
+
+def test_the_block_page_is_read_once_per_loaded_config(tmp_path: Path) -> None:
+    # The daemon makes the rules plan (rules_extras) before start/reload; the page read for the
+    # plan is the page the policy uses: the file is not opened a second time for the same load.
+    import asyncio
+    from types import SimpleNamespace
+
+    from tproxy.filter.component import FilterComponent
+
+    page = tmp_path / "block.html"
+    page.write_text("<p>first $url</p>")
+    text = (
+        f'[filter]\nblock_page = "{page}"\n\n'
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["x.example"]\n'
+    )
+    cfg = config.parse(tomllib.loads(text))
+    comp = FilterComponent(cfg)
+    comp.rules_extras(cfg)
+    page.unlink()  # gone after the plan was made: start must not need it again
+    server = SimpleNamespace(request_hooks=[], response_hooks=[])
+    daemon: Any = SimpleNamespace(
+        plan=SimpleNamespace(nfqueue_num=None, https_ports=()), components=[comp], server=server
+    )
+    asyncio.run(comp.start(daemon))
+    assert comp.policy.block_template == "<p>first $url</p>"
+    # A reload parses the config anew: its page is read (once) again.
+    page.write_text("<p>second $url</p>")
+    new = config.parse(tomllib.loads(text))
+    daemon.make_plan = lambda c: SimpleNamespace(nfqueue_num=None, https_ports=())
+    comp.rules_extras(new)
+    page.write_text("<p>third $url</p>")
+    asyncio.run(comp.reload(daemon, new))
+    assert comp.policy.block_template == "<p>second $url</p>"

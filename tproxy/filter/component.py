@@ -141,7 +141,12 @@ def load_policy(cfg: FilterConfig) -> tuple[Policy, list[str]]:
 
     Returns the policy and the warnings to log (``file:line: reason`` for list problems).
     """
-    cfg = load_files(cfg)
+    return compile_policy(load_files(cfg))
+
+
+def compile_policy(cfg: FilterConfig) -> tuple[Policy, list[str]]:
+    """:func:`load_policy` for a config whose files :func:`load_files` has already read: the
+    category lists are loaded (blocking) and the policy compiled."""
     warnings: list[str] = []
     categories = Categories.empty()
     if cfg.used_categories:
@@ -275,6 +280,8 @@ class FilterComponent:
         self._sni_class: SniClass | None = None
         self._daemon: Daemon | None = None
         self._neigh_task: asyncio.Task[None] | None = None
+        # (section as parsed, section with its files read): see _files.
+        self._loaded: tuple[FilterConfig, FilterConfig] | None = None
 
     # -- shaping hook -----------------------------------------------------------------------
 
@@ -298,7 +305,7 @@ class FilterComponent:
         # adopts the new config: a missing category folder or a broken block page refuses it
         # here, while nothing has changed yet (shaping would already have moved its classes
         # if only our own reload() refused).
-        policy = Policy.compile(load_files(filter_config(cfg)))
+        policy = Policy.compile(self._files(filter_config(cfg)))
         extras: dict[str, Any] = {}
         if sni_can_deny(policy) or _shaping_needs_sni(cfg):
             extras.update(https_ports=HTTPS_PORTS, nfqueue_num=NFQUEUE_NUM)
@@ -308,7 +315,7 @@ class FilterComponent:
 
     async def start(self, daemon: Daemon) -> None:
         self._daemon = daemon
-        policy, warnings = await asyncio.to_thread(load_policy, self.fcfg)
+        policy, warnings = await asyncio.to_thread(self._load_policy, self.fcfg)
         self._adopt(policy, warnings)
         self._sync_hooks()
         if self._sni_class is None:
@@ -323,8 +330,8 @@ class FilterComponent:
     async def reload(self, daemon: Daemon, cfg: Config) -> None:
         fcfg = filter_config(cfg)
         try:
-            policy, warnings = await asyncio.to_thread(load_policy, fcfg)
-        except ConfigError:  # a folder or the block page went away since rules_extras looked
+            policy, warnings = await asyncio.to_thread(self._load_policy, fcfg)
+        except ConfigError:  # a category folder went away since rules_extras looked
             raise
         except Exception as exc:  # compile problems the config check could not foresee
             raise ConfigError(cfg.path, "filter", f"cannot compile the filter: {exc}") from None
@@ -408,6 +415,23 @@ class FilterComponent:
             daemon.server.response_hooks.remove(self.on_response)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _files(self, fcfg: FilterConfig) -> FilterConfig:
+        """``load_files(fcfg)``, read once per loaded config: the daemon asks for the rules
+        plan (:meth:`rules_extras`) before :meth:`start`/:meth:`reload`, and a reload makes the
+        plan twice, so without this the block page and the folders were read three times per
+        SIGHUP. Keyed on the section object's identity: every config load (start, SIGHUP)
+        parses a new one, so an edited block page is read again on the next reload."""
+        cached = self._loaded
+        if cached is not None and cached[0] is fcfg:
+            return cached[1]
+        loaded = load_files(fcfg)
+        self._loaded = (fcfg, loaded)
+        return loaded
+
+    def _load_policy(self, fcfg: FilterConfig) -> tuple[Policy, list[str]]:
+        """:func:`load_policy` with the files :meth:`rules_extras` read (blocking)."""
+        return compile_policy(self._files(fcfg))
 
     def _adopt(self, policy: Policy, warnings: list[str]) -> None:
         for text in warnings:
