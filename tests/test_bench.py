@@ -97,6 +97,17 @@ def test_bench_short_measures_every_cell(bench_json: dict[str, Any]) -> None:
         assert run["idle_conns"] >= 1
     assert ("noproxy", IDLE) not in cells
 
+    # 16m is also measured routed right beside each proxy's cell (scripts/bench.py PAIRED), on
+    # the origin port nobody intercepts: a ratio per proxy, and the target line uses it.
+    paired = {(p["config"], p["scenario"]): p for p in bench_json["paired"]}
+    assert set(paired) == {("squid", "16m"), ("tproxy", "16m")}
+    for (config, scenario), p in paired.items():
+        assert len(p["ratios"]) == 1 and _positive(p["ratio"]) and _positive(p["routed"])
+        # It went around the proxy: the proxy's CPU per request stayed a sliver of its own.
+        assert p["proxy_cpu_us_per_req"] < 0.1 * cells[(config, scenario)]["cpu_us_per_req"]
+    assert "16m tproxy MB/s / routed beside it" in bench_json["_stdout"]
+    assert "16m MB/s >= 0.9x routed (paired)" in bench_json["_stdout"]
+
     # The table on stdout carries the ratios to Squid.
     assert "rps÷sq" in bench_json["_stdout"]
     assert set(bench_json["pending"]) <= {"1k-hit-ka", "1k-hit-close", "64k-hit-disk"}
