@@ -687,23 +687,33 @@ class Cache:
         head = ex.head
         method = head.method
         tier_result = "TCP_MEM_HIT" if obj.tier == "memory" else "TCP_HIT"
-        x_cache = b"HIT" if self.cfg.x_cache_header else None
-        fields = [(n, v) for n, v in policy.hit_headers(entry, age, x_cache)
-                  if n.lower() not in FRAMING]  # fmt: skip
+        x_cache = self.cfg.x_cache_header
+        age_bytes = policy.age_value(age)
+        fields = _hit_fields(entry)
         cond = policy.evaluate_conditionals(method, head.headers, list(entry.headers), entry.status)
         keep = head.keep_alive and not conn.server.draining
         ex.client_keep_alive = keep
         ex.content_type = _content_type(entry)
+
+        def hit_head(
+            status: int,
+            reason: bytes,
+            fields: policy.Headers,
+            extra: policy.Headers,
+            length: int | None,
+        ) -> bytes:
+            parts = _hit_head(status, reason, fields, x_cache, extra, length, head.version, keep)
+            return parts[0] + age_bytes + parts[1]
+
         if cond is not None:
             obj.close()
             status = cond
-            out = policy.not_modified_headers(fields) if status == 304 else []
             if status == 304:
-                out.append((b"Age", policy.age_value(age)))
-                if x_cache is not None:
-                    out.append((b"X-Cache", x_cache))
-            data = _head(status, b"Not Modified" if status == 304 else b"Precondition Failed",
-                         out, 0 if status == 412 else None, head.version, keep)  # fmt: skip
+                # RFC 9110 §15.4.5: the stored response's validator and caching fields.
+                not_modified = policy.not_modified_headers(entry.headers)
+                data = hit_head(304, b"Not Modified", not_modified, (), None)
+            else:
+                data = _head(status, b"Precondition Failed", [], 0, head.version, keep)
             self.counters.ims_hits += 1
             conn.respond_local(ex, data, status, result or "TCP_IMS_HIT")
             return True
@@ -711,19 +721,20 @@ class Cache:
         plan = policy.plan_range(method, head.headers, list(entry.headers), length, entry.status)
         status, reason = entry.status, entry.reason or b"OK"
         start, end = 0, length - 1
+        extra: policy.Headers = ()
         if plan.status == 206 and plan.ranges:
             status, reason = 206, b"Partial Content"
             start, end = plan.ranges[0]
-            fields.append((b"Content-Range", plan.content_range or b""))
+            extra = ((b"Content-Range", plan.content_range or b""),)
         elif plan.status == 416:
             obj.close()
             fields = [(n, v) for n, v in fields if n.lower() != b"content-type"]
-            fields.append((b"Content-Range", plan.content_range or b"bytes */%d" % length))
-            data = _head(416, b"Range Not Satisfiable", fields, 0, head.version, keep)
+            extra = ((b"Content-Range", plan.content_range or b"bytes */%d" % length),)
+            data = hit_head(416, b"Range Not Satisfiable", fields, extra, 0)
             conn.respond_local(ex, data, 416, result or tier_result)
             return True
         body_len = end - start + 1 if length else 0
-        data_head = _head(status, reason, fields, body_len, head.version, keep)
+        data_head = hit_head(status, reason, fields, extra, body_len)
         if obj.tier == "memory" and result is None:
             self.counters.mem_hits += 1
         elif result is None:
@@ -748,20 +759,17 @@ class Cache:
 class _HitHead:
     """A stored response's head as serve() writes it, split around the Age value."""
 
-    prefix: bytes  # status line, stored fields (hit_headers minus framing), "Age: "
+    prefix: bytes  # status line, stored fields (_hit_fields), "Age: "
     suffix: bytes  # "\r\n" after Age, X-Cache, Content-Length, Connection, blank line
     content_type: str
 
     @classmethod
     def build(cls, entry: CacheEntry, shape: tuple[bool, bool, bool, int]) -> _HitHead:
         x_cache, keep, http10, length = shape
-        # The order of policy.hit_headers(): stored fields, Age, X-Cache.
-        fields = [(n, v) for n, v in entry.headers
-                  if n.lower() not in policy.HIT_REPLACED and n.lower() not in FRAMING]  # fmt: skip
-        prefix = _head_start(entry.status, entry.reason or b"OK", fields) + b"Age: "
-        after = [(b"X-Cache", b"HIT")] if x_cache else []
-        suffix = b"\r\n" + _head_start(None, b"", after)
-        suffix += _head_end(length, b"1.0" if http10 else b"1.1", keep)
+        prefix, suffix = _hit_head(
+            entry.status, entry.reason or b"OK", _hit_fields(entry), x_cache, (), length,
+            b"1.0" if http10 else b"1.1", keep,
+        )  # fmt: skip
         return cls(prefix, suffix, _content_type(entry))
 
 
@@ -790,6 +798,34 @@ def _content_type(entry: CacheEntry) -> str:
     return media_type(entry.fields.one(b"content-type")) or "-"
 
 
+def _hit_fields(entry: CacheEntry) -> list[policy.Header]:
+    """:func:`policy.hit_fields` without the stored framing fields: the proxy frames the body
+    it sends itself (RFC 9112 §6; Content-Length and Connection come from :func:`_head_end`)."""
+    return [(n, v) for n, v in policy.hit_fields(entry) if n.lower() not in FRAMING]
+
+
+def _hit_head(
+    status: int,
+    reason: bytes,
+    fields: policy.Headers,
+    x_cache: bool,
+    extra: policy.Headers,
+    length: int | None,
+    client_version: bytes,
+    keep_alive: bool,
+) -> tuple[bytes, bytes]:
+    """A head the cache answers with, split around the Age value: the status line, ``fields``
+    and ``"Age: "``; then the end of that line, X-Cache (when on), ``extra`` and the framing.
+
+    Stored fields, Age, X-Cache is the order of :func:`policy.hit_headers`; the Age value
+    (RFC 9111 §5.1) goes between the parts. serve() joins them for each hit, serve_plain()
+    keeps them per entry and shape (:class:`_HitHead`)."""
+    prefix = _head_start(status, reason, fields) + b"Age: "
+    after = [(b"X-Cache", b"HIT"), *extra] if x_cache else list(extra)
+    suffix = b"\r\n" + _head_start(None, b"", after) + _head_end(length, client_version, keep_alive)
+    return prefix, suffix
+
+
 def _head(
     status: int,
     reason: bytes,
@@ -801,7 +837,7 @@ def _head(
     return _head_start(status, reason, fields) + _head_end(length, client_version, keep_alive)
 
 
-def _head_start(status: int | None, reason: bytes, fields: http1.Headers) -> bytes:
+def _head_start(status: int | None, reason: bytes, fields: policy.Headers) -> bytes:
     """The status line (None: none) and ``fields``."""
     out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)] if status is not None else []
     out.extend(n + b": " + v + b"\r\n" for n, v in fields)
