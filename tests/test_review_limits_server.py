@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
+
+import pytest
 
 from tests.inproc import Records, hand_over
 from tproxy import config
@@ -102,3 +105,27 @@ def test_exempt_client_and_a_reload_that_lifts_the_limit() -> None:
             await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_apply_limits_gives_the_log_throttle_the_new_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reload's log_interval reaches the per-client diagnostics throttle, not only the
+    limiter: a line held back under the old hour is let through under the new interval."""
+    server = make_server({"log_interval": "1h"})
+    logger = logging.getLogger("tproxy.test.throttle")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger.name]
+
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        server.log_throttled(logger, "10.0.0.1", "kind", logging.INFO, "first")
+        server.log_throttled(logger, "10.0.0.1", "kind", logging.INFO, "held")
+        assert lines() == ["first"]
+        config.load(None)
+        short = config.parse({"limits": {"log_interval": "1ms"}}).section("limits", LimitsConfig)
+        server.apply_limits(short, time.monotonic())
+        assert server.limiter.cfg is short
+        time.sleep(0.01)
+        server.log_throttled(logger, "10.0.0.1", "kind", logging.INFO, "again")
+    assert lines() == ["first", "again (1 more like it since the last such line)"]

@@ -331,7 +331,7 @@ class Daemon:
             self.access_log.reopen(new.log.access_log)
             self.cfg = new
             self.server.cfg = new
-            self.server.limiter.reconfigure(new.section("limits", LimitsConfig), time.monotonic())
+            self.server.apply_limits(new.section("limits", LimitsConfig), time.monotonic())
             check_fd_budget(self.server.limiter.cfg.max_connections)
             log.info("reloaded %s", new.path)
         except ConfigError as exc:

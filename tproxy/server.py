@@ -108,6 +108,13 @@ class Server:
         self.note_refusal(key, refusal, now)
         return False
 
+    def apply_limits(self, cfg: LimitsConfig, now: float) -> None:
+        """Adopt a reloaded ``[limits]``: the limiter keeps its counts and buckets
+        (:meth:`Limiter.reconfigure`), and the diagnostics throttle takes the new
+        log_interval here, once, instead of on every throttled line."""
+        self.limiter.reconfigure(cfg, now)
+        self.log_throttle.interval = cfg.log_interval
+
     def limit_request(self, conn: ClientConnection) -> Refusal | None:
         limiter = self.limiter
         # Fast path, taken on every request with limits off or without a request rate: then
@@ -136,7 +143,6 @@ class Server:
         log_interval ago; the next line says how many were held back meanwhile."""
         if not logger.isEnabledFor(level):
             return
-        self.log_throttle.interval = self.limiter.cfg.log_interval  # follows a reload
         held = self.log_throttle.allow((key, kind), time.monotonic())
         if held is None:
             return
