@@ -44,19 +44,30 @@ FDS_PER_CONNECTION = 2
 FD_RESERVE = 256
 
 
+def fd_plan(max_connections: int, soft: int, hard: int) -> tuple[int, int | None]:
+    """The descriptor sizing rule, pure: ``(needed, soft limit to set)`` for ``max_connections``
+    given the current soft and hard RLIMIT_NOFILE (``resource.RLIM_INFINITY``: unlimited).
+
+    The soft limit to set is None when the current one suffices or cannot be raised; else the
+    need, capped at the hard limit (an unprivileged process may raise its soft limit up to the
+    hard one, getrlimit(2))."""
+    need = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return need, None
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    return need, want if want > soft else None
+
+
 def fd_budget(max_connections: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE toward what ``max_connections`` needs (up to the hard
-    limit, which an unprivileged process may do, getrlimit(2)); returns (limit, needed).
+    """Raise the soft RLIMIT_NOFILE toward what ``max_connections`` needs (:func:`fd_plan`);
+    returns (limit, needed).
 
     Started by hand the soft limit is often 1024 (systemd's DefaultLimitNOFILE=1024:524288 for
     select() compatibility; we use epoll): the descriptors would run out at ~500 connections,
     long before the limits.max_connections ceiling that is meant to refuse cleanly."""
-    need = max_connections * FDS_PER_CONNECTION + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return soft, need
-    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
-    if want > soft:
+    need, want = fd_plan(max_connections, soft, hard)
+    if want is not None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
             soft = want
