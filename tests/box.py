@@ -221,6 +221,8 @@ class Box:
     init_pid: int = 0
     origin: subprocess.Popen[bytes] | None = None
     console: Path | None = None
+    # A directory this box made to offer several .debs under /debs; removed in teardown.
+    staged: Path | None = None
 
     @property
     def machine(self) -> str:
@@ -386,11 +388,28 @@ class Box:
             time.sleep(0.1)
         raise RuntimeError("origin server did not start")
 
-    def install(self, deb: Path) -> subprocess.CompletedProcess[str]:
+    def install(
+        self, deb: Path, dpkg_options: Sequence[str] = (), *, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``apt-get install /debs/<deb>`` as an unattended admin would run it.
+
+        stdin is /dev/null, so a dpkg conffile question (which DEBIAN_FRONTEND does not
+        silence: it is dpkg's, not debconf's) fails the install instead of hanging the test.
+        ``dpkg_options`` are passed as ``-o Dpkg::Options::=...`` (e.g. ``--force-confold``).
+        """
+        opts = "".join(f" -o Dpkg::Options::={o}" for o in dpkg_options)
         return self.sh(
-            f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q /debs/{deb.name}",
+            f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q{opts} /debs/{deb.name}"
+            " </dev/null 2>&1",
             timeout=180,
+            check=check,
         )
+
+    def package_version(self, name: str = "tproxy") -> str:
+        """The installed version of ``name`` with its dpkg status, e.g. 'install ok installed 1.0'."""
+        return self.sh(
+            f"dpkg-query -W -f='${{Status}} ${{Version}}' {name}", check=False
+        ).stdout.strip()
 
     def teardown(self) -> None:
         """Stop everything this box started; safe to call twice and after partial setup."""
@@ -416,14 +435,40 @@ class Box:
             run(["ip", "netns", "del", ns], check=False)
         if self.console is not None:
             self.console.unlink(missing_ok=True)
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
+
+
+def stage_debs(debs: Sequence[Path], where: Path) -> Path:
+    """One directory holding every deb (hard links where possible), to bind at /debs."""
+    where.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        target = where / deb.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(deb, target)
+        except OSError:  # another file system
+            shutil.copy2(deb, target)
+    return where
+
+
+def upgrade_version(version: str) -> str:
+    """A version that dpkg sorts after ``version`` and that is still PEP 440 (one '+' only),
+    so scripts/package --version accepts it: 0.1.0 -> 0.1.0+upgrade.1."""
+    return f"{version}.upgrade.1" if "+" in version else f"{version}+upgrade.1"
 
 
 @contextlib.contextmanager
-def booted_box(deb: Path) -> Iterator[Box]:
-    """Boot a box with ``deb``'s dependencies available, wire it, start the origin."""
-    root = ensure_rootfs(deb_dependencies(deb))
+def booted_box(deb: Path, *more: Path) -> Iterator[Box]:
+    """Boot a box with the debs' dependencies available, wire it, start the origin.
+
+    ``deb`` and ``more`` (e.g. a later version to upgrade to) are all under /debs in the box.
+    """
+    root = ensure_rootfs(sorted({d for p in (deb, *more) for d in deb_dependencies(p)}))
     box = Box(root=root, debdir=deb.parent)
     try:
+        if any(p.parent != deb.parent for p in more):
+            box.staged = box.debdir = stage_debs((deb, *more), CACHE_DIR / f"debs-{box.tag}")
         box.boot()
         box.wire()
         box.start_origin()

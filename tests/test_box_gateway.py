@@ -1,8 +1,9 @@
 """The .deb on a real Debian gateway: systemd as PID 1 in systemd-nspawn (tests/box.py).
 
 The box tests run in file order against one booted box (module fixture): install, intercept,
-reload, SIGKILL, SIGSTOP, stop, purge — the life of the package on an admin's gateway. Each test
-leaves the unit running again for the next, except the last two, which end it.
+reload, SIGKILL, SIGSTOP, log rotation, upgrade to a second version built from the same tree,
+stop, remove, purge — the life of the package on an admin's gateway. Each test leaves the unit
+running again for the next, except the last three, which end it.
 
 The shipped conffile itself (every option documented with its default) is checked without a box
 in tests/test_conffile.py.
@@ -10,6 +11,7 @@ in tests/test_conffile.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,6 +64,29 @@ def _built_deb() -> Path:
     return debs[-1]
 
 
+def _upgrade_deb(base: Path) -> Path:
+    """$TPROXY_UPGRADE_DEB if set, else the tree packaged as the next version after ``base``
+    (scripts/package --version), cached beside the box's root file system and rebuilt when the
+    sources or the base package are newer."""
+    if os.environ.get("TPROXY_UPGRADE_DEB"):
+        return Path(os.environ["TPROXY_UPGRADE_DEB"]).resolve()
+    version = box.upgrade_version(box.run(["dpkg-deb", "-f", str(base), "Version"]).stdout.strip())
+    dest = box.CACHE_DIR / "upgrade"
+    debs = list(dest.glob(f"tproxy_{version}_*.deb"))
+    newest = max(_sources_newest(), base.stat().st_mtime)
+    if debs and debs[0].stat().st_mtime >= newest:
+        return debs[0]
+    for old in dest.glob("tproxy_*.deb"):
+        old.unlink()
+    # No lintian: the base package from the same tree was checked; this only differs in version.
+    box.run(
+        [str(REPO / "scripts" / "package"), "--version", version, "--dest", str(dest),
+         "--no-lintian"],
+        timeout=600,
+    )  # fmt: skip
+    return next(dest.glob(f"tproxy_{version}_*.deb"))
+
+
 def _box_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
@@ -72,12 +97,19 @@ def _box_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[box.Box]:
+def debs() -> tuple[Path, Path]:
+    """The package under test and the same tree packaged as a later version."""
     reason = _box_unavailable()
     if reason:
         pytest.skip(reason)
     deb = _built_deb()
-    with box.booted_box(deb) as b:
+    return deb, _upgrade_deb(deb)
+
+
+@pytest.fixture(scope="module")
+def gateway(debs: tuple[Path, Path]) -> Iterator[box.Box]:
+    deb, upgrade = debs
+    with box.booted_box(deb, upgrade) as b:
         # An admin's config management writes the config before installing, so the unit starts
         # intercepting straight from the postinst. --force-confold keeps it over the shipped one.
         b.sh("mkdir -p /etc/tproxy && cat > /etc/tproxy/tproxy.toml <<'EOF'\n" + BOX_CONFIG + "EOF")
@@ -302,6 +334,95 @@ def test_logrotate_makes_the_daemon_reopen_its_log(gateway: box.Box) -> None:
         5.0,
     )
     assert _main_pid(b) == pid, "log rotation restarted the daemon"
+
+
+def _journal_cursor(b: box.Box) -> str:
+    out = b.sh("journalctl -u tproxy.service -n 1 --show-cursor --no-pager -o cat").stdout
+    m = re.search(r"^-- cursor: (\S+)$", out, re.M)
+    assert m, out
+    return m.group(1)
+
+
+def _unit_journal_since(b: box.Box, cursor: str) -> list[str]:
+    return b.sh(
+        f"journalctl -u tproxy.service --after-cursor '{cursor}' --no-pager -o cat"
+    ).stdout.splitlines()
+
+
+def _daemon_pids(b: box.Box) -> list[int]:
+    """Every tproxy daemon process in the box (not just the unit's main one)."""
+    out = b.sh("ps -eo pid=,args=").stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "/usr/bin/tproxy run" in line]
+
+
+def _chains(b: box.Box) -> list[str]:
+    out = b.sh("iptables-save; ip6tables-save").stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.startswith(":TPROXY"))
+
+
+@pytest.mark.box
+def test_upgrade_keeps_the_admins_config_and_restarts_once(
+    gateway: box.Box, debs: tuple[Path, Path]
+) -> None:
+    """``apt install ./tproxy_<new>.deb`` over a running, configured tproxy, unattended.
+
+    dh_installsystemd (compat 13) leaves the unit running through the unpack (prerm
+    ``upgrade`` does not stop it) and restarts it once from postinst ``configure <old>``; the
+    shipped conffile is unchanged, so dpkg keeps the admin's edited one without a question
+    (deb-conffiles(5)) even without --force-confold.
+    """
+    b = gateway
+    deb, upgrade = debs
+    _wait_active(b)
+    old_version = b.package_version().rsplit(" ", 1)[-1]
+    assert old_version == box.run(["dpkg-deb", "-f", str(deb), "Version"]).stdout.strip()
+    new_version = box.run(["dpkg-deb", "-f", str(upgrade), "Version"]).stdout.strip()
+    box.run(["dpkg", "--compare-versions", new_version, "gt", old_version])
+    b.sh("echo '# edited by the admin before the upgrade' >> /etc/tproxy/tproxy.toml")
+    config_before = b.sh("cd /etc/tproxy && sha256sum *").stdout
+    rules_before, chains_before = _tproxy_rules(b), _chains(b)
+    assert "TPROXY-" in rules_before
+    old_pid = _main_pid(b)
+    cursor = _journal_cursor(b)
+
+    start = time.monotonic()
+    out = b.install(upgrade, check=False)
+    print(f"upgrade {old_version} -> {new_version} took {time.monotonic() - start:.1f}s")
+    assert out.returncode == 0, out.stdout
+    assert b.package_version() == f"install ok installed {new_version}"
+    assert "Configuration file" not in out.stdout, out.stdout  # no conffile question asked
+
+    # The admin's file byte for byte, and nothing new parked beside it (.dpkg-new, .dpkg-old;
+    # the .dpkg-dist from the first install's --force-confold is untouched).
+    assert b.sh("cd /etc/tproxy && sha256sum *").stdout == config_before
+
+    # Restarted exactly once, on the new code, and the old process is gone.
+    _wait_active(b)
+    journal = _unit_journal_since(b, cursor)
+    starts = [line for line in journal if line.startswith("Started tproxy")]
+    stops = [line for line in journal if line.startswith("Stopping tproxy")]
+    assert len(starts) == 1 and len(stops) == 1, "\n".join(journal)
+    new_pid = _main_pid(b)
+    assert new_pid not in (0, old_pid)
+    assert _daemon_pids(b) == [new_pid]
+    assert b.sh("tproxy --version").stdout.strip() == f"tproxy {new_version}"
+    status = json.loads(b.sh("tproxy status --json").stdout)
+    assert status["version"] == new_version and status["pid"] == new_pid, status
+
+    # The same rules as before, once each: the old process's were flushed, not left behind.
+    rules_after, chains_after = _tproxy_rules(b), _chains(b)
+    assert sorted(rules_after.splitlines()) == sorted(rules_before.splitlines()), rules_after
+    assert chains_after == chains_before and len(set(chains_after)) == len(chains_after)
+    _forwarding(b, False)
+    try:
+        assert b.curl("/?after-upgrade").stdout == "200", "the upgraded daemon does not intercept"
+    finally:
+        _forwarding(b, True)
+    b.wait_for(
+        "the upgraded daemon's access log line",
+        lambda: "after-upgrade" in b.sh("cat /var/log/tproxy/access.log", check=False).stdout,
+        5.0,
+    )
 
 
 @pytest.mark.box
