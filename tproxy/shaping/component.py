@@ -39,7 +39,7 @@ import ipaddress
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -191,6 +191,48 @@ def response_facts(facts: FlowFacts, head: http1.ResponseHead, hit: bool) -> Flo
         content_type=media_type(ctype),
         response_size=head.content_length,
         cache="hit" if hit else "miss",
+    )
+
+
+def tree_intact(ifaces: Sequence[str], sampled: Collection[tuple[str, int]]) -> bool:
+    """Whether every interface still carries our tree: its counters (``(iface, classid)``
+    keys) include the class of unshaped traffic, which every tree of ours has. An interface
+    deleted and created again comes back with the kernel's default qdisc and lacks it."""
+    return all((iface, UNSHAPED_CLASSID) in sampled for iface in ifaces)
+
+
+@dataclass(frozen=True)
+class KernelVerdict:
+    """What :meth:`ShapingComponent.check_kernel` logs and keeps after a look at the kernel."""
+
+    problems: tuple[str, ...]  # what could not be repaired (remembered: logged once per change)
+    error: str | None  # for status()
+    repaired: tuple[str, ...] = ()  # interfaces whose classes were put back (one warning)
+    report: tuple[str, ...] = ()  # problems to log now: they differ from the last ones
+    recovered: bool = False  # every interface carries its classes again after problems
+
+
+def judge_kernel(
+    reported: tuple[str, ...], repair: tuple[Sequence[str], Sequence[str]] | None
+) -> KernelVerdict | None:
+    """The repair/log decision, pure. ``reported``: the problems logged last time; ``repair``:
+    ``(actions, problems)`` of a repair that ran, None when the tree was intact (no repair).
+    None: nothing to log or change.
+
+    An operator's own qdisc, or an interface still missing, is logged when it first appears
+    and again only when the set of problems changes, not every COUNTER_INTERVAL."""
+    if repair is None:
+        if not reported:
+            return None
+        return KernelVerdict((), None, recovered=True)
+    actions, problems = repair
+    current = tuple(problems)
+    return KernelVerdict(
+        problems=current,
+        error="; ".join(current) or None,
+        # An action reads "<iface>: <what>"; one name per interface, in order.
+        repaired=tuple(dict.fromkeys(a.split(":", 1)[0] for a in actions)),
+        report=current if current != reported else (),
     )
 
 
@@ -375,27 +417,30 @@ class ShapingComponent:
         now = time.monotonic()
         self.counters = with_rates(self.counters, sample, now - self.counters_at)
         self.counters_at = now
-        if all((i, UNSHAPED_CLASSID) in sample for i in ifaces):
-            if self._repair_problems:
-                log.info("shaping: every interface carries its classes again")
-                self._repair_problems = ()
-                self.error = None
-            return
-        try:
-            actions, problems = await asyncio.to_thread(repair_plan, self.plan)
-        except ShapingError as exc:
-            actions, problems = [], [str(exc)]
-        if actions:
+        if tree_intact(ifaces, sample):
+            verdict = judge_kernel(self._repair_problems, None)
+        else:
+            try:
+                actions, problems = await asyncio.to_thread(repair_plan, self.plan)
+            except ShapingError as exc:
+                actions, problems = [], [str(exc)]
+            verdict = judge_kernel(self._repair_problems, (actions, problems))
+        if verdict is not None:
+            self._adopt(verdict)
+
+    def _adopt(self, verdict: KernelVerdict) -> None:
+        """Log and keep what :func:`judge_kernel` decided."""
+        if verdict.recovered:
+            log.info("shaping: every interface carries its classes again")
+        if verdict.repaired:
             log.warning(
                 "shaping: re-applied the classes on %s (the interface lost its qdisc)",
-                ", ".join(dict.fromkeys(a.split(":", 1)[0] for a in actions)),
+                ", ".join(verdict.repaired),
             )
-        if tuple(problems) != self._repair_problems:
-            # Once per change of state, not every COUNTER_INTERVAL.
-            for problem in problems:
-                log.warning("shaping: not shaping: %s", problem)
-            self._repair_problems = tuple(problems)
-        self.error = "; ".join(problems) or None
+        for problem in verdict.report:
+            log.warning("shaping: not shaping: %s", problem)
+        self._repair_problems = verdict.problems
+        self.error = verdict.error
 
     # -- hooks --------------------------------------------------------------------------------
 
