@@ -921,7 +921,7 @@ class ClientConnection(_Side):
 
     def on_request_events(self, events: list[http1.Event]) -> None:
         for event in events:
-            if self.state == CLOSING:
+            if self.state in (CLOSING, LINGER):
                 return
             if isinstance(event, Body):
                 self.request_body(event.data)
@@ -1077,9 +1077,10 @@ class ClientConnection(_Side):
         ex = self.exchange
         self.server.stats.bad_requests += 1
         if self.discarding is not None:
-            # The body of a request we already answered is malformed: just hang up.
+            # The body of a request we already answered is malformed: hang up, in stages
+            # (the answer may still be on its way while the client sends).
             self.discarding = None
-            self.close()
+            self.linger_close()
             return
         if ex is not None and (ex.upstream is not None or self.connecting is not None):
             # The head already went upstream: the origin must not see a complete request.
@@ -1095,7 +1096,13 @@ class ClientConnection(_Side):
             self.write(error_response(event.status, event.reason))
             self.access_simple(event.status, "TCP_DENIED" if ex is None else "TCP_MISS_ABORTED")
         self.exchange = None
-        self.close()
+        if ex is None:
+            self.close()
+            return
+        # RFC 9112 §9.6: a malformed body came in while the client is still sending the rest
+        # of it; closing now would answer those bytes with a reset, which destroys the error
+        # response if the client has not read it yet. Close in stages instead.
+        self.linger_close()
 
     def access_simple(self, status: int, result: str) -> None:
         self.server.access(
