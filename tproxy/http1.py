@@ -108,6 +108,7 @@ __all__ = [
     "ResponseParser",
     "Sniff",
     "Tunnel",
+    "chunk_pieces",
     "encode_chunk",
     "encode_last_chunk",
     "forward_framing",
@@ -1209,11 +1210,21 @@ _NOT_TRAILERS = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, b"trailer", b"conten
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def encode_chunk(data: bytes) -> bytes:
-    """One chunk; empty data gives b"" (a zero-size chunk would end the body)."""
+_NO_CHUNK = (b"", b"", b"")
+
+
+def chunk_pieces(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """``data`` framed as one chunk (RFC 9112 §7.1: chunk-size CRLF chunk-data CRLF), in the
+    three pieces a gather write sends without joining them. Empty data gives empty pieces: a
+    zero-size chunk is the last chunk and would end the body."""
     if not data:
-        return b""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+        return _NO_CHUNK
+    return (b"%x\r\n" % len(data), data, b"\r\n")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk as one bytes object (``chunk_pieces`` joined); empty data gives b""."""
+    return b"".join(chunk_pieces(data))
 
 
 def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:

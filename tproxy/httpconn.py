@@ -709,8 +709,8 @@ class ClientConnection(_Side):
             out = http1.encode_chunk(data) if chunked else data
             self.write(head + out if head else out)
             return
-        if chunked:  # RFC 9112 §7.1: chunk-size CRLF chunk-data CRLF
-            parts: tuple[bytes, ...] = (head, b"%x\r\n" % len(data), data, b"\r\n")
+        if chunked:
+            parts: tuple[bytes, ...] = (head, *http1.chunk_pieces(data))
         elif head:
             parts = (head, data)
         else:
