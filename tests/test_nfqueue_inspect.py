@@ -9,7 +9,7 @@ from typing import Any
 
 import dpkt
 
-from tests.test_tls_sni import ipv4, ipv6, real_hello, tcp_header
+from tests.test_tls_sni import ipv4, ipv6, real_hello, tcp_header, with_extensions
 from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, MARK_VERDICT_RESET
 from tproxy.nfqueue import (
     MAX_HELLO_SEGMENTS,
@@ -116,9 +116,38 @@ def test_incomplete_hello_is_decided_within_the_queue_budget() -> None:
         insp, hello[: MAX_HELLO_SEGMENTS * 5], [5 * i for i in range(1, MAX_HELLO_SEGMENTS)]
     )
     assert [o.action for o in outs[:-1]] == [Action.PASS] * (MAX_HELLO_SEGMENTS - 1)
-    # No name yet after the last segment the kernel still queues: decided without one.
+    # No name yet after the last segment the kernel still queues, and 5-byte segments: cut on
+    # purpose (the name would arrive after the queue budget), so the flow is reset.
+    assert outs[-1].action is Action.RESET and outs[-1].sni is None
+    assert "cut into 6 segments of 5 bytes" in outs[-1].evasion
+    assert decide.asked == [] and insp.stats.evasions == 1
+    # A client the filter does not judge by name (the hook says no) is decided as before.
+    seen: list[str] = []
+
+    def not_filtered(client: str, mac: str | None, server: str, port: int, what: str) -> bool:
+        seen.append(what)
+        return False
+
+    insp = FlowInspector(decide, evasion=not_filtered)
+    outs = flow(
+        insp, hello[: MAX_HELLO_SEGMENTS * 5], [5 * i for i in range(1, MAX_HELLO_SEGMENTS)]
+    )
     assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
-    assert "no complete ClientHello" in decide.asked[0][3]
+    assert "no complete ClientHello" in decide.asked[0][3] and len(seen) == 1
+
+
+def test_a_large_hello_in_full_segments_is_not_an_evasion() -> None:
+    # A hello whose name lies beyond six full-sized segments (padding first) is merely large:
+    # decided without a name (sni_default), as before.
+    decide = Decisions()
+    insp = FlowInspector(decide)
+    name = b"big.bad.example"
+    sni_ext = struct.pack("!HBH", len(name) + 3, 0, len(name)) + name
+    hello = with_extensions(real_hello(None), [(0x0015, bytes(5000)), (0, sni_ext)])
+    outs = flow(insp, hello, [700 * i for i in range(1, 8)])
+    decided = [o for o in outs if o.action is not Action.PASS]
+    assert decided[0].action is Action.ACCEPT and decided[0].sni is None
+    assert decided[0].evasion == "" and insp.stats.evasions == 0
 
 
 def test_shaping_class_bits_ride_on_the_accept_mark() -> None:

@@ -51,15 +51,21 @@ from tproxy.netfilter.render import (
     MARK_VERDICT_ACCEPT,
     MARK_VERDICT_MASK,
     MARK_VERDICT_RESET,
+    NFQUEUE_PACKETS,
 )
 from tproxy.tls import (
+    CCS_RECORD_LEN,
+    CONTENT_CHANGE_CIPHER_SPEC,
+    SEQ_MOD,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
     ClientHelloAssembler,
     ClientHelloInfo,
     TcpSegment,
+    looks_like_hello_start,
     parse_ip_tcp,
+    parse_second_flight,
     sni_from_prefix,
 )
 
@@ -75,6 +81,14 @@ FLOW_TTL = 10.0
 # queues 8 packets per flow (SYN and ACK included), so decide by the 6th data segment at the
 # latest — a flow that leaves the queue undecided would bypass the filter.
 MAX_HELLO_SEGMENTS = 6
+# Smallest mean size (bytes) of the segments of a ClientHello still incomplete at the end of
+# the queue budget for it to count as merely large. 536 is the default send MSS (RFC 9293
+# §3.7.1, RFC 1122 §4.2.2.6), which every path carries: a real client fills each segment of
+# its hello up to the path MSS (usually 1200-1460) but the last, so six segments of a real
+# hello hold several KiB. A mean below it means the client cut its hello on purpose (DPI
+# evasion tools send a few bytes per segment) so that the name arrives after the kernel
+# stopped queueing: such a flow is reset rather than decided without a name.
+EVASION_SEGMENT_BYTES = 536
 # A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
 MIN_FORWARD_TTL = 1
 # Kernel queue length (packets awaiting a verdict). With fail-open, packets beyond it pass
@@ -119,12 +133,29 @@ class Outcome(NamedTuple):
     segment: TcpSegment | None = None
     sni: str | None = None
     ech: bool = False
+    # Why the flow was reset as an evasion (empty: a policy verdict, or no verdict yet).
+    evasion: str = ""
 
 
 # decide(client_ip, client_mac, server_ip, server_port, sni, ech, why_no_sni) -> FlowDecision
 Decide = Callable[[str, "str | None", str, int, "str | None", bool, str], FlowDecision]
 # sni_class(client_ip, sni or "") -> shaping mark bits (class << 8 | slot << 16; 0: none)
 SniClass = Callable[[str, str], int]
+# evasion(client_ip, client_mac, server_ip, server_port, what) -> reset the flow? The filter
+# answers True when the client is filtered by name (and logs it); without a hook: True.
+Evasion = Callable[[str, "str | None", str, int, str], bool]
+
+
+@dataclass
+class _Retry:
+    """An accepted flow whose verdict mark waits for what follows its ClientHello: a second
+    ClientHello (after a HelloRetryRequest) is checked before the flow leaves the queue."""
+
+    sni: str | None
+    ech: bool
+    mark: int
+    assembler: ClientHelloAssembler
+    segments: int = 0
 
 
 @dataclass
@@ -132,6 +163,10 @@ class _Flow:
     assembler: ClientHelloAssembler
     expires: float
     segments: int = 0
+    # Packets of the flow seen in the queue (SYN and pure ACKs included): the kernel queues
+    # the first NFQUEUE_PACKETS of each flow, so the last one must carry the verdict.
+    packets: int = 0
+    retry: _Retry | None = None
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -147,18 +182,37 @@ class InspectorStats:
     reset: int = 0
     no_sni: int = 0
     decoys: int = 0
+    evasions: int = 0
+    second_hellos: int = 0
     flows_evicted: int = 0
     errors: int = 0
 
 
 @dataclass
 class FlowInspector:
-    """The per-packet logic, free of I/O: raw packet bytes in, an :class:`Outcome` out."""
+    """The per-packet logic, free of I/O: raw packet bytes in, an :class:`Outcome` out.
+
+    A flow is decided on its ClientHello. Two evasions are answered (the ``evasion`` hook says
+    whether the client is filtered at all; its answer True resets the flow):
+
+    * a hello cut into tiny segments so that its name arrives after the kernel's queue budget
+      (:data:`EVASION_SEGMENT_BYTES`);
+    * a second ClientHello, sent after a HelloRetryRequest (RFC 8446 §4.1.4), that names
+      another server than the first. The kernel does not queue the server's packets, so the
+      HRR itself is not seen; instead an accepted TLS 1.3 flow keeps its verdict mark until
+      the client's next data — a second hello is checked, anything else (its encrypted
+      flight, a TLS 1.2 ClientKeyExchange) gets the mark at once — or until the last packet
+      the kernel queues, which always carries the mark.
+    """
 
     decide: Decide
     sni_class: SniClass | None = None
     max_flows: int = MAX_FLOWS
     flow_ttl: float = FLOW_TTL
+    evasion: Evasion | None = None
+    # Watch for a second ClientHello (see above). The queue shell turns it on; off, a flow
+    # gets its verdict mark on its first hello (one userspace round less per flow).
+    second_hello: bool = False
     flows: OrderedDict[tuple[str, int, str, int], _Flow] = field(default_factory=OrderedDict)
     stats: InspectorStats = field(default_factory=InspectorStats)
 
@@ -183,16 +237,18 @@ class FlowInspector:
         if flags & (TCP_RST | TCP_FIN):
             self.flows.pop(key, None)
             return Outcome(Action.PASS, segment=seg)
+        flow = self.flows.get(key)
         if flags & TCP_SYN:
-            flow = self.flows.get(key)
             if flow is None:
                 self._expire(now)
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
             else:
                 flow.assembler.syn(seg.seq)
-            if not seg.payload:
-                return Outcome(Action.PASS, segment=seg)
+        if flow is not None:
+            flow.packets += 1
+            if flow.retry is not None:
+                return self._after_hello(key, flow, seg, hw)
         if not seg.payload:
             return Outcome(Action.PASS, segment=seg)
         if seg.ttl <= MIN_FORWARD_TTL:
@@ -201,22 +257,99 @@ class FlowInspector:
             # tools send a harmless ClientHello this way before the real one. Not ours to judge.
             self.stats.decoys += 1
             return Outcome(Action.PASS, segment=seg)
-        flow = self.flows.get(key)
         if flow is None:
             # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
             self._expire(now)
-            flow = _Flow(ClientHelloAssembler(), now + self.flow_ttl)
+            flow = _Flow(ClientHelloAssembler(), now + self.flow_ttl, packets=1)
             self.flows[key] = flow
         flow.segments += 1
         info = flow.assembler.add(seg.seq, seg.payload)
-        if info.incomplete and flow.segments < MAX_HELLO_SEGMENTS:
+        last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= NFQUEUE_PACKETS
+        if info.incomplete and not last:
             return Outcome(Action.PASS, segment=seg)
         del self.flows[key]
         sni = info.sni if info.complete else None
         if info.incomplete:
             # Out of queue budget: a name that has already arrived still decides.
-            sni = sni_from_prefix(flow.assembler.contiguous())
-        return self._verdict(seg, hw, info, sni)
+            data = flow.assembler.contiguous()
+            sni = sni_from_prefix(data)
+            if sni is None:
+                what = _cut_hello(data, flow.segments, "ClientHello")
+                if what and self._is_evasion(seg, hw, what):
+                    return self._reset(seg, None, info.ech, what)
+        outcome = self._verdict(seg, hw, info, sni)
+        if (
+            outcome.action is Action.ACCEPT
+            and self.second_hello
+            and info.complete
+            and info.tls13
+            and flow.packets < NFQUEUE_PACKETS
+            and flow.assembler.start is not None
+        ):
+            # The verdict mark waits for what follows this hello (see the class docstring).
+            end = (flow.assembler.start + info.length - 1) % SEQ_MOD
+            after = ClientHelloAssembler(end, parse=parse_second_flight)
+            flow.retry = _Retry(sni, info.ech, outcome.mark, after)
+            self.flows[key] = flow
+            # Bytes after the hello in this segment (early data, a pipelined flight).
+            return self._after_hello(key, flow, seg, hw, counted=True)
+        return outcome
+
+    def _after_hello(
+        self,
+        key: tuple[str, int, str, int],
+        flow: _Flow,
+        seg: TcpSegment,
+        hw: bytes | None,
+        counted: bool = False,
+    ) -> Outcome:
+        """A packet of an accepted flow whose verdict mark waits (``flow.retry``)."""
+        retry = flow.retry
+        assert retry is not None
+        last = flow.packets >= NFQUEUE_PACKETS
+        info = retry.assembler.result
+        if seg.payload and seg.ttl > MIN_FORWARD_TTL:
+            if not counted:
+                retry.segments += 1
+            info = retry.assembler.add(seg.seq, seg.payload)
+        elif seg.payload:
+            self.stats.decoys += 1
+        if info.incomplete and not last and retry.segments < MAX_HELLO_SEGMENTS:
+            return Outcome(Action.PASS, segment=seg)
+        del self.flows[key]
+        second: str | None = None
+        what = ""
+        if info.complete:
+            self.stats.second_hellos += 1
+            second = info.sni
+            if second != retry.sni:
+                # RFC 8446 §4.1.2: after a HelloRetryRequest the client "MUST send the same
+                # ClientHello" but for listed extensions; server_name is not among them.
+                what = (
+                    f"second ClientHello (after a HelloRetryRequest) names "
+                    f"{second or '(no SNI)'}, the first named {retry.sni or '(no SNI)'}"
+                )
+        elif info.incomplete:
+            data = retry.assembler.contiguous()
+            second = sni_from_prefix(data[_ccs_len(data) :])
+            if second is not None and second != retry.sni:
+                what = (
+                    f"second ClientHello names {second}, the first named {retry.sni or '(no SNI)'}"
+                )
+            elif second is None:
+                what = _cut_hello(data[_ccs_len(data) :], retry.segments, "second ClientHello")
+        if what and self._is_evasion(seg, hw, what):
+            return self._reset(seg, second, retry.ech, what)
+        return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+
+    def _is_evasion(self, seg: TcpSegment, hw: bytes | None, what: str) -> bool:
+        hook = self.evasion
+        return hook is None or hook(seg.src, format_mac(hw), seg.dst, seg.dport, what)
+
+    def _reset(self, seg: TcpSegment, sni: str | None, ech: bool, what: str) -> Outcome:
+        self.stats.evasions += 1
+        self.stats.reset += 1
+        return Outcome(Action.RESET, MARK_VERDICT_RESET, seg, sni, ech, what)
 
     def _verdict(
         self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo, sni: str | None
@@ -237,6 +370,27 @@ class FlowInspector:
             mark |= self.sni_class(seg.src, sni or "") & ~MARK_VERDICT_MASK & MARK_MAX
         self.stats.accepted += 1
         return Outcome(Action.ACCEPT, mark, seg, sni, info.ech)
+
+
+def _ccs_len(data: bytes) -> int:
+    """Length of a leading dummy change_cipher_spec record (RFC 8446 Appendix D.4), or 0."""
+    return CCS_RECORD_LEN if data[:1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]) else 0
+
+
+def _cut_hello(data: bytes, segments: int, what: str) -> str:
+    """Why a ClientHello still incomplete after ``segments`` data segments, whose name has not
+    arrived, was cut on purpose ("" when it is merely large: full-sized segments, or a stream
+    that does not start like a ClientHello, e.g. one joined mid-flow after a restart)."""
+    if segments <= 0 or not looks_like_hello_start(data):
+        return ""
+    mean = len(data) // segments
+    if mean >= EVASION_SEGMENT_BYTES:
+        return ""
+    return (
+        f"{what} cut into {segments} segments of {mean} bytes on average "
+        f"(below {EVASION_SEGMENT_BYTES}) without its server_name in the first "
+        f"{len(data)} bytes"
+    )
 
 
 # -- RST towards the server --------------------------------------------------------------------
@@ -383,12 +537,16 @@ class SniQueue:
         decide: Decide,
         *,
         sni_class: SniClass | None = None,
+        evasion: Evasion | None = None,
+        second_hello: bool = True,
         batch: int = BATCH,
         max_len: int = QUEUE_MAX_LEN,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue_num = queue_num
-        self.inspector = FlowInspector(decide, sni_class)
+        self.inspector = FlowInspector(
+            decide, sni_class, evasion=evasion, second_hello=second_hello
+        )
         self.batch = batch
         self.max_len = max_len
         self.clock = clock
@@ -515,6 +673,8 @@ class SniQueue:
             "reset": s.reset,
             "no_sni": s.no_sni,
             "decoys": s.decoys,
+            "evasions": s.evasions,
+            "second_hellos": s.second_hellos,
             "flows_pending": len(self.inspector.flows),
             "flows_evicted": s.flows_evicted,
             "errors": s.errors + q.verdict_errors,
@@ -526,6 +686,7 @@ __all__ = [
     "BATCH",
     "Action",
     "Decide",
+    "Evasion",
     "FlowDecision",
     "FlowInspector",
     "Outcome",

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 # RFC 8446 §5.1 ContentType.handshake / §4 HandshakeType.client_hello.
@@ -42,9 +42,15 @@ MAX_SEGMENTS = 64
 # Extension types (IANA "TLS ExtensionType Values").
 EXT_SERVER_NAME = 0
 EXT_ALPN = 16
+EXT_SUPPORTED_VERSIONS = 43
 EXT_ECH = 0xFE0D
 SNI_HOST_NAME = 0  # RFC 6066 §3 NameType.host_name
 MAX_HOSTNAME = 253
+TLS13 = 0x0304  # RFC 8446 §4.2.1 supported_versions value
+# RFC 8446 §5.1 ContentType.change_cipher_spec: TLS 1.3 clients in middlebox compatibility mode
+# send one dummy record {20, 3.3, length 1, value 1} before their second flight (Appendix D.4).
+CONTENT_CHANGE_CIPHER_SPEC = 20
+CCS_RECORD_LEN = RECORD_HEADER_LEN + 1
 
 _U16 = struct.Struct("!H")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
@@ -74,6 +80,9 @@ class ClientHelloInfo:
     reason: str = ""
     # Bytes of the stream that hold the ClientHello records (0 while unknown).
     length: int = 0
+    # The hello offers TLS 1.3 (supported_versions, RFC 8446 §4.2.1): only then can the server
+    # answer with a HelloRetryRequest, after which a second ClientHello follows (§4.1.4).
+    tls13: bool = False
 
     @property
     def valid(self) -> bool:
@@ -173,10 +182,11 @@ def _extensions(body: bytes, partial: bool = False) -> Iterator[tuple[int, bytes
         pos += elen
 
 
-def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
-    """(sni, ech, alpn) from a ClientHello body (RFC 8446 §4.1.2); raises _Bad."""
+def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...], bool]:
+    """(sni, ech, alpn, tls13) from a ClientHello body (RFC 8446 §4.1.2); raises _Bad."""
     sni: str | None = None
     ech = False
+    tls13 = False
     alpn: tuple[str, ...] = ()
     for etype, ext in _extensions(body):
         if etype == EXT_SERVER_NAME:
@@ -185,7 +195,19 @@ def _parse_body(body: bytes) -> tuple[str | None, bool, tuple[str, ...]]:
             alpn = _parse_alpn(ext)
         elif etype == EXT_ECH:
             ech = True
-    return sni, ech, alpn
+        elif etype == EXT_SUPPORTED_VERSIONS:
+            tls13 = _offers_tls13(ext)
+    return sni, ech, alpn, tls13
+
+
+def _offers_tls13(ext: bytes) -> bool:
+    """ClientHello supported_versions: ``ProtocolVersion versions<2..254>`` (RFC 8446 §4.2.1).
+
+    A malformed list answers False rather than invalidating the hello: the name still decides,
+    only the watch for a second ClientHello is skipped (a server would refuse such a hello)."""
+    if not ext or ext[0] + 1 != len(ext) or ext[0] % 2:
+        return False
+    return any(_U16.unpack_from(ext, pos)[0] == TLS13 for pos in range(1, len(ext), 2))
 
 
 def _parse_sni(ext: bytes) -> str | None:
@@ -250,12 +272,49 @@ def parse_client_hello(data: bytes) -> ClientHelloInfo:
         message, length, whole = joined
         if not whole:
             return _incomplete("need more data", length)
-        sni, ech, alpn = _parse_body(message[HANDSHAKE_HEADER_LEN:])
-        return ClientHelloInfo(sni=sni, ech=ech, alpn=alpn, complete=True, length=length)
+        sni, ech, alpn, tls13 = _parse_body(message[HANDSHAKE_HEADER_LEN:])
+        return ClientHelloInfo(
+            sni=sni, ech=ech, alpn=alpn, complete=True, length=length, tls13=tls13
+        )
     except _Bad as exc:
         return _invalid(str(exc))
     except (IndexError, ValueError, struct.error) as exc:  # defensive: a bounds bug
         return _invalid(f"malformed: {exc}")
+
+
+def parse_second_flight(data: bytes) -> ClientHelloInfo:
+    """Parse what a client sent after its first ClientHello. Never raises.
+
+    ``complete``: a second ClientHello — the answer to a HelloRetryRequest (RFC 8446 §4.1.4),
+    which must repeat the first hello's server_name (§4.1.2: the client "MUST send the same
+    ClientHello without modification", except key_share, early_data, cookie, pre_shared_key
+    and padding). ``incomplete``: more bytes needed to tell. Invalid (``reason``): anything
+    else, i.e. the handshake went on without a retry — a TLS 1.3 client's encrypted flight
+    (application_data records), a TLS 1.2 ClientKeyExchange, early data.
+
+    A leading dummy change_cipher_spec record (middlebox compatibility mode, Appendix D.4) is
+    stepped over: the client may send it "before its second ClientHello".
+    """
+    skip = 0
+    if data[:1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]):
+        if len(data) < CCS_RECORD_LEN:
+            return _incomplete("change_cipher_spec record cut short")
+        if data[1] != 3 or data[3:6] != b"\x00\x01\x01":
+            return _invalid("malformed change_cipher_spec record")
+        skip = CCS_RECORD_LEN
+    rest = data[skip:]
+    if not rest:
+        return _incomplete("nothing after change_cipher_spec yet")
+    if rest[0] != CONTENT_HANDSHAKE:
+        return _invalid(f"record type {rest[0]} after the ClientHello: no second ClientHello")
+    if len(rest) <= RECORD_HEADER_LEN:
+        return _incomplete("handshake record header only")
+    if rest[RECORD_HEADER_LEN] != HANDSHAKE_CLIENT_HELLO:
+        return _invalid(f"handshake type {rest[RECORD_HEADER_LEN]} is not a second ClientHello")
+    info = parse_client_hello(rest)
+    if info.length:
+        info = replace(info, length=info.length + skip)
+    return info
 
 
 def sni_from_prefix(data: bytes) -> str | None:
@@ -293,7 +352,7 @@ def _seq_diff(a: int, b: int) -> int:
     return d - SEQ_MOD if d >= SEQ_MOD // 2 else d
 
 
-def _looks_like_hello_start(data: bytes) -> bool:
+def looks_like_hello_start(data: bytes) -> bool:
     """A handshake record header (type 22, version 3.0-3.4) followed by ClientHello type."""
     return (
         len(data) >= 6
@@ -313,8 +372,16 @@ class ClientHelloAssembler:
     segment may still be on its way) — the caller's packet budget ends the wait.
     """
 
-    def __init__(self, isn: int | None = None, max_bytes: int = MAX_HELLO_BYTES) -> None:
+    def __init__(
+        self,
+        isn: int | None = None,
+        max_bytes: int = MAX_HELLO_BYTES,
+        parse: Callable[[bytes], ClientHelloInfo] = parse_client_hello,
+    ) -> None:
         self.max_bytes = max_bytes
+        # parse_client_hello for a flow's first bytes; parse_second_flight for what follows
+        # the first ClientHello (isn = the sequence number of its last byte).
+        self.parse = parse
         self._base: int | None = (isn + 1) % SEQ_MOD if isn is not None else None
         self._known_start = isn is not None
         self._segments: dict[int, bytes] = {}  # offset from base -> payload
@@ -327,6 +394,11 @@ class ClientHelloAssembler:
     @property
     def done(self) -> bool:
         return not self._result.incomplete
+
+    @property
+    def start(self) -> int | None:
+        """Sequence number of the stream's first byte (None before any segment)."""
+        return self._base
 
     def syn(self, seq: int) -> None:
         """Record the SYN's sequence number (may arrive after data when reordered)."""
@@ -393,10 +465,10 @@ class ClientHelloAssembler:
         data = self.contiguous()
         if not data:
             return _incomplete("waiting for the first segment")
-        info = parse_client_hello(data)
+        info = self.parse(data)
         if info.incomplete and len(data) >= self.max_bytes:
             return _invalid(f"no complete ClientHello within {self.max_bytes} bytes")
-        if not info.valid and not self._known_start and not _looks_like_hello_start(data):
+        if not info.valid and not self._known_start and not looks_like_hello_start(data):
             # Maybe a middle segment arrived first; the real start may still come.
             return _incomplete(f"start of stream unknown ({info.reason})")
         if not info.incomplete:

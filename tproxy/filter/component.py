@@ -57,6 +57,11 @@ FAKE_NOW_ENV = "TPROXY_FAKE_NOW"
 NEIGH_REFRESH = 5.0
 NEIGH_MISS_INTERVAL = 1.0
 NOTE = "filter"
+# Evasion lines in the daemon log: at most one per client per interval (seconds), with the
+# count of the ones left out; the access log still gets every reset flow. The table of
+# clients is bounded (an address spoofing flood must not grow it).
+EVASION_LOG_INTERVAL = 60.0
+EVASION_LOG_CLIENTS = 4096
 
 
 def clock_from_env() -> Callable[[], datetime]:
@@ -253,6 +258,7 @@ class FilterStats:
     responses_denied: int = 0
     sni_allowed: int = 0
     sni_denied: int = 0
+    sni_evasions: int = 0
     reloads: int = 0
     list_warnings: int = 0
 
@@ -282,6 +288,8 @@ class FilterComponent:
         self._neigh_task: asyncio.Task[None] | None = None
         # (section as parsed, section with its files read): see _files.
         self._loaded: tuple[FilterConfig, FilterConfig] | None = None
+        # client -> (time of its last evasion line, lines left out since)
+        self._evasion_log: dict[str, tuple[float, int]] = {}
 
     # -- shaping hook -----------------------------------------------------------------------
 
@@ -371,6 +379,7 @@ class FilterComponent:
             "responses_denied": s.responses_denied,
             "sni_allowed": s.sni_allowed,
             "sni_denied": s.sni_denied,
+            "sni_evasions": s.sni_evasions,
             "reloads": s.reloads,
             "list_warnings": s.list_warnings,
             "sni_queue": self.queue.status() if self.queue is not None else None,
@@ -449,7 +458,9 @@ class FilterComponent:
         )
 
     def _open_queue(self, daemon: Daemon) -> None:
-        queue = SniQueue(NFQUEUE_NUM, self.decide_sni, sni_class=self._sni_class)
+        queue = SniQueue(
+            NFQUEUE_NUM, self.decide_sni, sni_class=self._sni_class, evasion=self.sni_evasion
+        )
         try:
             queue.open()
         except ImportError:
@@ -588,24 +599,64 @@ class FilterComponent:
                 # Decided by the outer name either way (Policy.sni_verdict); the admin sees it.
                 " [ECH]" if ech else "",
             )
-        daemon = self._daemon
-        if daemon is not None:
-            daemon.access_log.write(
-                AccessRecord(
-                    start=time.time(),
-                    elapsed_ms=0,
-                    client=client_ip,
-                    result="TCP_TUNNEL" if v.allowed else "TCP_DENIED",
-                    status=200 if v.allowed else 403,
-                    size=0,
-                    method="CONNECT",
-                    url=f"{name}:{server_port}",
-                    hierarchy="HIER_DIRECT" if v.allowed else "HIER_NONE",
-                    peer=server_ip if v.allowed else "-",
-                    content_type="-",
-                )
-            )
+        self._tunnel_line(client_ip, server_ip, f"{name}:{server_port}", v.allowed)
         return FlowDecision(v.allowed, v.reason)
+
+    def sni_evasion(
+        self, client_ip: str, client_mac: str | None, server_ip: str, server_port: int, what: str
+    ) -> bool:
+        """The queue's evasion hook: a ClientHello cut so that its name escapes the queue, or
+        a second hello naming another server. Reset (True) when the client's group could be
+        denied by name at all; a client the filter does not judge by name is left alone (DPI
+        evasion tools split hellos against other middleboxes too)."""
+        policy = self.policy
+        if not (policy.https and policy.select_group(client_ip, client_mac).sni_can_deny):
+            return False
+        self.stats.sni_evasions += 1
+        now = time.monotonic()
+        last = self._evasion_log.get(client_ip)
+        if last is not None and now - last[0] < EVASION_LOG_INTERVAL:
+            self._evasion_log[client_ip] = (last[0], last[1] + 1)
+        else:
+            if last is None and len(self._evasion_log) >= EVASION_LOG_CLIENTS:
+                # Forget the client logged longest ago (insertion order = first line).
+                del self._evasion_log[next(iter(self._evasion_log))]
+            self._evasion_log.pop(client_ip, None)
+            self._evasion_log[client_ip] = (now, 0)
+            left_out = last[1] if last is not None else 0
+            log.warning(
+                "evasion %s TLS to %s:%d: %s; flow reset%s",
+                client_ip,
+                bracket(server_ip),
+                server_port,
+                what,
+                f" ({left_out} more from this client in the last "
+                f"{EVASION_LOG_INTERVAL:.0f}s not logged)"
+                if left_out
+                else "",
+            )
+        self._tunnel_line(client_ip, server_ip, f"{bracket(server_ip)}:{server_port}", False)
+        return True
+
+    def _tunnel_line(self, client_ip: str, server_ip: str, url: str, allowed: bool) -> None:
+        daemon = self._daemon
+        if daemon is None:
+            return
+        daemon.access_log.write(
+            AccessRecord(
+                start=time.time(),
+                elapsed_ms=0,
+                client=client_ip,
+                result="TCP_TUNNEL" if allowed else "TCP_DENIED",
+                status=200 if allowed else 403,
+                size=0,
+                method="CONNECT",
+                url=url,
+                hierarchy="HIER_DIRECT" if allowed else "HIER_NONE",
+                peer=server_ip if allowed else "-",
+                content_type="-",
+            )
+        )
 
 
 def _insert_before(hooks: list[Any], hook: Any, later: Sequence[object]) -> None:

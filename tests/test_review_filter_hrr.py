@@ -1,0 +1,199 @@
+"""A second ClientHello after a TLS 1.3 HelloRetryRequest (RFC 8446 §4.1.4) is inspected too.
+
+RFC 8446 §4.1.2: the second hello must repeat the first one's server_name. The queue keeps an
+accepted TLS 1.3 flow's verdict mark until the client's next data: a second hello that names
+another server resets the flow; the client's ordinary second flight gets the mark at once; the
+last packet the kernel queues always carries it. Pure tests feed packets to
+:class:`FlowInspector`; the lab test runs a real HRR handshake (openssl s_server offering only
+P-256 to a client whose first key share is X25519) and a client that changes its name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from typing import Any
+
+import pytest
+
+from tests.test_tls_sni import ipv4, real_hello, tcp_header
+from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, NFQUEUE_PACKETS
+from tproxy.nfqueue import MAX_HELLO_SEGMENTS, Action, FlowDecision, FlowInspector, Outcome
+from tproxy.tls import parse_client_hello, parse_second_flight
+
+SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
+ISN = 7000
+CLASS_BITS = 0x0300
+# RFC 8446 Appendix D.4: the dummy change_cipher_spec record of middlebox compatibility mode.
+CCS = b"\x14\x03\x03\x00\x01\x01"
+APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
+
+
+class Asked:
+    """Policy stand-in: names ending in bad.example are denied; the questions are kept."""
+
+    def __init__(self) -> None:
+        self.names: list[str | None] = []
+        self.evasions: list[str] = []
+        self.filtered = True
+
+    def decide(self, *a: Any) -> FlowDecision:
+        sni = a[4]
+        self.names.append(sni)
+        return FlowDecision(not (sni or "").endswith("bad.example"))
+
+    def evasion(self, client: str, mac: str | None, server: str, port: int, what: str) -> bool:
+        self.evasions.append(what)
+        return self.filtered
+
+
+class Client:
+    """One TCP flow's client packets, numbered in sequence space."""
+
+    def __init__(self, asked: Asked, sport: int = 41000) -> None:
+        self.insp = FlowInspector(
+            asked.decide,
+            lambda ip, sni: CLASS_BITS if sni else 0,
+            evasion=asked.evasion,
+            second_hello=True,
+        )
+        self.sport = sport
+        self.next = ISN + 1
+        assert self.packet(SYN, seq=ISN).action is Action.PASS
+
+    def packet(self, flags: int = ACK, payload: bytes = b"", seq: int | None = None) -> Outcome:
+        seq = self.next if seq is None else seq
+        if flags != SYN:
+            self.next = seq + len(payload)
+        raw = ipv4(tcp_header(self.sport, 443, seq, flags) + payload)
+        return self.insp.inspect(raw, None, 0.0)
+
+    def send(self, data: bytes, cuts: list[int] | None = None) -> list[Outcome]:
+        edges = [0, *(cuts or []), len(data)]
+        return [self.packet(PSH_ACK, data[a:b]) for a, b in itertools.pairwise(edges)]
+
+
+def tls12_hello(name: str) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def test_tls13_hello_offers_are_recognised() -> None:
+    assert parse_client_hello(real_hello("a.example")).tls13
+    assert not parse_client_hello(tls12_hello("a.example")).tls13
+
+
+def test_parse_second_flight() -> None:
+    hello = real_hello("same.example")
+    both = parse_second_flight(CCS + hello)
+    assert both.complete and both.sni == "same.example" and both.length == len(CCS + hello)
+    assert parse_second_flight(hello).sni == "same.example"  # without compatibility mode
+    assert parse_second_flight(CCS[:3]).incomplete
+    assert parse_second_flight(CCS).incomplete
+    assert parse_second_flight(CCS + hello[:100]).incomplete
+    assert not parse_second_flight(CCS + APP_DATA).valid
+    # TLS 1.2: ClientKeyExchange (handshake type 16) is no second hello.
+    assert not parse_second_flight(b"\x16\x03\x03\x00\x46\x10" + bytes(70)).valid
+    assert not parse_second_flight(b"\x14\x03\x03\x00\x01\x02").valid
+
+
+def test_ordinary_tls13_flow_gets_its_mark_with_the_second_flight() -> None:
+    asked = Asked()
+    c = Client(asked)
+    c.packet()
+    [first] = c.send(real_hello("ok.example"))
+    # Allowed, but the mark waits: the flow stays in the queue for one more data segment.
+    assert first.action is Action.PASS and asked.names == ["ok.example"]
+    assert c.packet().action is Action.PASS  # the client's ACK of the server's flight
+    [out] = c.send(CCS + APP_DATA)
+    assert out.action is Action.ACCEPT and out.mark == MARK_VERDICT_ACCEPT | CLASS_BITS
+    assert out.sni == "ok.example" and c.insp.flows == {}
+    assert asked.names == ["ok.example"] and asked.evasions == []
+
+
+def test_hello_retry_with_the_same_name_is_accepted() -> None:
+    asked = Asked()
+    c = Client(asked)
+    c.packet()
+    hello = real_hello("ok.example")
+    assert c.send(hello)[0].action is Action.PASS
+    c.packet()  # ACK of the HelloRetryRequest
+    # The second hello is bigger (a new key share) and spans two segments here.
+    second = real_hello("ok.example")
+    outs = c.send(CCS + second, [300])
+    assert [o.action for o in outs] == [Action.PASS, Action.ACCEPT]
+    assert outs[1].mark == MARK_VERDICT_ACCEPT | CLASS_BITS
+    assert c.insp.stats.second_hellos == 1 and asked.evasions == []
+
+
+@pytest.mark.parametrize("second", ["x.bad.example", "other.example", None])
+def test_second_hello_naming_another_server_is_reset(second: str | None) -> None:
+    asked = Asked()
+    c = Client(asked)
+    c.packet()
+    assert c.send(real_hello("ok.example"))[0].action is Action.PASS
+    c.packet()
+    start = c.next
+    [out] = c.send(CCS + real_hello(second))
+    assert out.action is Action.RESET and out.segment is not None
+    assert out.segment.seq == start  # the server's next expected byte: the RST's target
+    assert "second ClientHello" in out.evasion and "the first named ok.example" in out.evasion
+    assert asked.names == ["ok.example"] and len(asked.evasions) == 1
+    assert c.insp.stats.evasions == 1
+
+
+def test_an_unfiltered_client_may_change_its_name() -> None:
+    asked = Asked()
+    asked.filtered = False
+    c = Client(asked)
+    c.send(real_hello("ok.example"))
+    [out] = c.send(CCS + real_hello("x.bad.example"))
+    assert out.action is Action.ACCEPT and len(asked.evasions) == 1
+
+
+def test_the_last_queued_packet_carries_the_mark() -> None:
+    # A client that only ACKs after its hello: the kernel stops queueing after
+    # NFQUEUE_PACKETS packets of the flow, so the last of them gets the verdict mark.
+    asked = Asked()
+    c = Client(asked)  # packet 1: SYN
+    c.packet()  # 2
+    assert c.send(real_hello("ok.example"))[0].action is Action.PASS  # 3
+    outs = [c.packet() for _ in range(NFQUEUE_PACKETS - 3)]
+    assert [o.action for o in outs[:-1]] == [Action.PASS] * (NFQUEUE_PACKETS - 4)
+    assert outs[-1].action is Action.ACCEPT and outs[-1].mark & MARK_VERDICT_ACCEPT
+    assert c.insp.flows == {}
+
+
+def test_second_hello_cut_into_tiny_segments_is_an_evasion() -> None:
+    asked = Asked()
+    c = Client(asked)
+    assert c.send(real_hello("ok.example"))[0].action is Action.PASS
+    data = CCS + real_hello("ok.example")
+    outs = c.send(data[:30], list(range(5, 30, 5)))
+    decided = [o for o in outs if o.action is not Action.PASS]
+    assert len(decided) == 1 and decided[0].action is Action.RESET
+    assert "second ClientHello cut into" in decided[0].evasion
+
+
+def test_tls12_and_denied_flows_are_decided_on_the_first_hello() -> None:
+    asked = Asked()
+    c = Client(asked)
+    [out] = c.send(tls12_hello("ok.example"))
+    assert out.action is Action.ACCEPT and c.insp.flows == {}
+    c = Client(asked, sport=41001)
+    [out] = c.send(real_hello("x.bad.example"))
+    assert out.action is Action.RESET and c.insp.flows == {}
+
+
+def test_bare_inspector_keeps_deciding_on_the_first_hello() -> None:
+    insp = FlowInspector(Asked().decide)
+    raw = ipv4(tcp_header(41000, 443, ISN + 1, PSH_ACK) + real_hello("ok.example"))
+    assert insp.inspect(raw, None, 0.0).action is Action.ACCEPT
+    assert MAX_HELLO_SEGMENTS < NFQUEUE_PACKETS  # the hello budget leaves room for SYN, ACK
