@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,63 @@ def _chains(b: box.Box) -> list[str]:
     return sorted(line.split()[0] for line in out.splitlines() if line.startswith(":TPROXY"))
 
 
+@dataclass(frozen=True)
+class _Running:
+    """What an upgrade must carry over or replace: taken while the old version runs."""
+
+    version: str
+    pid: int
+    cursor: str  # journal position: unit messages after it belong to the upgrade
+    config: str  # sha256sum of every file in /etc/tproxy
+    rules: list[str]
+    chains: list[str]
+
+
+def _running(b: box.Box) -> _Running:
+    _wait_active(b)
+    rules = sorted(_tproxy_rules(b).splitlines())
+    assert any("TPROXY-" in line for line in rules), rules
+    return _Running(
+        version=b.package_version().rsplit(" ", 1)[-1],
+        pid=_main_pid(b),
+        cursor=_journal_cursor(b),
+        config=b.sh("cd /etc/tproxy && sha256sum *").stdout,
+        rules=rules,
+        chains=_chains(b),
+    )
+
+
+def _assert_upgraded(b: box.Box, before: _Running, version: str, mark: str) -> None:
+    """Installed at ``version``, restarted exactly once on the new code, the old process gone,
+    the same rules as before once each (the old process's flushed, not left behind), and
+    intercepting: request ``/?<mark>`` goes through the daemon."""
+    assert b.package_version() == f"install ok installed {version}"
+    _wait_active(b)
+    journal = _unit_journal_since(b, before.cursor)
+    starts = [line for line in journal if line.startswith("Started tproxy")]
+    stops = [line for line in journal if line.startswith("Stopping tproxy")]
+    assert len(starts) == 1 and len(stops) == 1, "\n".join(journal)
+    pid = _main_pid(b)
+    assert pid not in (0, before.pid)
+    assert _daemon_pids(b) == [pid]
+    assert b.sh("tproxy --version").stdout.strip() == f"tproxy {version}"
+    status = json.loads(b.sh("tproxy status --json").stdout)
+    assert status["version"] == version and status["pid"] == pid, status
+    assert sorted(_tproxy_rules(b).splitlines()) == before.rules
+    chains = _chains(b)
+    assert chains == before.chains and len(set(chains)) == len(chains), chains
+    _forwarding(b, False)
+    try:
+        assert b.curl(f"/?{mark}").stdout == "200", "the upgraded daemon does not intercept"
+    finally:
+        _forwarding(b, True)
+    b.wait_for(
+        "the upgraded daemon's access log line",
+        lambda: mark in b.sh("cat /var/log/tproxy/access.log", check=False).stdout,
+        5.0,
+    )
+
+
 @pytest.mark.box
 def test_upgrade_keeps_the_admins_config_and_restarts_once(
     gateway: box.Box, debs: tuple[Path, Path]
@@ -367,62 +425,73 @@ def test_upgrade_keeps_the_admins_config_and_restarts_once(
     """``apt install ./tproxy_<new>.deb`` over a running, configured tproxy, unattended.
 
     dh_installsystemd (compat 13) leaves the unit running through the unpack (prerm
-    ``upgrade`` does not stop it) and restarts it once from postinst ``configure <old>``; the
+    ``upgrade`` does not stop it) and restarts it once from postinst ``configure <old>``. The
     shipped conffile is unchanged, so dpkg keeps the admin's edited one without a question
-    (deb-conffiles(5)) even without --force-confold.
+    (deb-conffiles(5)), even without --force-confold.
     """
     b = gateway
     deb, upgrade = debs
-    _wait_active(b)
-    old_version = b.package_version().rsplit(" ", 1)[-1]
-    assert old_version == box.run(["dpkg-deb", "-f", str(deb), "Version"]).stdout.strip()
-    new_version = box.run(["dpkg-deb", "-f", str(upgrade), "Version"]).stdout.strip()
-    box.run(["dpkg", "--compare-versions", new_version, "gt", old_version])
     b.sh("echo '# edited by the admin before the upgrade' >> /etc/tproxy/tproxy.toml")
-    config_before = b.sh("cd /etc/tproxy && sha256sum *").stdout
-    rules_before, chains_before = _tproxy_rules(b), _chains(b)
-    assert "TPROXY-" in rules_before
-    old_pid = _main_pid(b)
-    cursor = _journal_cursor(b)
+    before = _running(b)
+    assert before.version == box.run(["dpkg-deb", "-f", str(deb), "Version"]).stdout.strip()
+    version = box.run(["dpkg-deb", "-f", str(upgrade), "Version"]).stdout.strip()
+    box.run(["dpkg", "--compare-versions", version, "gt", before.version])
 
     start = time.monotonic()
     out = b.install(upgrade, check=False)
-    print(f"upgrade {old_version} -> {new_version} took {time.monotonic() - start:.1f}s")
+    print(f"upgrade {before.version} -> {version} took {time.monotonic() - start:.1f}s")
     assert out.returncode == 0, out.stdout
-    assert b.package_version() == f"install ok installed {new_version}"
-    assert "Configuration file" not in out.stdout, out.stdout  # no conffile question asked
+    assert "Configuration file" not in out.stdout, out.stdout  # no conffile question
+    # The admin's file byte for byte, and nothing new beside it (.dpkg-new, .dpkg-old; the
+    # .dpkg-dist from the first install's --force-confold is untouched).
+    assert b.sh("cd /etc/tproxy && sha256sum *").stdout == before.config
+    _assert_upgraded(b, before, version, "after-upgrade")
 
-    # The admin's file byte for byte, and nothing new parked beside it (.dpkg-new, .dpkg-old;
-    # the .dpkg-dist from the first install's --force-confold is untouched).
-    assert b.sh("cd /etc/tproxy && sha256sum *").stdout == config_before
 
-    # Restarted exactly once, on the new code, and the old process is gone.
-    _wait_active(b)
-    journal = _unit_journal_since(b, cursor)
-    starts = [line for line in journal if line.startswith("Started tproxy")]
-    stops = [line for line in journal if line.startswith("Stopping tproxy")]
-    assert len(starts) == 1 and len(stops) == 1, "\n".join(journal)
-    new_pid = _main_pid(b)
-    assert new_pid not in (0, old_pid)
-    assert _daemon_pids(b) == [new_pid]
-    assert b.sh("tproxy --version").stdout.strip() == f"tproxy {new_version}"
-    status = json.loads(b.sh("tproxy status --json").stdout)
-    assert status["version"] == new_version and status["pid"] == new_pid, status
+# A later release documents a new option in the shipped conffile.
+NEW_CONFFILE_LINE = "# (new in this release) an option documented with its default"
 
-    # The same rules as before, once each: the old process's were flushed, not left behind.
-    rules_after, chains_after = _tproxy_rules(b), _chains(b)
-    assert sorted(rules_after.splitlines()) == sorted(rules_before.splitlines()), rules_after
-    assert chains_after == chains_before and len(set(chains_after)) == len(chains_after)
+
+@pytest.mark.box
+def test_upgrade_over_a_changed_shipped_conffile_keeps_the_admins(gateway: box.Box) -> None:
+    """The admin edited tproxy.toml and the new release changed the shipped one: dpkg must ask
+    (deb-conffiles(5)), and DEBIAN_FRONTEND=noninteractive does not answer dpkg's question.
+
+    Unattended, plain ``apt install`` fails at configure and the running daemon keeps
+    intercepting; ``-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold``
+    finishes it, keeping the admin's file and leaving the new one as tproxy.toml.dpkg-dist.
+    """
+    b = gateway
+    assert b.staged is not None, "booted_box stages the debs when given more than one"
+    before = _running(b)
+    version = box.upgrade_version(before.version)
+    current = next(b.staged.glob(f"tproxy_{before.version}_*.deb"))
+
+    def document_new_option(root: Path) -> None:
+        with open(root / "etc/tproxy/tproxy.toml", "a") as f:
+            f.write(NEW_CONFFILE_LINE + "\n")
+
+    release = box.repack_deb(current, b.staged, version, document_new_option)
+
+    out = b.install(release, check=False)
+    assert out.returncode != 0, out.stdout
+    assert "conffile prompt" in out.stdout, out.stdout
+    # Unpacked but not configured: the old daemon was never stopped and still intercepts.
+    assert _main_pid(b) == before.pid
+    assert b.sh("cd /etc/tproxy && sha256sum tproxy.toml").stdout in before.config
     _forwarding(b, False)
     try:
-        assert b.curl("/?after-upgrade").stdout == "200", "the upgraded daemon does not intercept"
+        assert b.curl("/?half-upgraded").stdout == "200"
     finally:
         _forwarding(b, True)
-    b.wait_for(
-        "the upgraded daemon's access log line",
-        lambda: "after-upgrade" in b.sh("cat /var/log/tproxy/access.log", check=False).stdout,
-        5.0,
-    )
+
+    out = b.install(release, ["--force-confdef", "--force-confold"], check=False)
+    assert out.returncode == 0, out.stdout
+    assert b.sh("cd /etc/tproxy && sha256sum tproxy.toml").stdout in before.config
+    assert NEW_CONFFILE_LINE in b.sh("cat /etc/tproxy/tproxy.toml.dpkg-dist").stdout
+    assert NEW_CONFFILE_LINE not in b.sh("cat /etc/tproxy/tproxy.toml").stdout
+    b.sh("tproxy check-config /etc/tproxy/tproxy.toml.dpkg-dist")
+    _assert_upgraded(b, before, version, "after-conffile-upgrade")
 
 
 @pytest.mark.box
