@@ -11,11 +11,18 @@ P-256 to a client whose first key share is X25519) and a client that changes its
 from __future__ import annotations
 
 import itertools
+import json
 import ssl
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.lab import Lab
+from tests.proxy import Proxy
 from tests.test_tls_sni import ipv4, real_hello, tcp_header
 from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, NFQUEUE_PACKETS
 from tproxy.nfqueue import MAX_HELLO_SEGMENTS, Action, FlowDecision, FlowInspector, Outcome
@@ -197,3 +204,149 @@ def test_bare_inspector_keeps_deciding_on_the_first_hello() -> None:
     raw = ipv4(tcp_header(41000, 443, ISN + 1, PSH_ACK) + real_hello("ok.example"))
     assert insp.inspect(raw, None, 0.0).action is Action.ACCEPT
     assert MAX_HELLO_SEGMENTS < NFQUEUE_PACKETS  # the hello budget leaves room for SYN, ACK
+
+
+# -- lab: real packets through the gateway's queue ---------------------------------------------
+
+FILTER = """
+[filter]
+default = "allow"
+
+[[filter.rule]]
+group = "*"
+action = "deny"
+domains = ["bad.example"]
+"""
+
+# Sends a ClientHello for argv[1] (OpenSSL's first key share: X25519 only), reads the server's
+# answer (a HelloRetryRequest from a P-256-only server), then a second hello for argv[2].
+SWITCH_CLIENT = textwrap.dedent(
+    """
+    import socket, ssl, sys
+
+    def hello(name):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        out = ssl.MemoryBIO()
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return out.read()
+
+    first, second, ip = sys.argv[1], sys.argv[2], sys.argv[3]
+    s = socket.create_connection((ip, 443), timeout=5)
+    s.sendall(hello(first))
+    answer = s.recv(4096)
+    # RFC 8446 §4.1.3: a HelloRetryRequest is a ServerHello with this fixed random.
+    hrr = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
+    if hrr not in answer:
+        print("no HelloRetryRequest %r" % answer[:16])
+        sys.exit(0)
+    s.sendall(bytes.fromhex("140303000101") + hello(second))
+    try:
+        data = s.recv(4096)
+        print("answered %r" % data[:6])
+    except ConnectionResetError:
+        print("reset")
+    except socket.timeout:
+        print("timeout")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def hrr_origin(lab_module: Lab) -> Iterator[Lab]:
+    """openssl s_server on origin:443 that only accepts P-256 key exchange: every client whose
+    first key share is X25519 gets a HelloRetryRequest."""
+    lab = lab_module
+    assert lab.tmpdir is not None
+    d = lab.tmpdir / "hrr"
+    d.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=lab", "-keyout", str(d / "key.pem"),
+         "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    proc = lab.popen(
+        "origin",
+        ["openssl", "s_server", "-accept", "443", "-cert", str(d / "cert.pem"),
+         "-key", str(d / "key.pem"), "-groups", "P-256", "-tls1_3", "-www", "-quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    lab.wait_port("origin", 443)
+    try:
+        yield lab
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def s_client(lab: Lab, name: str) -> str:
+    res = lab.run(
+        "client",
+        ["openssl", "s_client", "-connect", f"{lab.origin_v4}:443", "-servername", name,
+         "-groups", "X25519:P-256", "-tls1_3", "-msg", "-ign_eof"],
+        input="GET / HTTP/1.0\r\n\r\n", check=False, timeout=10,
+    )  # fmt: skip
+    return res.stdout + res.stderr
+
+
+def queue_status(proxy: Proxy) -> dict[str, Any]:
+    out = proxy.tproxy("status", "--json", "--socket", str(proxy.control_socket)).stdout
+
+    def find(node: Any) -> dict[str, Any] | None:
+        if isinstance(node, dict):
+            if "second_hellos" in node:
+                return node
+            for value in node.values():
+                found = find(value)
+                if found is not None:
+                    return found
+        return None
+
+    found = find(json.loads(out))
+    assert found is not None, out
+    return found
+
+
+@pytest.mark.lab
+def test_real_hello_retry_is_inspected_and_the_flow_keeps_its_mark(hrr_origin: Lab) -> None:
+    lab = hrr_origin
+    with Proxy(lab, FILTER) as proxy:
+        out = s_client(lab, "good.example")
+        # Two ClientHellos: the server answered the first with a HelloRetryRequest.
+        assert out.count("], ClientHello") == 2 and "HTTP/1.0 200 ok" in out, out[-2000:]
+        out = s_client(lab, "bad.example")
+        assert "HTTP/1.0 200" not in out
+        status = queue_status(proxy)
+        assert status["second_hellos"] == 1 and status["evasions"] == 0, status
+        # The deferred verdict reached the kernel: the flow's connmark has the accept bit.
+        ct = lab.run("gateway", ["conntrack", "-L", "-p", "tcp", "--dport", "443"], check=False)
+        marks = [int(w[5:]) for w in ct.stdout.split() if w.startswith("mark=")]
+        assert any(m & MARK_VERDICT_ACCEPT for m in marks), ct.stdout
+
+
+@pytest.mark.lab
+def test_second_hello_naming_another_server_is_reset_on_the_wire(hrr_origin: Lab) -> None:
+    lab = hrr_origin
+    with Proxy(lab, FILTER) as proxy:
+        for second in ("x.bad.example", "other.example"):
+            out = lab.run(
+                "client", [sys.executable, "-c", SWITCH_CLIENT, "good.example", second,
+                           lab.origin_v4],
+            ).stdout.strip()  # fmt: skip
+            assert out == "reset", (second, out)
+        # The same name twice is a legitimate retry (the server then fails the handshake
+        # itself: these are two unrelated hellos, but the gateway lets it through).
+        out = lab.run(
+            "client",
+            [sys.executable, "-c", SWITCH_CLIENT, "good.example", "good.example", lab.origin_v4],
+        ).stdout.strip()
+        assert out != "reset", out
+        assert queue_status(proxy)["evasions"] == 2
+        assert proxy.stderr().count("evasion 10.77.1.10 TLS") == 1  # throttled per client
+        assert "names x.bad.example, the first named good.example" in proxy.stderr()
