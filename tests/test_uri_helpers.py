@@ -16,6 +16,7 @@ from tproxy.uri import (
     list_tokens,
     media_type,
     normalize_host,
+    parse_host,
     request_url,
     split_authority,
     split_url,
@@ -126,6 +127,38 @@ def test_normalize_host() -> None:
     assert normalize_host("[FD00:0::1]:80") == "fd00::1"
     assert normalize_host("fd00:0:0::1") == "fd00::1"
     assert normalize_host("  a.test ") == "a.test"
+
+
+@pytest.mark.parametrize(
+    ("text", "authority", "host"),
+    [
+        # Where the two forms differ, and why (see parse_host).
+        ("u@Example.com:8080", ("example.com", 8080), "u@example.com"),  # userinfo: URLs only
+        ("[FD00:0::1]:8080", ("[fd00:0::1]", 8080), "fd00::1"),  # URL form vs compared form
+        ("fd00:0::1", ("fd00:0:", 1), "fd00::1"),  # unbracketed IPv6 is no authority
+        ("host:abc", ("host:abc", None), "host"),  # a junk port cannot dodge a host rule
+        ("example.com..", ("example.com", None), "example.com."),
+        # Where they agree.
+        ("Example.COM.:80", ("example.com", None), "example.com"),
+        (" a.test:81 ", ("a.test", 81), "a.test"),
+        ("10.0.0.1:443", ("10.0.0.1", 443), "10.0.0.1"),
+        ("", ("", None), ""),
+    ],
+)
+def test_parse_host_forms(text: str, authority: tuple[str, int | None], host: str) -> None:
+    assert parse_host(text, host_form=False) == split_authority(text) == authority
+    assert parse_host(text, host_form=True) == (normalize_host(text), None) == (host, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.from_regex(r"[A-Za-z0-9-]{1,8}(\.[A-Za-z0-9-]{1,8}){0,3}\.?", fullmatch=True),
+    st.one_of(st.none(), st.integers(0, 65535)),
+)
+def test_host_forms_agree_on_plain_names(name: str, port: int | None) -> None:
+    """A name with an optional numeric port: the host form is the authority form's host."""
+    text = name if port is None else f"{name}:{port}"
+    assert normalize_host(text) == split_authority(text)[0]
 
 
 def test_shaping_facts_use_the_shared_host_form() -> None:

@@ -35,30 +35,81 @@ def split_authority(authority: str, scheme: str = "http") -> tuple[str, int | No
     port is None when absent, empty or the scheme's default. IPv6 literals keep brackets.
 
     A port that is not all digits is taken as part of the host: such a host names nothing we
-    could connect to, so it matches nothing rather than something else.
+    could connect to, so it matches nothing rather than something else. (:func:`parse_host`
+    with ``host_form=False``.)
     """
-    authority = authority.lower()
-    if "@" in authority:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4)
-        authority = authority.rsplit("@", 1)[1]
-    authority = authority.strip()
+    return parse_host(authority, scheme, host_form=False)
+
+
+def normalize_host(host: str) -> str:
+    """Canonical form of a host as it appears in a request (Host header, URL, SNI).
+
+    Lower-cases, drops a port, brackets and a trailing dot; IPv6 literals are compressed. Does
+    not validate: a host we cannot read simply matches nothing. (:func:`parse_host` with
+    ``host_form=True``.)
+    """
+    return parse_host(host, host_form=True)[0]
+
+
+def parse_host(text: str, scheme: str = "http", *, host_form: bool) -> tuple[str, int | None]:
+    """The one host parser: :func:`split_authority` and :func:`normalize_host` are its two
+    forms. Both lower-case, trim whitespace and drop a trailing dot ("example.com." names the
+    same host, RFC 1034 §3.1). ``host_form`` picks the differences, which follow from the use:
+
+    ``host_form=False`` — an *authority* for a URL or a cache key (RFC 3986 §3.2), where the
+    port counts: ``(host, port)``, the port None when absent, empty or ``scheme``'s default
+    (RFC 9110 §4.2.3). Userinfo is dropped (RFC 9110 §4.2.4). An IPv6 literal keeps its
+    brackets as written (it stands in a URL that way); an unbracketed one is not an authority
+    and is read as host:port. A port that is not all digits stays part of the host, so the
+    authority names nothing rather than merging with the port-less one. Every trailing dot
+    goes.
+
+    ``host_form=True`` — a *host name* to compare with names and addresses (filter domains,
+    shaping classes, the shared-cache check), where the port never counts: ``(host, None)``.
+    An IPv6 literal, bracketed or bare (a Host header or SNI as sent), becomes its compressed
+    form without brackets, so ``[FD00:0::1]:80`` and ``fd00::1`` compare equal; after a single
+    colon anything is dropped as a port, digits or not, so a junk port cannot make a name dodge
+    a rule. No userinfo is expected (Host and SNI carry none, RFC 9110 §7.2): an ``@`` stays and
+    names nothing. One trailing dot goes.
+    """
+    text = text.lower()
+    if not host_form and "@" in text:  # userinfo is deprecated in http URIs (RFC 9110 §4.2.4)
+        text = text.rsplit("@", 1)[1]
+    text = text.strip()
     port: int | None = None
-    if authority.startswith("["):
-        end = authority.find("]")
-        host, rest = authority[: end + 1], authority[end + 1 :]
+    if text.startswith("["):
+        end = text.find("]")
+        if host_form:
+            return _ipv6_or_text(text[1:end] if end > 0 else text[1:]), None
+        host, rest = text[: end + 1], text[end + 1 :]
         if rest.startswith(":") and _is_port(rest[1:]):
             port = int(rest[1:])
+    elif host_form and text.count(":") > 1:
+        return _ipv6_or_text(text), None
     else:
-        host, sep, digits = authority.rpartition(":")
+        host, sep, digits = text.rpartition(":")
         if not sep:
-            host = authority
+            host = text
+        elif host_form:
+            pass  # the port, whatever it holds, is not part of a host name
         elif _is_port(digits):
             port = int(digits)
         elif digits:
-            host = authority
-    host = host.rstrip(".")  # "example.com." names the same host (RFC 1034 §3.1)
+            host = text
+    if host_form:
+        return (host[:-1] if host.endswith(".") else host), None
+    host = host.rstrip(".")
     if port == DEFAULT_PORTS.get(scheme):
         port = None
     return host, port
+
+
+def _ipv6_or_text(text: str) -> str:
+    """An IPv6 literal in its compressed form (RFC 5952); other text as it is."""
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:
+        return text
 
 
 def _join_authority(host: str, port: int | None) -> str:
@@ -121,32 +172,6 @@ def split_url(url: str) -> tuple[str, str, str]:
         path = "/" + path
     authority = _join_authority(*split_authority(hostport, "http"))
     return "http://" + authority + path, normalize_host(authority), path
-
-
-def normalize_host(host: str) -> str:
-    """Canonical form of a host as it appears in a request (Host header, URL, SNI).
-
-    Lower-cases, drops a port, brackets and a trailing dot; IPv6 literals are compressed. Does
-    not validate: a host we cannot read simply matches nothing.
-    """
-    h = host.strip().lower()
-    if h.startswith("["):
-        end = h.find("]")
-        inner = h[1:end] if end > 0 else h[1:]
-        try:
-            return ipaddress.IPv6Address(inner).compressed
-        except ValueError:
-            return inner
-    if h.count(":") == 1:
-        h = h.split(":", 1)[0]
-    elif ":" in h:
-        try:
-            return ipaddress.IPv6Address(h).compressed
-        except ValueError:
-            return h
-    if h.endswith("."):
-        h = h[:-1]
-    return h
 
 
 def media_type(content_type: bytes | str | None) -> str | None:
