@@ -14,6 +14,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import uvloop
@@ -134,5 +135,25 @@ def test_a_client_that_stops_sending_after_the_400_is_closed_without_waiting() -
             )
             assert (await r.response())[0] == 400
             await until(lambda: not r.server.connections, timeout=LINGER_IDLE * 2)
+
+    run(main())
+
+
+def test_the_hooks_of_an_exchange_with_a_bad_body_are_told_it_ended() -> None:
+    """An exchange that ends in a 400 for its malformed body still ends for the policy
+    hooks: its on_finish runs (the cache's leading fetch releases the requests collapsed on
+    it, which would otherwise wait for good)."""
+    finished: list[str] = []
+
+    def hook(conn: Any, ex: Any) -> bool:
+        ex.on_finish = lambda ex: finished.append(ex.url)
+        return False
+
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.server.request_hooks.append(hook)
+            r.send(CHUNKED_POST + b"zz\r\n")
+            assert (await r.response())[0] == 400
+            assert finished == ["http://origin.test/up"]
 
     run(main())

@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import time
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -396,6 +397,7 @@ async def _out_of_descriptors_falls_back_to_the_ordinary_relay() -> None:
             with contextlib.suppress(OSError):
                 while True:
                     fillers.append(os.open("/dev/null", os.O_RDONLY))
+            assert fillers
             r.send(GET % b"big")
             status, _, got = await r.response()
         finally:
@@ -498,4 +500,50 @@ async def _stop_with_a_short_drain_cuts_a_spliced_body() -> None:
 
 test_stop_with_a_short_drain_cuts_a_spliced_body = on_loops(
     _stop_with_a_short_drain_cuts_a_spliced_body
+)
+
+
+# ------------------------------------------------------------------ defects found
+
+
+async def _a_malformed_upload_during_a_spliced_response() -> None:
+    """The origin answers an upload early with a large body (spliced) and the rest of the
+    upload turns out malformed. No 400 can follow a response already under way: the client
+    must see that response end incomplete (RFC 9112 §8, as for any broken response), the
+    exchange must still be logged (aborted) and its hooks told, and nothing is left."""
+    data = body(6 * SPLICE_MIN, 25)
+    finished: list[int] = []
+
+    def hook(conn: Any, ex: Any) -> bool:
+        ex.on_finish = lambda ex: finished.append(ex.status)
+        return False
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        response = big_response(data)
+        await conn.send(response[: 2 * SPLICE_MIN])
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while await conn.reader.read(65536):
+                pass
+
+    async with rig(origin) as r:
+        r.server.request_hooks.append(hook)
+        pipes = open_fds("pipe")
+        r.send(
+            b"POST /up HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"4\r\nabcd\r\n"
+        )
+        await until(lambda: r.server.stats.spliced_bytes > 0)
+        r.send(b"zz\r\n")  # not a chunk size
+        got = await r.rest()
+        assert len(got) < len(data)
+        await until(lambda: not r.server.connections)
+        assert [(rec.status, rec.result) for rec in r.log.records] == [(200, "TCP_MISS_ABORTED")]
+        assert finished == [200]
+        assert open_fds("pipe") == pipes
+        assert r.server.stats.bad_requests == 1
+
+
+test_a_malformed_upload_during_a_spliced_response = on_loops(
+    _a_malformed_upload_during_a_spliced_response
 )

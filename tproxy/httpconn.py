@@ -1092,13 +1092,25 @@ class ClientConnection(_Side):
         self.server.client_log(
             log, self, "bad request", "%s: %d %s", self.client_ip, event.status, event.reason
         )
-        if ex is None or not ex.response_started:
-            self.write(error_response(event.status, event.reason))
-            self.access_simple(event.status, "TCP_DENIED" if ex is None else "TCP_MISS_ABORTED")
         self.exchange = None
         if ex is None:
+            self.write(error_response(event.status, event.reason))
+            self.access_simple(event.status, "TCP_DENIED")
             self.close()
             return
+        if ex.response_started:
+            # The response is already under way (relayed, spliced or local): no 400 can follow
+            # it, and the client must see it end incomplete - a reset, as for a broken
+            # response (RFC 9112 §8) - with the exchange logged and its hooks told like any
+            # other that ends early.
+            self.producer = None
+            self.producer_ex = None
+            self.log_exchange(ex, aborted=True)
+            self.abort()
+            return
+        self.end_hooks(ex)
+        self.write(error_response(event.status, event.reason))
+        self.access_simple(event.status, "TCP_MISS_ABORTED")
         # RFC 9112 §9.6: a malformed body came in while the client is still sending the rest
         # of it; closing now would answer those bytes with a reset, which destroys the error
         # response if the client has not read it yet. Close in stages instead.
@@ -1500,7 +1512,8 @@ class ClientConnection(_Side):
             self.write(http1.LAST_CHUNK)
         self.finish_local(ex)
 
-    def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
+    def end_hooks(self, ex: Exchange) -> None:
+        """``ex`` is over: its sink and ``on_finish`` hear of it (once), however it ended."""
         if ex.sink is not None:
             # A transfer that did not complete is never stored (nor anything else a sink does).
             ex.sink.abort()
@@ -1508,6 +1521,9 @@ class ClientConnection(_Side):
         if ex.on_finish is not None:
             finish, ex.on_finish = ex.on_finish, None
             finish(ex)
+
+    def log_exchange(self, ex: Exchange, aborted: bool = False) -> None:
+        self.end_hooks(ex)
         if self.server.access_skipped():
             return
         dst = str(self.sockname[0])
