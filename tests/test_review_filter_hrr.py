@@ -189,6 +189,23 @@ def test_second_hello_cut_into_tiny_segments_is_an_evasion() -> None:
     assert "second ClientHello cut into" in decided[0].evasion
 
 
+def test_extra_change_cipher_spec_records_hide_nothing() -> None:
+    # Several dummy records before the second hello are stepped over ...
+    asked = Asked()
+    c = Client(asked)
+    c.send(real_hello("ok.example"))
+    [out] = c.send(CCS * 3 + real_hello("x.bad.example"))
+    assert out.action is Action.RESET and "names x.bad.example" in out.evasion
+    # ... and sending them one per segment to spend the queue budget is an evasion.
+    c = Client(asked, sport=41001)
+    c.send(real_hello("ok.example"))
+    outs = [c.send(CCS)[0] for _ in range(NFQUEUE_PACKETS - 2)]
+    assert [o.action for o in outs[:-1]] == [Action.PASS] * (NFQUEUE_PACKETS - 3)
+    assert outs[-1].action is Action.RESET
+    assert f"{NFQUEUE_PACKETS - 2} change_cipher_spec records after" in outs[-1].evasion
+    assert not parse_second_flight(CCS + b"\x14\x03\x03\x00\x02\x01\x01").valid
+
+
 def test_tls12_and_denied_flows_are_decided_on_the_first_hello() -> None:
     asked = Asked()
     c = Client(asked)

@@ -55,7 +55,6 @@ from tproxy.netfilter.render import (
 )
 from tproxy.tls import (
     CCS_RECORD_LEN,
-    CONTENT_CHANGE_CIPHER_SPEC,
     SEQ_MOD,
     TCP_FIN,
     TCP_RST,
@@ -63,6 +62,7 @@ from tproxy.tls import (
     ClientHelloAssembler,
     ClientHelloInfo,
     TcpSegment,
+    leading_ccs,
     looks_like_hello_start,
     parse_ip_tcp,
     parse_second_flight,
@@ -290,6 +290,8 @@ class FlowInspector:
             end = (flow.assembler.start + info.length - 1) % SEQ_MOD
             after = ClientHelloAssembler(end, parse=parse_second_flight)
             flow.retry = _Retry(sni, info.ech, outcome.mark, after)
+            # Back in at the end with a fresh TTL: the table stays in expiry order (_expire).
+            flow.expires = now + self.flow_ttl
             self.flows[key] = flow
             # Bytes after the hello in this segment (early data, a pipelined flight).
             return self._after_hello(key, flow, seg, hw, counted=True)
@@ -330,14 +332,19 @@ class FlowInspector:
                     f"{second or '(no SNI)'}, the first named {retry.sni or '(no SNI)'}"
                 )
         elif info.incomplete:
+            # Out of queue budget before the client's next flight was whole.
             data = retry.assembler.contiguous()
-            second = sni_from_prefix(data[_ccs_len(data) :])
+            ccs = max(leading_ccs(data), 0)
+            second = sni_from_prefix(data[ccs:])
             if second is not None and second != retry.sni:
                 what = (
                     f"second ClientHello names {second}, the first named {retry.sni or '(no SNI)'}"
                 )
+            elif second is None and ccs > CCS_RECORD_LEN:
+                # Appendix D.4: one dummy record; more only spend the budget before a hello.
+                what = f"{ccs // CCS_RECORD_LEN} change_cipher_spec records after the ClientHello"
             elif second is None:
-                what = _cut_hello(data[_ccs_len(data) :], retry.segments, "second ClientHello")
+                what = _cut_hello(data[ccs:], retry.segments, "second ClientHello")
         if what and self._is_evasion(seg, hw, what):
             return self._reset(seg, second, retry.ech, what)
         return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
@@ -370,11 +377,6 @@ class FlowInspector:
             mark |= self.sni_class(seg.src, sni or "") & ~MARK_VERDICT_MASK & MARK_MAX
         self.stats.accepted += 1
         return Outcome(Action.ACCEPT, mark, seg, sni, info.ech)
-
-
-def _ccs_len(data: bytes) -> int:
-    """Length of a leading dummy change_cipher_spec record (RFC 8446 Appendix D.4), or 0."""
-    return CCS_RECORD_LEN if data[:1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]) else 0
 
 
 def _cut_hello(data: bytes, segments: int, what: str) -> str:

@@ -282,6 +282,21 @@ def parse_client_hello(data: bytes) -> ClientHelloInfo:
         return _invalid(f"malformed: {exc}")
 
 
+def leading_ccs(data: bytes) -> int:
+    """Bytes of the whole change_cipher_spec records ``data`` starts with (-1: a malformed
+    one). Every one is stepped over, not just the first: a peer that tolerates several must
+    not let them hide what follows."""
+    pos = 0
+    while data[pos : pos + 1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]):
+        record = data[pos : pos + CCS_RECORD_LEN]
+        if len(record) < CCS_RECORD_LEN:
+            break
+        if record[1] != 3 or record[3:] != b"\x00\x01\x01":
+            return -1
+        pos += CCS_RECORD_LEN
+    return pos
+
+
 def parse_second_flight(data: bytes) -> ClientHelloInfo:
     """Parse what a client sent after its first ClientHello. Never raises.
 
@@ -295,13 +310,11 @@ def parse_second_flight(data: bytes) -> ClientHelloInfo:
     A leading dummy change_cipher_spec record (middlebox compatibility mode, Appendix D.4) is
     stepped over: the client may send it "before its second ClientHello".
     """
-    skip = 0
-    if data[:1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]):
-        if len(data) < CCS_RECORD_LEN:
-            return _incomplete("change_cipher_spec record cut short")
-        if data[1] != 3 or data[3:6] != b"\x00\x01\x01":
-            return _invalid("malformed change_cipher_spec record")
-        skip = CCS_RECORD_LEN
+    skip = leading_ccs(data)
+    if skip < 0:
+        return _invalid("malformed change_cipher_spec record")
+    if data[skip : skip + 1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]):
+        return _incomplete("change_cipher_spec record cut short")
     rest = data[skip:]
     if not rest:
         return _incomplete("nothing after change_cipher_spec yet")
