@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.lab import Lab
 from tests.proxy import Proxy
@@ -367,3 +369,25 @@ def test_second_hello_naming_another_server_is_reset_on_the_wire(hrr_origin: Lab
         assert queue_status(proxy)["evasions"] == 2
         assert proxy.stderr().count("evasion 10.77.1.10 TLS") == 1  # throttled per client
         assert "names x.bad.example, the first named good.example" in proxy.stderr()
+
+
+PIECES = [b"", CCS, APP_DATA, b"\x16\x03\x03", bytes(40), real_hello("ok.example")[:200]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(range(len(PIECES))) | st.binary(max_size=60), max_size=10))
+def test_every_flow_is_decided_within_the_kernel_budget(steps: list[int | bytes]) -> None:
+    # Whatever follows an accepted TLS 1.3 hello, the verdict comes no later than the last
+    # packet the kernel queues, and exactly once: a flow must never leave the queue undecided.
+    asked = Asked()
+    c = Client(asked)
+    outs = c.send(real_hello("ok.example"))
+    for step in steps:
+        payload = PIECES[step] if isinstance(step, int) else step
+        outs.append(c.packet(PSH_ACK if payload else ACK, payload))
+        if outs[-1].action is not Action.PASS:
+            break
+    decided = [i for i, o in enumerate(outs) if o.action is not Action.PASS]
+    assert len(decided) <= 1
+    if len(outs) + 1 >= NFQUEUE_PACKETS:  # + the SYN
+        assert decided and decided[0] + 2 <= NFQUEUE_PACKETS

@@ -19,6 +19,7 @@ from tproxy.tls import (
     ClientHelloAssembler,
     parse_client_hello,
     parse_ip_tcp,
+    parse_second_flight,
 )
 
 # -- real ClientHellos -------------------------------------------------------------------------
@@ -206,6 +207,15 @@ def test_garbage_never_raises(data: bytes) -> None:
     info = parse_client_hello(data)
     assert info.complete + info.incomplete + (not info.valid) == 1
     parse_ip_tcp(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from([b"", b"\x14\x03\x03\x00\x01\x01"]))
+def test_second_flight_garbage_never_raises(data: bytes, ccs: bytes) -> None:
+    for stream in (ccs + data, ccs + HELLO[:100] + data, ccs + HELLO + data):
+        info = parse_second_flight(stream)
+        assert info.complete + info.incomplete + (not info.valid) == 1
+    assert parse_second_flight(ccs + HELLO).sni == "www.example.com"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
