@@ -7,6 +7,12 @@ verdict on the server name, and gives the verdict as a packet mark with ``NF_REP
 re-injected packet's mark is saved in the connmark and every later packet of the flow — both
 directions — skips the queue and stays in the kernel's fast path.
 
+Evasions (see :class:`FlowInspector`): a hello cut into tiny segments so that its name would
+arrive after the kernel's queue budget, and a second ClientHello after a HelloRetryRequest that
+names another server (RFC 8446 §4.1.2), are reset when the ``evasion`` hook says the client is
+filtered by name. To see a second hello, an accepted TLS 1.3 flow keeps its verdict mark until
+the client's next data segment (at most until the last packet the kernel queues).
+
 * accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
 * reset: ``MARK_VERDICT_RESET``; the ``TPROXY-FWD`` rule answers the client's packet with a TCP
   reset. The server has seen the handshake and waits for the ClientHello, so it would stay
