@@ -547,3 +547,45 @@ async def _a_malformed_upload_during_a_spliced_response() -> None:
 test_a_malformed_upload_during_a_spliced_response = on_loops(
     _a_malformed_upload_during_a_spliced_response
 )
+
+
+async def _a_failure_at_the_end_of_a_spliced_body_ends_that_connection() -> None:
+    """A bug met while handling the end of a spliced body (here: a policy hook raising in
+    on_finish) must end that connection at once, logged, as the same bug met in the ordinary
+    relay does (ClientConnection.data_received) - not escape to the event loop and leave the
+    client waiting until idle_timeout."""
+    data = body(BIG, 26)
+
+    def hook(conn: Any, ex: Any) -> bool:
+        def boom(ex: Any) -> None:
+            raise RuntimeError("hook bug")
+
+        ex.on_finish = boom
+        return False
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        response = big_response(data)
+        await conn.send(response[: 2 * SPLICE_MIN])
+        await asyncio.sleep(0.05)  # the end comes while the relay waits for it
+        await conn.send(response[2 * SPLICE_MIN :])
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await conn.head()
+
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: escaped.append(context))
+    async with rig(origin, idle_timeout=60) as r:
+        r.server.request_hooks.append(hook)
+        r.send(GET % b"big")
+        got = await r.rest(timeout=3)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert r.server.stats.spliced_bytes > 0
+        await until(lambda: not r.server.connections, timeout=1)
+        assert r.server.pool.count == 0
+    assert escaped == []
+
+
+test_a_failure_at_the_end_of_a_spliced_body_ends_that_connection = on_loops(
+    _a_failure_at_the_end_of_a_spliced_body_ends_that_connection
+)

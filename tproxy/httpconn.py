@@ -765,7 +765,7 @@ class ClientConnection(_Side):
                 self.fd,
                 up.parser.length_remaining,
                 self.spliced,
-                lambda side, err: self.splice_done(ex, up, side, err),
+                lambda side, err: self.guarded(self.splice_done, ex, up, side, err),
             )
         except OSError:
             return  # out of descriptors for the pipe: the ordinary relay still works
@@ -773,6 +773,16 @@ class ClientConnection(_Side):
         up.splice = sp
         up.pause_reading()
         sp.start()
+
+    def guarded(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run an event handler called by the loop outside the transports' callbacks (the
+        kernel relay's end): a bug it meets ends this connection, logged, and nothing else -
+        as ``data_received`` does - instead of escaping to the loop and leaving the client
+        waiting for a response that nobody finishes."""
+        try:
+            handler(*args)
+        except Exception:
+            self.fail_hard("the end of a spliced body")
 
     def spliced(self, n: int) -> None:
         ex = self.exchange
