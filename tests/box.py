@@ -19,6 +19,10 @@ The root file system is built once with debootstrap from the Debian mirror this 
 uses, with the .deb's Debian dependencies pre-installed (the box has no network to fetch them),
 and cached under ``.cache/box/`` keyed by the package list.
 
+Upgrades: :func:`booted_box` takes further .debs (a later version built with
+``scripts/package --version``, see :func:`upgrade_version`) and offers them all under /debs;
+:func:`repack_deb` makes a release the tree cannot produce (a changed shipped conffile).
+
 Also a script: ``python3 tests/box.py origin PORT`` serves the origin's test content (used inside
 the origin namespace), ``python3 tests/box.py rootfs [PKG...]`` builds the cache ahead of time.
 """
