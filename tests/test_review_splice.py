@@ -589,3 +589,40 @@ async def _a_failure_at_the_end_of_a_spliced_body_ends_that_connection() -> None
 test_a_failure_at_the_end_of_a_spliced_body_ends_that_connection = on_loops(
     _a_failure_at_the_end_of_a_spliced_body_ends_that_connection
 )
+
+
+async def _the_log_counts_every_byte_of_a_cut_spliced_body() -> None:
+    """An origin that closes (or resets) mid-body: the bytes the relay had already handed to
+    the client before it met the end are counted - in the access log's size, the connection's
+    bytes and the spliced-bytes counter - not dropped with the failure."""
+    data = body(8 * SPLICE_MIN, 27)
+    response = big_response(data)
+
+    for how in ("close", "reset"):
+
+        async def origin(conn: OriginConn) -> None:
+            await conn.head()
+            await conn.send(response[:SPLICE_MIN])
+            await asyncio.sleep(0.05)  # the relay is set up and waiting for more
+            conn.writer.write(response[SPLICE_MIN : 5 * SPLICE_MIN])
+            if how == "reset":  # noqa: B023
+                await asyncio.sleep(0.05)
+                conn.reset()
+            else:
+                conn.writer.close()
+
+        async with rig(origin) as r:
+            r.send(GET % b"cut")
+            got = await r.rest()
+            assert len(got) < len(response)
+            await until(lambda: bool(r.log.records))
+            (rec,) = r.log.records
+            assert rec.result == "TCP_MISS_ABORTED"
+            assert rec.size == len(got), how
+            assert r.server.stats.bytes_out == len(got)
+            assert r.server.stats.spliced_bytes > 0
+
+
+test_the_log_counts_every_byte_of_a_cut_spliced_body = on_loops(
+    _the_log_counts_every_byte_of_a_cut_spliced_body
+)

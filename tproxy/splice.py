@@ -190,6 +190,9 @@ class BodySplice:
             self.timer.cancel()
             self.timer = None
         written = 0
+        # A failure ends the relay only after the bytes already handed to the client in this
+        # round are reported: they reached the client, and the access log counts them.
+        failure: tuple[str, OSError | None] | None = None
         while True:
             if self.in_pipe:
                 try:
@@ -197,8 +200,8 @@ class BodySplice:
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    self._finish("client", exc)
-                    return
+                    failure = ("client", exc)
+                    break
                 self.in_pipe -= n
                 written += n
                 if self.in_pipe:
@@ -210,11 +213,11 @@ class BodySplice:
             except BlockingIOError:
                 break
             except OSError as exc:
-                self._finish("origin", exc)
-                return
+                failure = ("origin", exc)
+                break
             if n == 0:  # the origin closed before the body ended
-                self._finish("origin", None)
-                return
+                failure = ("origin", None)
+                break
             self.remaining -= n
             self.in_pipe += n
         if written:
@@ -222,6 +225,9 @@ class BodySplice:
             self.progress(written)
             if not self.active:  # the owner gave up in its callback
                 return
+        if failure is not None:
+            self._finish(*failure)
+            return
         if not self.remaining and not self.in_pipe:
             self._finish(None, None)
             return
