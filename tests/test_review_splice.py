@@ -626,3 +626,61 @@ async def _the_log_counts_every_byte_of_a_cut_spliced_body() -> None:
 test_the_log_counts_every_byte_of_a_cut_spliced_body = on_loops(
     _the_log_counts_every_byte_of_a_cut_spliced_body
 )
+
+
+async def _a_pipelined_request_then_a_half_close_during_a_spliced_body() -> None:
+    """The client pipelines a second (complete) request while the first one's body is still
+    being relayed, then shuts down its sending side: both requests are answered, in order
+    (RFC 9112 §9.3.2; the half-close only says no third request follows), then the proxy
+    closes."""
+    data = body(BIG, 29)
+    response = big_response(data)
+
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(response[: 2 * SPLICE_MIN])
+        await asyncio.sleep(0.1)
+        await conn.send(response[2 * SPLICE_MIN :])
+        await conn.head()
+        await conn.send(big_response(b"second"))
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await conn.head()
+
+    async with rig(origin) as r:
+        r.send(GET % b"a")
+        await until(lambda: r.server.stats.spliced_bytes > 0)
+        r.send(GET % b"b")
+        r.writer.write_eof()
+        status, _, got = await r.response()
+        assert status == 200 and sha(got) == sha(data)
+        assert (await r.response())[:3:2] == (200, b"second")
+        assert await r.rest() == b""
+        assert [(rec.status, rec.url) for rec in r.log.records] == [
+            (200, "http://origin.test/a"),
+            (200, "http://origin.test/b"),
+        ]
+        assert r.server.stats.bad_requests == 0
+
+
+test_a_pipelined_request_then_a_half_close_during_a_spliced_body = on_loops(
+    _a_pipelined_request_then_a_half_close_during_a_spliced_body
+)
+
+
+def test_eof_behind_a_complete_pipelined_request_is_no_error() -> None:
+    """The pure side of the case above: EOF after a complete request that waits behind
+    another is the end of the connection's requests, not a request cut short."""
+    parser = http1.RequestParser(http1.Limits())
+    events = parser.feed(GET % b"a" + GET % b"b" + GET % b"c")
+    assert [type(e).__name__ for e in events] == ["RequestHead", "EndOfMessage"]
+    assert parser.feed_eof() == []
+    for _ in range(2):
+        events = parser.resume()
+        assert [type(e).__name__ for e in events] == ["RequestHead", "EndOfMessage"]
+    assert parser.resume() == []
+    # A request cut short by the EOF is still one.
+    parser = http1.RequestParser(http1.Limits())
+    parser.feed(GET % b"a" + b"GET /b HTTP/1.1\r\nHo")
+    parser.feed_eof()
+    (error,) = parser.resume()
+    assert isinstance(error, http1.ProtocolError) and error.status == 400

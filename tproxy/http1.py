@@ -680,7 +680,9 @@ class RequestParser(_Parser):
             return []
         self._state = _S_HEAD
         events = self._run()
-        if self._eof and self._state != _S_DEAD:
+        # EOF behind a complete request that now waits in its turn (paused again) only means
+        # no further request follows; it is judged when that one's turn comes.
+        if self._eof and self._state not in (_S_DEAD, _S_PAUSED):
             events.extend(self._eof_events())
         return events
 
