@@ -21,7 +21,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_review_http_shell import GET, OriginConn, rig, until
+from tests.inproc import hand_over
+from tests.test_review_http_shell import GET, OriginConn, reset, rig, until
 from tests.test_splice import big_response, body, on_loops, open_fds
 from tproxy import http1
 from tproxy.http1 import Body, EndOfMessage
@@ -684,3 +685,65 @@ def test_eof_behind_a_complete_pipelined_request_is_no_error() -> None:
     parser.feed_eof()
     (error,) = parser.resume()
     assert isinstance(error, http1.ProtocolError) and error.status == 400
+
+
+async def _descriptor_numbers_reused_across_many_relays() -> None:
+    """Relays start and end on several connections at once while others are reset mid-body
+    and new connections take the freed descriptor numbers: every duplicate is unregistered
+    before it is closed, so a reused number never meets a stale epoll registration (which
+    would show as an error escaping to the loop, a body going astray, or a leaked pipe)."""
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: escaped.append(context))
+    data = body(3 * SPLICE_MIN, 30)
+    response = big_response(data)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(response[: 2 * SPLICE_MIN])
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                writer.write(response[2 * SPLICE_MIN :])
+                await writer.drain()
+        writer.close()
+
+    async with rig(serve_small) as r:
+        pipes = open_fds("pipe")
+        origins: list[asyncio.Server] = []
+
+        async def client(i: int) -> None:
+            sock, port = await hand_over(r.server)
+            origin = await asyncio.start_server(serve, "127.0.0.1", port, reuse_address=True)
+            origins.append(origin)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            try:
+                for _ in range(2):
+                    writer.write(GET % b"%d" % i)
+                    await reader.readuntil(b"\r\n\r\n")
+                    if i % 3 == 0:  # this one leaves mid-body, with a reset
+                        await reader.readexactly(SPLICE_MIN)
+                        reset(writer)
+                        return
+                    assert sha(await reader.readexactly(len(data))) == sha(data)
+            finally:
+                writer.close()
+
+        for _ in range(3):  # waves: later connections reuse the numbers earlier ones freed
+            await asyncio.gather(*(client(i) for i in range(6)))
+        await until(lambda: len(r.server.connections) <= 1)
+        for origin in origins:
+            origin.close()
+        await until(lambda: open_fds("pipe") == pipes)
+        assert r.server.stats.spliced_bodies >= 3 * 4 * 2
+    assert escaped == []
+
+
+test_descriptor_numbers_reused_across_many_relays = on_loops(
+    _descriptor_numbers_reused_across_many_relays
+)
+
+
+async def serve_small(conn: OriginConn) -> None:
+    await conn.head()
