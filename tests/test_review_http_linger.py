@@ -75,8 +75,11 @@ def first_then_wait(conn_bodies: list[bytes]) -> Callable[[OriginConn], Awaitabl
     [
         CHUNKED_POST + b"4\r\nabcd\r\nzz\r\n",  # not a chunk size
         CHUNKED_POST + b"5\r\nabcdeXX",  # chunk data not followed by CRLF
+        # A malformed head (RFC 9112 §6.3: both framings), its body still coming behind it.
+        b"POST /up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz",
     ],
-    ids=["chunk-size", "chunk-crlf"],
+    ids=["chunk-size", "chunk-crlf", "head"],
 )
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_client_still_sending_after_a_bad_request_reads_the_whole_400(

@@ -22,6 +22,7 @@ class FakeTransport:
         self.written = b""
         self.aborted = False
         self.closed = False
+        self.eof_written = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("10.0.0.5", 40000), "sockname": ("192.0.2.80", 80)}.get(name, default)
@@ -37,6 +38,12 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def pause_reading(self) -> None:
         pass
@@ -86,12 +93,19 @@ def test_an_exception_in_a_hook_closes_only_that_connection(
     assert calls == ["/boom", "/fine"]
 
 
-def test_malformed_bytes_get_400_and_the_connection_closes() -> None:
+def test_malformed_bytes_get_400_and_the_connection_closes_in_stages() -> None:
     server = make_server()
     conn, transport = connect(server)
     conn.data_received(
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
     )
     assert transport.written.startswith(b"HTTP/1.1 400 ")
-    assert transport.closed
     assert server.stats.bad_requests == 1
+    # Half-closed behind the 400 (RFC 9112 §9.6); what the client still sends is dropped...
+    assert transport.eof_written and not transport.closed
+    written = transport.written
+    conn.data_received(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert transport.written == written
+    # ...and the client's own FIN ends it.
+    conn.eof_received()
+    assert transport.closed

@@ -1106,7 +1106,9 @@ class ClientConnection(_Side):
         if ex is None:
             self.write(error_response(event.status, event.reason))
             self.access_simple(event.status, "TCP_DENIED")
-            self.close()
+            # A malformed head may have its body (or more requests) right behind it: close in
+            # stages, or those bytes draw a reset that destroys the 400 (RFC 9112 §9.6).
+            self.linger_close()
             return
         if ex.response_started:
             # The response is already under way (relayed, spliced or local): no 400 can follow
