@@ -753,6 +753,7 @@ class ClientConnection(_Side):
             or self.write_paused
             or self.producer is not None
             or transport is None
+            or transport.is_closing()
             or transport.get_write_buffer_size()
             or self.fd < 0
             or up.fd < 0
