@@ -29,7 +29,7 @@ from tproxy.cache.policy import (
     freshen_from_head,
     freshness_lifetime,
     headers_to_store,
-    hit_headers,
+    hit_fields,
     invalidate_uris,
     make_entry,
     not_modified_headers,
@@ -1012,14 +1012,22 @@ def test_forged_host_cannot_poison_shared_entry() -> None:
     assert request_url("http", b"Victim.Example", b"/app.js") == genuine
 
 
-def test_hit_headers_replace_age() -> None:
+def served_fields(e: CacheEntry, age: float, x_cache: bool) -> Fields:
+    """The fields of the head the cache answers a hit with (the production builder)."""
+    from tproxy.cache.component import _hit_head
+
+    prefix, suffix = _hit_head(200, b"OK", hit_fields(e), x_cache, [], 0, b"1.1", True)
+    lines = (prefix + age_value(age) + suffix).split(b"\r\n")[1:]
+    return Fields([(n, v.strip()) for n, _, v in (ln.partition(b":") for ln in lines if ln)])
+
+
+def test_a_hit_replaces_age_and_x_cache() -> None:
     e = entry("Cache-Control: max-age=100", "Age: 999", "X-Cache: old", age=5)
-    out = hit_headers(e, 42.9, x_cache=b"HIT from tproxy")
-    f = Fields(out)
-    assert f.values(b"age") == [b"42"]
-    assert f.values(b"x-cache") == [b"HIT from tproxy"]
+    f = served_fields(e, 42.9, x_cache=True)
+    assert f.values(b"age") == [b"42"]  # RFC 9111 §5.1: the cache's own, whole seconds
+    assert f.values(b"x-cache") == [b"HIT"]
     assert f.get(b"cache-control") == b"max-age=100"
-    assert Fields(hit_headers(e, 1)).values(b"x-cache") == []
+    assert served_fields(e, 1, x_cache=False).values(b"x-cache") == []
 
 
 def test_conditional_headers_for_several_variants() -> None:

@@ -817,7 +817,7 @@ def _hit_head(
     """A head the cache answers with, split around the Age value: the status line, ``fields``
     and ``"Age: "``; then the end of that line, X-Cache (when on), ``extra`` and the framing.
 
-    Stored fields, Age, X-Cache is the order of :func:`policy.hit_headers`; the Age value
+    Stored fields (:func:`policy.hit_fields`), Age, X-Cache is the order; the Age value
     (RFC 9111 §5.1) goes between the parts. serve() joins them for each hit, serve_plain()
     keeps them per entry and shape (:class:`_HitHead`)."""
     prefix = _head_start(status, reason, fields) + b"Age: "

@@ -6,7 +6,7 @@ times it needs and returns data. The proxy shell calls, in order:
 * on a request: :func:`cache_key` → look up stored variants → :func:`vary_matches` →
   :func:`decide` (FRESH / STALE_OK / REVALIDATE / MISS / GATEWAY_TIMEOUT); for a hit,
   :func:`evaluate_conditionals` (client's If-None-Match …) and :func:`plan_range`, then
-  :func:`hit_headers` (:func:`hit_fields`, then the cache's Age) for the stored header block;
+  :func:`hit_fields` (then the cache's Age) for the stored header block;
 * on a response from the origin: :func:`storable` → :func:`make_entry` with
   :func:`headers_to_store`; a 304 to our conditional request → :func:`select_for_304` and
   :func:`refresh_entry`; 5xx / connect failure → :func:`stale_if_error_ok`;
@@ -893,7 +893,7 @@ def conditional_headers(entries: CacheEntry | Sequence[CacheEntry]) -> tuple[Hea
     return tuple(out)
 
 
-# Stored fields that hit_headers() replaces with the cache's own.
+# Stored fields a hit replaces with the cache's own (Age, RFC 9111 §5.1; X-Cache).
 HIT_REPLACED = frozenset({b"age", b"x-cache"})
 
 
@@ -906,16 +906,6 @@ def hit_fields(entry: CacheEntry) -> list[Header]:
     """The stored fields a response served from cache repeats: all but the ones the cache
     replaces with its own (:data:`HIT_REPLACED`). Age and X-Cache follow them."""
     return [(n, v) for n, v in entry.headers if n.lower() not in HIT_REPLACED]
-
-
-def hit_headers(entry: CacheEntry, age: float, x_cache: bytes | None = None) -> list[Header]:
-    """The stored header block for a response served from cache: Age replaced (RFC 9111 §5.1),
-    an optional ``X-Cache`` line appended. For HEAD send these with no content."""
-    out = hit_fields(entry)
-    out.append((b"Age", age_value(age)))
-    if x_cache is not None:
-        out.append((b"X-Cache", x_cache))
-    return out
 
 
 # -- updating stored responses (RFC 9111 §4.3.4, §4.3.5) -------------------------------------
