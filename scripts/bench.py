@@ -108,10 +108,10 @@ CacheMode = Literal["off", "memory", "disk"]
 # being judged. Each proxied cell of these is therefore paired with a routed cell measured
 # seconds after it: the cell is its group's last, and the partner runs as soon as the proxy
 # has stopped and its rules and routes are gone - a plain router again, as for the noproxy
-# config. (Not while the proxy runs, on a port it does not intercept: a gateway set up for
-# interception forwards other traffic measurably slower, ~15 % on 16m here, so that partner
-# would flatter the proxy.) The ratio is the median of the per-round ratios of each pair; the
-# noproxy config's own cells stay in the table.
+# config. (Not while the proxy runs, on a port it does not intercept: with either proxy
+# running, other traffic through the gateway measured 6-18 % slower on 16m here, so that
+# partner would flatter the proxy.) The ratio is the median of the per-round ratios of each
+# pair; the noproxy config's own cells stay in the table.
 PAIRED = ("16m",)
 
 
