@@ -110,8 +110,8 @@ CacheMode = Literal["off", "memory", "disk"]
 # has stopped and its rules and routes are gone - a plain router again, as for the noproxy
 # config. (Not while the proxy runs, on a port it does not intercept: with either proxy
 # running, other traffic through the gateway measured 6-18 % slower on 16m in three runs
-# here, so that partner would flatter the proxy.) The ratio is the median of the per-round ratios of each
-# pair; the noproxy config's own cells stay in the table.
+# here, so that partner would flatter the proxy.) The ratio is the median of the per-round
+# ratios of each pair; the noproxy config's own cells stay in the table.
 PAIRED = ("16m",)
 
 
