@@ -19,7 +19,7 @@ import uvloop
 from tests.test_review_http_shell import GET, OriginConn, reset, rig, until
 from tproxy import http1
 from tproxy.http1 import Body, EndOfMessage, ResponseHead
-from tproxy.splice import SPLICE_MIN
+from tproxy.splice import LOWAT_MAX, LOWAT_MIN, SPLICE_MIN, batch_lowat
 
 BIG = 3 * SPLICE_MIN + 12345  # several pipe-fulls, not a multiple of anything
 
@@ -98,6 +98,22 @@ def test_body_passed_refuses_outside_a_length_body() -> None:
     assert p.length_remaining == 0
     with pytest.raises(ValueError):
         p.body_passed(1)
+
+
+@pytest.mark.parametrize(
+    ("remaining", "rate", "rcvbuf", "want"),
+    [
+        (10 << 20, 1e9, 32 << 20, LOWAT_MAX),  # fast: the cap
+        (10 << 20, 20e6, 32 << 20, 40_000),  # 2 ms at 20 MB/s
+        (100_000, 1e9, 32 << 20, 100_000),  # never more than is still due
+        (10 << 20, 1e9, 131_072, 32_768),  # a quarter of the buffer: no window clamp
+        (10 << 20, 1e6, 32 << 20, 1),  # slow: every byte (2 ms is 2 KB)
+        (LOWAT_MIN - 1, 1e9, 32 << 20, 1),  # a tail below the floor
+        (10 << 20, 0.0, 32 << 20, 1),  # nothing measured yet
+    ],
+)
+def test_batch_lowat(remaining: int, rate: float, rcvbuf: int, want: int) -> None:
+    assert batch_lowat(remaining, rate, rcvbuf) == want
 
 
 # ------------------------------------------------------------------ the relay

@@ -49,6 +49,13 @@ LOWAT_DELAY = 0.002  # seconds
 LOWAT_WAIT = 0.010  # seconds
 
 
+def batch_lowat(remaining: int, rate: float, rcvbuf: int) -> int:
+    """SO_RCVLOWAT for the next batch: ``rate`` bytes/s measured, ``remaining`` bytes still
+    due, ``rcvbuf`` the socket's receive buffer (see LOWAT_DELAY); 1 turns batching off."""
+    want = min(remaining, LOWAT_MAX, int(rate * LOWAT_DELAY), rcvbuf // 4)
+    return want if want >= LOWAT_MIN else 1
+
+
 class BodySplice:
     """Move exactly ``length`` bytes from ``src_fd`` to ``dst_fd``, then call ``done(None,
     None)``.
@@ -82,12 +89,14 @@ class BodySplice:
         self.timer: asyncio.TimerHandle | None = None
         self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.src = self.dst = -1
+        self.src_sock: socket.socket | None = None  # for its socket options
         try:
             try:
                 fcntl.fcntl(self.pw, _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # a smaller pipe only means more calls
-            self.src = os.dup(src_fd)
+            self.src_sock = socket.socket(fileno=os.dup(src_fd))
+            self.src = self.src_sock.fileno()
             self.dst = os.dup(dst_fd)
         except OSError:
             self._release()
@@ -104,26 +113,17 @@ class BodySplice:
     # -- internals ---------------------------------------------------------------------
 
     def _set_lowat(self, value: int) -> None:
-        sock = socket.socket(fileno=self.src)  # a view of the descriptor, detached below
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
-        finally:
-            sock.detach()
+        assert self.src_sock is not None
+        self.src_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
         self.lowat = value
 
     def _batch(self) -> None:
-        """Choose the origin socket's SO_RCVLOWAT for the next batch (see LOWAT_DELAY)."""
+        """Set the origin socket's SO_RCVLOWAT for the next batch (batch_lowat)."""
+        assert self.src_sock is not None
         now = time.monotonic()
         rate = (self.moved - self.rate_base) / max(now - self.rate_since, 1e-6)
-        want = min(self.remaining, LOWAT_MAX, int(rate * LOWAT_DELAY))
-        if want >= LOWAT_MIN:
-            sock = socket.socket(fileno=self.src)
-            try:
-                want = min(want, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4)
-            finally:
-                sock.detach()
-        if want < LOWAT_MIN:
-            want = 1
+        rcvbuf = self.src_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        want = batch_lowat(self.remaining, rate, rcvbuf)
         if want != self.lowat:
             self._set_lowat(want)
         if want > 1:
@@ -151,13 +151,16 @@ class BodySplice:
         if self.writing:
             self.loop.remove_writer(self.dst)
             self.writing = False
-        if self.lowat != 1 and self.src >= 0:
+        if self.lowat != 1 and self.src_sock is not None:
             # The connection goes back to the ordinary relay (or the pool): whole reads again.
             try:
                 self._set_lowat(1)
             except OSError:
                 pass  # the connection is gone
-        for fd in (self.src, self.dst, self.pr, self.pw):
+        if self.src_sock is not None:
+            self.src_sock.close()
+            self.src_sock = None
+        for fd in (self.dst, self.pr, self.pw):
             if fd >= 0:
                 os.close(fd)
         self.src = self.dst = self.pr = self.pw = -1
