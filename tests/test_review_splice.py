@@ -31,6 +31,17 @@ from tproxy.splice import SPLICE_MIN
 BIG = 2 * SPLICE_MIN + 777
 
 
+async def send_in_two(conn: OriginConn, response: bytes, wait: float | asyncio.Event) -> None:
+    """The first 2 MiB of ``response``, then after ``wait`` (seconds, or an event) the rest:
+    the relay is under way and waiting on the origin when the end comes."""
+    await conn.send(response[: 2 * SPLICE_MIN])
+    if isinstance(wait, asyncio.Event):
+        await wait.wait()
+    else:
+        await asyncio.sleep(wait)
+    await conn.send(response[2 * SPLICE_MIN :])
+
+
 def sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
@@ -183,9 +194,7 @@ async def _a_client_half_close_during_a_spliced_body() -> None:
     async def origin(conn: OriginConn) -> None:
         await conn.head()
         response = big_response(data)
-        await conn.send(response[: 2 * SPLICE_MIN])
-        await release.wait()
-        await conn.send(response[2 * SPLICE_MIN :])
+        await send_in_two(conn, response, release)
         await conn.head()
 
     async with rig(origin) as r:
@@ -428,9 +437,7 @@ async def _the_access_log_of_a_spliced_exchange() -> None:
 
     async def origin(conn: OriginConn) -> None:
         await conn.head()
-        await conn.send(response[: 2 * SPLICE_MIN])
-        await asyncio.sleep(0.3)
-        await conn.send(response[2 * SPLICE_MIN :])
+        await send_in_two(conn, response, 0.3)
         await conn.head()
 
     async with rig(origin) as r:
@@ -456,9 +463,7 @@ async def _draining_during_a_spliced_body() -> None:
 
     async def origin(conn: OriginConn) -> None:
         await conn.head()
-        await conn.send(response[: 2 * SPLICE_MIN])
-        await asyncio.sleep(0.3)
-        await conn.send(response[2 * SPLICE_MIN :])
+        await send_in_two(conn, response, 0.3)
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             await conn.head()
 
@@ -567,9 +572,7 @@ async def _a_failure_at_the_end_of_a_spliced_body_ends_that_connection() -> None
     async def origin(conn: OriginConn) -> None:
         await conn.head()
         response = big_response(data)
-        await conn.send(response[: 2 * SPLICE_MIN])
-        await asyncio.sleep(0.05)  # the end comes while the relay waits for it
-        await conn.send(response[2 * SPLICE_MIN :])
+        await send_in_two(conn, response, 0.05)  # the end comes while the relay waits for it
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             await conn.head()
 
@@ -639,9 +642,7 @@ async def _a_pipelined_request_then_a_half_close_during_a_spliced_body() -> None
 
     async def origin(conn: OriginConn) -> None:
         await conn.head()
-        await conn.send(response[: 2 * SPLICE_MIN])
-        await asyncio.sleep(0.1)
-        await conn.send(response[2 * SPLICE_MIN :])
+        await send_in_two(conn, response, 0.1)
         await conn.head()
         await conn.send(big_response(b"second"))
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
