@@ -248,20 +248,30 @@ domains = ["games.example"]
 # -- HTTPS (SNI) -------------------------------------------------------------------------------
 
 
-SPLIT_CLIENT = textwrap.dedent(
+# The start of the client scripts below: hello(name) is the ClientHello Python's ssl would send
+# for ``name`` (only built, never sent by ssl: the scripts send it the way they test).
+HELLO_PY = textwrap.dedent(
     """
     import socket, ssl, sys, time
+
+    def hello(name):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        out = ssl.MemoryBIO()
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return out.read()
+    """
+)
+
+SPLIT_CLIENT = HELLO_PY + textwrap.dedent(
+    """
     name, ip, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(inc, out, server_hostname=name)
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = out.read()
+    hello = hello(name)
     s = socket.create_connection((ip, 443), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.send(hello[:first])   # two TCP segments: the name is in the second one

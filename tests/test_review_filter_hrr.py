@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from tests.lab import Lab
 from tests.proxy import Proxy
+from tests.test_filter_lab import HELLO_PY
 from tests.test_tls_sni import ipv4, real_hello, tcp_header
 from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, NFQUEUE_PACKETS
 from tproxy.nfqueue import MAX_HELLO_SEGMENTS, Action, FlowDecision, FlowInspector, Outcome
@@ -239,22 +240,8 @@ domains = ["bad.example"]
 
 # Sends a ClientHello for argv[1] (OpenSSL's first key share: X25519 only), reads the server's
 # answer (a HelloRetryRequest from a P-256-only server), then a second hello for argv[2].
-SWITCH_CLIENT = textwrap.dedent(
+SWITCH_CLIENT = HELLO_PY + textwrap.dedent(
     """
-    import socket, ssl, sys
-
-    def hello(name):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        out = ssl.MemoryBIO()
-        obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
-        try:
-            obj.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-        return out.read()
-
     first, second, ip = sys.argv[1], sys.argv[2], sys.argv[3]
     s = socket.create_connection((ip, 443), timeout=5)
     s.sendall(hello(first))

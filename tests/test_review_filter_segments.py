@@ -23,6 +23,7 @@ import pytest
 
 from tests.lab import Lab
 from tests.proxy import Proxy
+from tests.test_filter_lab import HELLO_PY
 from tests.test_tls_sni import BIG, ipv4, real_hello, tcp_header
 from tproxy import config
 from tproxy.filter.component import FilterComponent
@@ -179,20 +180,10 @@ action = "deny"
 domains = ["bad.example"]
 """
 
-TINY_CLIENT = textwrap.dedent(
+TINY_CLIENT = HELLO_PY + textwrap.dedent(
     """
-    import socket, ssl, sys, time
     name, ip, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = out.read()
+    hello = hello(name)
     s = socket.create_connection((ip, 443), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
