@@ -392,11 +392,19 @@ def test_reload_changes_the_rate_of_a_running_download(lab2: Lab) -> None:
         argv = [sys.executable, str(lab2.tmpdir / "reader.py"), lab2.origin_name, BIG,
                 lab2.origin_v4, "5.5"]  # fmt: skip
         proc = lab2.popen("client", argv, stdout=subprocess.PIPE, text=True)
-        time.sleep(2.2)
+        # Reload by the reader's own clock, not ours: under load its start-up can take long
+        # enough to push a fixed sleep into the early window measured below.
+        assert proc.stdout is not None
+        early = ""
+        for line in proc.stdout:
+            early += line
+            if float(line.split()[0]) >= 2.0:
+                break
         proxy.config_path.write_text(after)
         assert proxy.proc is not None
         proxy.proc.send_signal(signal.SIGHUP)
-        out, _ = proc.communicate(timeout=20)
+        rest, _ = proc.communicate(timeout=20)
+        out = early + rest
         assert "reloaded" in proxy.stderr(), proxy.stderr()
     assert out.splitlines()[-1].endswith("stop"), out  # the download was never cut
     # The reader starts its clock a little after popen: measure well clear of the SIGHUP.
