@@ -8,10 +8,12 @@ re-injected packet's mark is saved in the connmark and every later packet of the
 directions — skips the queue and stays in the kernel's fast path.
 
 Evasions (see :class:`FlowInspector`): a hello cut into tiny segments so that its name would
-arrive after the kernel's queue budget, and a second ClientHello after a HelloRetryRequest that
-names another server (RFC 8446 §4.1.2), are reset when the ``evasion`` hook says the client is
-filtered by name. To see a second hello, an accepted TLS 1.3 flow keeps its verdict mark until
-the client's next data segment (at most until the last packet the kernel queues).
+arrive after the kernel's queue budget, pure ACKs or decoys sent to spend that budget before the
+hello, and a second ClientHello after a HelloRetryRequest that names another server (RFC 8446
+§4.1.2), are reset when the ``evasion`` hook says the client is filtered by name. The last
+packet the kernel queues always decides a flow still undecided, whatever it carries. To see a
+second hello, an accepted TLS 1.3 flow keeps its verdict mark until the client's next data
+segment (at most until the last packet the kernel queues).
 
 * accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
 * reset: ``MARK_VERDICT_RESET``; the ``TPROXY-FWD`` rule answers the client's packet with a TCP
@@ -62,6 +64,7 @@ from tproxy.netfilter.render import (
 from tproxy.tls import (
     CCS_RECORD_LEN,
     SEQ_MOD,
+    TCP_ACK,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
@@ -72,6 +75,7 @@ from tproxy.tls import (
     looks_like_hello_start,
     parse_ip_tcp,
     parse_second_flight,
+    seq_diff,
     sni_from_prefix,
 )
 
@@ -95,6 +99,15 @@ MAX_HELLO_SEGMENTS = 6
 # evasion tools send a few bytes per segment) so that the name arrives after the kernel
 # stopped queueing: such a flow is reset rather than decided without a name.
 EVASION_SEGMENT_BYTES = 536
+# Repeats of the handshake's ACK (pure ACKs that acknowledge nothing new) a client may send
+# before its ClientHello is whole. In TLS the client speaks first (RFC 8446 §2), so until its
+# hello is whole the server has sent nothing to acknowledge: a real client repeats its ACK
+# only when the server repeats its SYN-ACK. More only spend the kernel's queue budget, so that
+# the hello itself is no longer queued: such a flow is reset like a hello cut into tiny
+# segments. Decoys (MIN_FORWARD_TTL) count alike: the server never sees them. (A server that
+# speaks first - the client's ACK number moves - is not TLS from the client's side and is
+# decided as before.)
+IDLE_ACKS_MAX = 2
 # A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
 MIN_FORWARD_TTL = 1
 # Kernel queue length (packets awaiting a verdict). With fail-open, packets beyond it pass
@@ -173,6 +186,25 @@ class _Flow:
     # the first NFQUEUE_PACKETS of each flow, so the last one must carry the verdict.
     packets: int = 0
     retry: _Retry | None = None
+    # The client's ACK number so far; whether it ever moved past the SYN-ACK (the server sent
+    # data); and packets that gave the server nothing new: pure ACKs that acknowledged
+    # nothing new, and decoys (IDLE_ACKS_MAX).
+    ack: int | None = None
+    server_spoke: bool = False
+    idle_acks: int = 0
+
+    def note_ack(self, seg: TcpSegment) -> None:
+        if not seg.flags & TCP_ACK:
+            return
+        if self.ack is None:
+            self.ack = seg.ack
+            return
+        step = seq_diff(seg.ack, self.ack)
+        if step > 0:
+            self.ack = seg.ack
+            self.server_spoke = True
+        elif not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+            self.idle_acks += 1
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -198,11 +230,14 @@ class InspectorStats:
 class FlowInspector:
     """The per-packet logic, free of I/O: raw packet bytes in, an :class:`Outcome` out.
 
-    A flow is decided on its ClientHello. Two evasions are answered (the ``evasion`` hook says
-    whether the client is filtered at all; its answer True resets the flow):
+    A flow is decided on its ClientHello, at the latest on the last packet the kernel queues.
+    Three evasions are answered (the ``evasion`` hook says whether the client is filtered at
+    all; its answer True resets the flow):
 
     * a hello cut into tiny segments so that its name arrives after the kernel's queue budget
       (:data:`EVASION_SEGMENT_BYTES`);
+    * pure ACKs or decoys sent to spend that budget before the hello is whole
+      (:data:`IDLE_ACKS_MAX`);
     * a second ClientHello, sent after a HelloRetryRequest (RFC 8446 §4.1.4), that names
       another server than the first. The kernel does not queue the server's packets, so the
       HRR itself is not seen; instead an accepted TLS 1.3 flow keeps its verdict mark until
@@ -255,13 +290,19 @@ class FlowInspector:
             flow.packets += 1
             if flow.retry is not None:
                 return self._after_hello(key, flow, seg, hw)
-        if not seg.payload:
-            return Outcome(Action.PASS, segment=seg)
-        if seg.ttl <= MIN_FORWARD_TTL:
-            # A decoy: this router drops a forwarded packet whose TTL/hop limit would reach 0
-            # (RFC 1812 §5.3.1, RFC 8200 §3), so the server never sees these bytes; evasion
-            # tools send a harmless ClientHello this way before the real one. Not ours to judge.
-            self.stats.decoys += 1
+            flow.note_ack(seg)
+        if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+            if seg.payload:
+                # A decoy: this router drops a forwarded packet whose TTL/hop limit would reach
+                # 0 (RFC 1812 §5.3.1, RFC 8200 §3), so the server never sees these bytes;
+                # evasion tools send a harmless ClientHello this way before the real one. Not
+                # ours to judge.
+                self.stats.decoys += 1
+            if flow is not None and flow.packets >= NFQUEUE_PACKETS:
+                # The kernel queues no more of this flow, and whatever follows would pass
+                # unseen: a client that spends the budget on pure ACKs or decoys before (or in
+                # the middle of) its hello is decided now, on what has arrived.
+                return self._decide(key, flow, seg, hw, flow.assembler.result, now)
             return Outcome(Action.PASS, segment=seg)
         if flow is None:
             # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
@@ -273,6 +314,19 @@ class FlowInspector:
         last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= NFQUEUE_PACKETS
         if info.incomplete and not last:
             return Outcome(Action.PASS, segment=seg)
+        return self._decide(key, flow, seg, hw, info, now)
+
+    def _decide(
+        self,
+        key: tuple[str, int, str, int],
+        flow: _Flow,
+        seg: TcpSegment,
+        hw: bytes | None,
+        info: ClientHelloInfo,
+        now: float,
+    ) -> Outcome:
+        """The verdict on a flow's first hello: whole, invalid, or what arrived of it before
+        the end of the queue budget."""
         del self.flows[key]
         sni = info.sni if info.complete else None
         if info.incomplete:
@@ -280,10 +334,13 @@ class FlowInspector:
             data = flow.assembler.contiguous()
             sni = sni_from_prefix(data)
             if sni is None:
-                what = _cut_hello(data, flow.segments, "ClientHello")
+                what = _cut_hello(data, flow.segments, "ClientHello") or _idle_acks(flow)
                 if what and self._is_evasion(seg, hw, what):
                     return self._reset(seg, None, info.ech, what)
-        outcome = self._verdict(seg, hw, info, sni)
+        why = ""
+        if info.incomplete and not sni:
+            why = f"no complete ClientHello in {flow.packets} packets ({flow.segments} with data)"
+        outcome = self._verdict(seg, hw, info, sni, why)
         if (
             outcome.action is Action.ACCEPT
             and self.second_hello
@@ -365,11 +422,10 @@ class FlowInspector:
         return Outcome(Action.RESET, MARK_VERDICT_RESET, seg, sni, ech, what)
 
     def _verdict(
-        self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo, sni: str | None
+        self, seg: TcpSegment, hw: bytes | None, info: ClientHelloInfo, sni: str | None, why: str
     ) -> Outcome:
-        why = "" if sni else (info.reason or "no server_name extension")
-        if info.incomplete and not sni:
-            why = f"no complete ClientHello in {MAX_HELLO_SEGMENTS} segments"
+        if not sni:
+            why = why or info.reason or "no server_name extension"
         if sni is None:
             self.stats.no_sni += 1
         decision = self.decide(seg.src, format_mac(hw), seg.dst, seg.dport, sni, info.ech, why)
@@ -398,6 +454,17 @@ def _cut_hello(data: bytes, segments: int, what: str) -> str:
         f"{what} cut into {segments} segments of {mean} bytes on average "
         f"(below {EVASION_SEGMENT_BYTES}) without its server_name in the first "
         f"{len(data)} bytes"
+    )
+
+
+def _idle_acks(flow: _Flow) -> str:
+    """Why a flow whose ClientHello was not whole at the end of the queue budget spent it on
+    pure ACKs on purpose ("" when it did not: see IDLE_ACKS_MAX)."""
+    if flow.server_spoke or flow.idle_acks <= IDLE_ACKS_MAX:
+        return ""
+    return (
+        f"{flow.idle_acks} pure ACKs or decoys that gave the server nothing new before a whole "
+        f"ClientHello (the kernel queues the first {NFQUEUE_PACKETS} packets of a flow)"
     )
 
 

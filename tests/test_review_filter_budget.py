@@ -1,0 +1,245 @@
+"""A client cannot spend the kernel's queue budget before its ClientHello to slip past the filter.
+
+The kernel queues the first NFQUEUE_PACKETS packets of an HTTPS flow, pure ACKs included; the
+packets after them pass unseen. A client that sent pure ACKs (or decoys) until the budget was
+gone, and its hello only then, used to get no verdict at all: the hello was forwarded
+unfiltered. Now the last queued packet always decides: a flow that spent the budget on pure
+ACKs acknowledging nothing new (the server has nothing to acknowledge before a TLS client's
+hello, RFC 8446 §2) is reset like a hello cut into tiny segments; a server that speaks first
+is not TLS from the client's side and is decided by the policy as before. Pure tests feed
+packets to :class:`FlowInspector`; the lab test sends real pure ACKs on a real connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from tests.lab import Lab
+from tests.proxy import Proxy
+from tests.test_filter_lab import HELLO_PY
+from tests.test_review_filter_segments import LAB_FILTER, tls_origin  # noqa: F401 (fixture)
+from tests.test_tls_sni import _ext_offset, real_hello
+from tproxy.netfilter.render import NFQUEUE_PACKETS
+from tproxy.nfqueue import IDLE_ACKS_MAX, Action, FlowDecision, FlowInspector, Outcome
+
+SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
+ISN, SERVER_ISN = 7000, 500_000
+
+
+def packet(seq: int, flags: int, payload: bytes = b"", ack: int = 0, ttl: int = 64) -> bytes:
+    """An IPv4 TCP packet from 10.0.0.2:40000 to 192.0.2.7:443."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 443, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    src, dst = socket.inet_aton("10.0.0.2"), socket.inet_aton("192.0.2.7")
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, ttl, 6, 0, src, dst)
+    return head + tcp
+
+
+def padded_first(name: str, size: int = 6000) -> bytes:
+    """A one-record ClientHello for ``name`` whose padding extension (RFC 7685) comes first,
+    so that the name lies ``size`` bytes further in."""
+    hello = real_hello(name)
+    body = hello[9:]
+    at = _ext_offset(body)
+    (n,) = struct.unpack_from("!H", body, at)
+    exts = struct.pack("!HH", 21, size) + bytes(size) + body[at + 2 : at + 2 + n]
+    body = body[:at] + struct.pack("!H", len(exts)) + exts
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(message)) + message
+
+
+class Policy:
+    """Denies names ending in bad.example; remembers the reasons it was given."""
+
+    def __init__(self) -> None:
+        self.why: list[str] = []
+
+    def __call__(self, *a: Any) -> FlowDecision:
+        sni, why = a[4], a[6]
+        self.why.append(why)
+        return FlowDecision(not (sni or "").endswith("bad.example"))
+
+
+def run(insp: FlowInspector, packets: list[bytes]) -> list[Outcome]:
+    return [insp.inspect(p, None, 0.0) for p in packets]
+
+
+def handshake() -> list[bytes]:
+    return [packet(ISN, SYN), packet(ISN + 1, ACK, ack=SERVER_ISN + 1)]
+
+
+def idle_acks(n: int, seq: int = ISN + 1) -> list[bytes]:
+    return [packet(seq, ACK, ack=SERVER_ISN + 1) for _ in range(n)]
+
+
+def budget_left(used: int) -> int:
+    return NFQUEUE_PACKETS - used
+
+
+def test_pure_acks_that_spend_the_budget_reset_the_flow() -> None:
+    policy = Policy()
+    insp = FlowInspector(policy)
+    outs = run(insp, handshake() + idle_acks(budget_left(2)))
+    assert [o.action for o in outs[:-1]] == [Action.PASS] * (NFQUEUE_PACKETS - 1)
+    last = outs[-1]
+    assert last.action is Action.RESET, last
+    assert f"{NFQUEUE_PACKETS - 2} pure ACKs or decoys that gave the server nothing new" in (
+        last.evasion
+    )
+    assert policy.why == [] and insp.stats.evasions == 1 and insp.flows == {}
+    # The RST towards the server continues the client's stream exactly.
+    assert last.segment is not None and last.segment.seq == ISN + 1
+
+
+def test_a_client_the_filter_does_not_judge_gets_the_policy_verdict() -> None:
+    policy = Policy()
+    seen: list[str] = []
+
+    def not_filtered(*a: Any) -> bool:
+        seen.append(a[-1])
+        return False
+
+    insp = FlowInspector(policy, evasion=not_filtered)
+    outs = run(insp, handshake() + idle_acks(budget_left(2)))
+    assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
+    assert len(seen) == 1 and "pure ACKs" in seen[0]
+    assert policy.why == [f"no complete ClientHello in {NFQUEUE_PACKETS} packets (0 with data)"]
+
+
+def test_decoys_spend_the_budget_too() -> None:
+    # Packets that die at this router (TTL 1) give the server nothing either.
+    insp = FlowInspector(Policy())
+    decoy = packet(ISN + 1, PSH_ACK, real_hello("good.example"), ack=SERVER_ISN + 1, ttl=1)
+    outs = run(insp, handshake() + [decoy] * budget_left(2))
+    assert outs[-1].action is Action.RESET and "pure ACKs" in outs[-1].evasion
+    assert insp.stats.decoys == NFQUEUE_PACKETS - 2
+
+
+def test_a_padded_first_segment_and_pure_acks_reset_the_flow() -> None:
+    # One full-sized segment of a hello whose name lies further in (padding first), then pure
+    # ACKs to the end of the budget: no longer decided without the name.
+    hello = padded_first("x.bad.example")
+    first = packet(ISN + 1, PSH_ACK, hello[:1448], ack=SERVER_ISN + 1)
+    policy = Policy()
+    insp = FlowInspector(policy)
+    outs = run(insp, [*handshake(), first, *idle_acks(budget_left(3), ISN + 1 + 1448)])
+    assert outs[-1].action is Action.RESET and "pure ACKs" in outs[-1].evasion
+    assert policy.why == []
+
+
+def test_a_name_that_arrived_still_decides_at_the_end_of_the_budget() -> None:
+    hello = real_hello("x.bad.example")
+    policy = Policy()
+    insp = FlowInspector(policy)
+    first = packet(ISN + 1, PSH_ACK, hello[:-10], ack=SERVER_ISN + 1)
+    outs = run(insp, [*handshake(), first, *idle_acks(budget_left(3), ISN + len(hello) - 9)])
+    assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"
+    assert outs[-1].evasion == "" and insp.stats.evasions == 0
+
+
+def test_a_server_that_speaks_first_is_decided_by_the_policy() -> None:
+    # The client's ACK number moves: it acknowledges the server's data (an SSH banner on 443,
+    # say). Nothing is cut or held back; the flow gets the policy's answer without a name.
+    policy = Policy()
+    insp = FlowInspector(policy)
+    acks = [
+        packet(ISN + 1, ACK, ack=SERVER_ISN + 1 + 100 * i) for i in range(1, budget_left(2) + 1)
+    ]
+    outs = run(insp, handshake() + acks)
+    assert outs[-1].action is Action.ACCEPT and insp.stats.evasions == 0
+    assert policy.why == [f"no complete ClientHello in {NFQUEUE_PACKETS} packets (0 with data)"]
+
+
+def test_real_clients_are_not_evasions() -> None:
+    policy = Policy()
+    insp = FlowInspector(policy)
+    hello = real_hello("good.example")
+    # The server repeated its SYN-ACK twice, the client repeated its ACK; then the hello.
+    repeats = idle_acks(IDLE_ACKS_MAX)
+    outs = run(insp, [*handshake(), *repeats, packet(ISN + 1, PSH_ACK, hello, SERVER_ISN + 1)])
+    assert outs[-1].action is Action.ACCEPT and outs[-1].sni == "good.example"
+    # Idle ACKs within the allowance still mean "no evasion" when the budget ends on one.
+    insp = FlowInspector(policy)
+    big = padded_first("x.bad.example")
+    segs = [
+        packet(ISN + 1 + i, PSH_ACK, big[i : i + 1448], SERVER_ISN + 1)
+        for i in range(0, 1448 * 4, 1448)
+    ]
+    outs = run(insp, [*handshake(), *segs, *idle_acks(IDLE_ACKS_MAX, ISN + 1 + 1448 * 4)])
+    assert len(outs) == NFQUEUE_PACKETS
+    assert outs[-1].action is Action.ACCEPT and outs[-1].evasion == ""
+
+
+# -- lab ---------------------------------------------------------------------------------------
+
+# Opens a connection, reads its sequence numbers (TCP_REPAIR, tcp(7)), sends pure ACKs that
+# acknowledge nothing new through a raw socket, then the ClientHello on the connection.
+ACKS_CLIENT = HELLO_PY + textwrap.dedent(
+    """
+    import struct
+    name, ip, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+    s = socket.create_connection((ip, 443), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    seqs = []
+    for queue in (2, 1):  # TCP_SEND_QUEUE, TCP_RECV_QUEUE
+        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+        seqs.append(struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0])
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    seq, ack = seqs
+    src, sport = s.getsockname()
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    a, b = socket.inet_aton(src), socket.inet_aton(ip)
+
+    def csum(data):
+        data += b"\\0" * (len(data) % 2)
+        total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    for _ in range(count):
+        tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, 5 << 4, 0x10, 65535, 0, 0)
+        tcp = tcp[:16] + struct.pack("!H", csum(a + b + struct.pack("!BBH", 0, 6, 20) + tcp)) + tcp[18:]
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, a, b)
+        raw.sendto(head + tcp, (ip, 0))
+        time.sleep(0.01)
+    try:
+        s.send(hello(name))
+        data = s.recv(5)
+        print("handshake" if data[:1] == b"\\x16" else "other %r" % data)
+    except (ConnectionResetError, BrokenPipeError):
+        print("reset")
+    except socket.timeout:
+        print("timeout")
+    """
+)
+
+
+def with_acks(lab: Lab, name: str, count: int) -> str:
+    argv = [sys.executable, "-c", ACKS_CLIENT, name, lab.origin_v4, str(count)]
+    return str(lab.run("client", argv).stdout.strip())
+
+
+@pytest.mark.lab
+def test_pure_acks_before_the_hello_are_reset_on_the_wire(tls_origin: Lab) -> None:  # noqa: F811
+    lab = tls_origin
+    with Proxy(lab, LAB_FILTER.format(group="all", cidr="0.0.0.0/0")) as proxy:
+        # Enough pure ACKs that the hello would come after the last packet the kernel queues.
+        assert with_acks(lab, "bad.example", NFQUEUE_PACKETS) == "reset"
+        assert with_acks(lab, "good.example", NFQUEUE_PACKETS) == "reset"
+        # A repeat of the handshake's ACK is something a real client sends.
+        assert with_acks(lab, "good.example", 1) == "handshake"
+        assert with_acks(lab, "bad.example", 1) == "reset"
+        err = proxy.stderr()
+        assert "pure ACKs or decoys that gave the server nothing new" in err, err
+    # A client outside every group that denies by name gets the policy's default.
+    with Proxy(lab, LAB_FILTER.format(group="others", cidr="10.99.0.0/24")) as proxy:
+        assert with_acks(lab, "good.example", NFQUEUE_PACKETS) == "handshake"
+        assert "evasion" not in proxy.stderr()
