@@ -97,16 +97,20 @@ def test_rule_order_in_prerouting() -> None:
         "nonsyn": next(i for i, r in enumerate(pre) if "! --syn" in r and "-j TPROXY " in r),
         "queue": next(i for i, r in enumerate(pre) if "-j NFQUEUE" in r),
     }
-    # Only the verdict bookkeeping comes before LOCAL (decided HTTPS flows leave before the
-    # addrtype FIB lookup); the --syn TPROXY rule before the socket divert (TIME_WAIT, DESIGN.md §3).
-    assert index["local"] > 0
-    assert all("--mark 0x" in r for r in pre[: index["local"]])
+    # Only the verdict bookkeeping and the socket divert of owned flows (the bulk of the chain's
+    # packets) come before LOCAL: both leave before the addrtype FIB lookup.
+    socket_rules = [r for r in pre if "-m socket" in r]
+    first_socket = pre.index(socket_rules[0])
+    assert all("--mark 0x" in r for r in pre[:first_socket])
+    assert pre[first_socket : index["local"]] == socket_rules
     # The connmark is only read for packets on an HTTPS port (a native port comparison first).
     assert all(re.search(r"-p tcp --[sd]port 443 -m connmark ", r) for r in pre[:4])
-    assert index["bypass"] < index["syn"] < index["socket"] < index["nonsyn"] < index["queue"]
-    # The socket rule is not tied to a LAN interface: it catches WAN-side return traffic.
-    assert " -i " not in pre[index["socket"]]
-    assert pre[index["socket"]].endswith("-j TPROXY-DIVERT")
+    assert index["local"] < index["bypass"] < index["syn"] < index["nonsyn"] < index["queue"]
+    # The socket rules are not tied to a LAN interface (they catch WAN-side return traffic),
+    # never look up a SYN (TIME_WAIT, DESIGN.md §3), and take origin replies first.
+    for rule in socket_rules:
+        assert " -i " not in rule and " ! --syn " in rule and rule.endswith("-j TPROXY-DIVERT")
+    assert "--sports" in socket_rules[0] and "--dports" in socket_rules[-1]
     # Every TPROXY and queue rule is limited to a LAN interface.
     for rule in pre:
         if "-j TPROXY " in rule or "-j NFQUEUE" in rule:
@@ -130,10 +134,11 @@ def test_minimal_plan_has_no_extras() -> None:
     assert "TPROXY-POST" not in text
     assert "NFQUEUE" not in text and "CONNMARK" not in text
     assert rules_of(text, "TPROXY-PRE") == [
-        "-A TPROXY-PRE -p tcp -m multiport --ports 80 -m addrtype --dst-type LOCAL -j RETURN",
+        "-A TPROXY-PRE -p tcp --sport 80 ! --syn -m socket --transparent -j TPROXY-DIVERT",
+        "-A TPROXY-PRE -p tcp --dport 80 ! --syn -m socket --transparent -j TPROXY-DIVERT",
+        "-A TPROXY-PRE -p tcp --dport 80 -m addrtype --dst-type LOCAL -j RETURN",
         "-A TPROXY-PRE -i lan0 -p tcp --syn --dport 80 -j TPROXY --on-port 3129 "
         "--on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
-        "-A TPROXY-PRE -p tcp -m multiport --ports 80 -m socket --transparent -j TPROXY-DIVERT",
         "-A TPROXY-PRE -i lan0 -p tcp ! --syn --dport 80 -j TPROXY --on-port 3129 "
         "--on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
     ]
@@ -369,14 +374,15 @@ def test_drain_plan_keeps_only_the_divert() -> None:
     assert not plan.intercepts() and full_plan().intercepts()
     pre = rules_of(render(plan, 4), "TPROXY-PRE")
     assert not [r for r in pre if "-j TPROXY " in r or "-j NFQUEUE" in r]
-    # The LOCAL test still comes before the divert, for the same ports.
-    local = (
-        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m addrtype --dst-type LOCAL -j RETURN"
-    )
-    divert = (
-        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m socket --transparent -j TPROXY-DIVERT"
-    )
-    assert pre.index(local) < pre.index(divert) == len(pre) - 1
+    # Nothing is intercepted or queued any more, so no LOCAL test protects anything: the socket
+    # divert of the open flows is all that is left (after the verdict bookkeeping).
+    assert not [r for r in pre if "-m addrtype" in r]
+    assert pre[-2:] == [
+        "-A TPROXY-PRE -p tcp -m multiport --sports 80,8080 ! --syn -m socket --transparent "
+        "-j TPROXY-DIVERT",
+        "-A TPROXY-PRE -p tcp -m multiport --dports 80,8080 ! --syn -m socket --transparent "
+        "-j TPROXY-DIVERT",
+    ]
     # Decided HTTPS flows keep their verdict (resets keep resetting).
     assert any("--restore-mark" in r for r in pre)
 
@@ -386,10 +392,11 @@ def test_socket_divert_and_local_test_only_for_diverted_ports() -> None:
     pre = rules_of(render(full_plan(), 4), "TPROXY-PRE")
     for rule in pre:
         if "-m socket" in rule:
-            assert "-p tcp -m multiport --ports 80,8080 -m socket" in rule, rule
+            assert re.search(r"-p tcp -m multiport --[sd]ports 80,8080 ! --syn -m socket", rule)
         if "-m addrtype" in rule:
-            # HTTPS ports too: the gateway's own HTTPS service is never queued for SNI.
-            assert "-p tcp -m multiport --ports 80,443,8080 -m addrtype" in rule, rule
+            # Destination ports that a rule below intercepts or queues: HTTPS too, so the
+            # gateway's own HTTPS service is never queued for SNI.
+            assert "-p tcp -m multiport --dports 80,443,8080 -m addrtype" in rule, rule
     # A plan that diverts nothing owns no flow: neither lookup is rendered.
     bare = rules_of(render(minimal_plan(ports=()), 4), "TPROXY-PRE")
     assert not [r for r in bare if "-m socket" in r or "-m addrtype" in r]
@@ -401,9 +408,18 @@ def test_divert_ports_split_at_the_multiport_limit() -> None:
     pre = rules_of(render(plan, 4), "TPROXY-PRE")
     socket_rules = [r for r in pre if "-m socket" in r]
     local_rules = [r for r in pre if "-m addrtype" in r]
-    assert len(socket_rules) == len(local_rules) == 2
-    listed = [p for r in socket_rules for p in r.split("--ports ")[1].split()[0].split(",")]
-    assert sorted(map(int, listed)) == list(range(1000, 1020))
+    # Two groups of at most 15 ports, for each side; the LOCAL test covers the intercepted
+    # ports only (10 of them: one rule).
+    assert len(socket_rules) == 4 and len(local_rules) == 1
+    for side in ("sports", "dports"):
+        listed = [
+            p
+            for r in socket_rules
+            if f"--{side} " in r
+            for p in r.split(f"--{side} ")[1].split()[0].split(",")
+        ]
+        assert sorted(map(int, listed)) == list(range(1000, 1020))
+    assert "--dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009 " in local_rules[0]
     # Every LOCAL test comes before every TPROXY rule.
     first_tproxy = next(i for i, r in enumerate(pre) if "-j TPROXY " in r)
     assert all(pre.index(r) < first_tproxy for r in local_rules)
@@ -419,7 +435,7 @@ def test_reload_keeps_the_divert_of_dropped_ports() -> None:
     assert new.ports == (80,) and new.diverted_ports() == (80, 8080)
     pre = rules_of(render(new, 4), "TPROXY-PRE")
     assert (
-        "-A TPROXY-PRE -p tcp -m multiport --ports 80,8080 -m socket --transparent "
+        "-A TPROXY-PRE -p tcp -m multiport --sports 80,8080 ! --syn -m socket --transparent "
         "-j TPROXY-DIVERT" in pre
     )
     assert not [r for r in pre if "-j TPROXY " in r and "8080" in r]

@@ -39,21 +39,21 @@ Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
    ports are never intercepted ones). Only HTTPS flows ever get a verdict, so every
    connmark match is behind a native ``--sport``/``--dport`` test and other traffic pays two
    port comparisons and one mark comparison.
-2. destination of type LOCAL → RETURN: the gateway's own services are never intercepted. The
+2. ``! --syn -m socket --transparent`` → TPROXY-DIVERT (mark + ACCEPT): packets of flows we
+   already own, the bulk of what reaches this chain, including origin→client return traffic
+   of transparent upstream sockets arriving on the WAN, leave after one port comparison and
+   one socket lookup. The lookup only runs for packets whose source or destination port is a
+   diverted port (:meth:`RulesPlan.diverted_ports`; one rule per side, origin replies first:
+   they carry a download), so other forwarded TCP flows (measured: 2–8 % CPU per GB) never pay
+   for it. SYNs are not looked up: a new SYN whose 4-tuple matches one of our TIME_WAIT
+   sockets would be diverted to that dead socket and the client retries only after 1 s.
+3. destination of type LOCAL → RETURN: the gateway's own services are never intercepted. The
    gateway's own outgoing traffic is never touched because we only hook PREROUTING. The
-   addrtype match is a FIB lookup per packet, which is why decided flows leave before it, and
-   why it only runs for packets with a diverted port (either side) or an HTTPS destination
-   port: no other packet can reach a rule below that it protects.
-3. bypass clients/destinations, for packets from LAN interfaces → RETURN.
-4. ``--syn`` from the LAN to the intercepted ports → TPROXY. This must come *before* the socket
-   rule: a new SYN whose 4-tuple matches one of our TIME_WAIT sockets would otherwise be
-   diverted to that dead socket and the client retries only after 1 s.
-5. ``-m socket --transparent`` → TPROXY-DIVERT (mark + ACCEPT): packets of flows we already own,
-   including origin→client return traffic of transparent upstream sockets arriving on the WAN.
-   The socket lookup only runs for packets whose source or destination port is a diverted port
-   (:meth:`RulesPlan.diverted_ports`): client packets have the intercepted port as destination,
-   origin replies to upstream sockets have it as source. Other forwarded TCP flows (measured:
-   2–8 % CPU per GB) never pay for it.
+   addrtype match is a FIB lookup per packet, which is why owned flows leave before it, and
+   why it only runs for packets to an intercepted port or (with the queue) an HTTPS port: no
+   other packet can reach a rule below that it protects.
+4. bypass clients/destinations, for packets from LAN interfaces → RETURN.
+5. ``--syn`` from the LAN to the intercepted ports → TPROXY.
 6. non-SYN from the LAN to the intercepted ports → TPROXY (e.g. an ACK for a connection whose
    socket is gone reaches the listener, which answers with a reset).
 7. the first packets of HTTPS flows from the LAN → NFQUEUE (SNI peek), ``--queue-bypass`` so
@@ -279,16 +279,6 @@ def _port_groups(ports: Sequence[int], side: str = "dport") -> list[str]:
     return out
 
 
-def _either_port_groups(ports: Sequence[int]) -> list[str]:
-    """``-m multiport --ports`` fragments (source or destination port), at most
-    :data:`MULTIPORT_MAX` ports each."""
-    unique = sorted(set(ports))
-    return [
-        "-m multiport --ports " + ",".join(str(p) for p in unique[i : i + MULTIPORT_MAX])
-        for i in range(0, len(unique), MULTIPORT_MAX)
-    ]
-
-
 def _nets(nets: Iterable[IPNetwork], family: int) -> list[str]:
     return [str(n) for n in nets if n.version == family]
 
@@ -337,13 +327,22 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         )
         # Packets with a verdict skip the rest: the queue and TPROXY.
         add(f"-m mark ! --mark {verdict} -j RETURN")
-    # Only packets that a rule below could divert or queue need the LOCAL test (a FIB lookup):
-    # those with a diverted port on either side (TPROXY, socket divert) and those to an HTTPS
-    # port (the queue; decided HTTPS flows left above). It stays before every TPROXY rule.
+    # Packets of flows we own, the bulk of what reaches this chain, leave first: origin replies
+    # (a diverted source port) before client packets. Not SYNs: a new SYN must reach TPROXY
+    # below even when its 4-tuple matches one of our TIME_WAIT sockets. A plan with no diverted
+    # port owns no flow: no socket rule at all.
     diverted = plan.diverted_ports()
-    for ports in _either_port_groups((*diverted, *plan.https_ports)):
+    for side in ("sport", "dport"):
+        for ports in _port_groups(diverted, side):
+            add(f"-p tcp {ports} ! --syn -m socket --transparent -j {CHAIN_DIVERT}")
+    # Only packets that a rule below could divert or queue need the LOCAL test (a FIB lookup):
+    # those to an intercepted port (TPROXY) and, with the queue, to an HTTPS port (decided
+    # HTTPS flows left above). It stays before every TPROXY and NFQUEUE rule.
+    # The bypasses likewise only guard those rules (none in a drain plan).
+    queued = plan.https_ports if plan.nfqueue_num is not None else ()
+    for ports in _port_groups((*plan.ports, *queued)):
         add(f"-p tcp {ports} -m addrtype --dst-type LOCAL -j RETURN")
-    for lan in plan.lan_interfaces:
+    for lan in plan.lan_interfaces if plan.ports or queued else ():
         for net in _nets(plan.bypass_clients, family):
             add(f"-i {lan} -s {net} -j RETURN")
         for net in _nets(plan.bypass_destinations, family):
@@ -351,9 +350,6 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
     for lan in plan.lan_interfaces:
         for ports in _port_groups(plan.ports):
             add(f"-i {lan} -p tcp --syn {ports} {tproxy}")
-    # A plan with no diverted port owns no flow: no socket rule at all.
-    for ports in _either_port_groups(diverted):
-        add(f"-p tcp {ports} -m socket --transparent -j {CHAIN_DIVERT}")
     for lan in plan.lan_interfaces:
         for ports in _port_groups(plan.ports):
             add(f"-i {lan} -p tcp ! --syn {ports} {tproxy}")
