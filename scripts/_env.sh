@@ -49,7 +49,12 @@ ensure_venv() {
         rm -rf "$VENV"
         /usr/bin/python3 -m venv "$VENV"
     fi
-    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+    # The editable install records the checkout's path: a .venv left by a checkout that has
+    # moved or gone imports nothing (or the old tree), so it is installed again.
+    local here
+    here="$(cd / && "$VENV/bin/python" -c 'import tproxy; print(tproxy.__file__)' 2>/dev/null || true)"
+    if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ] ||
+       [ "$here" != "$REPO/tproxy/__init__.py" ]; then
         echo "==> pip install -e .[dev] into .venv"
         if ! { "$VENV/bin/pip" install -q --upgrade pip &&
                "$VENV/bin/pip" install -q -e "$REPO[dev]"; } >"$VENV/pip.log" 2>&1; then
