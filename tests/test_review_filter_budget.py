@@ -3,11 +3,11 @@
 The kernel queues the first NFQUEUE_PACKETS packets of an HTTPS flow, pure ACKs included; the
 packets after them pass unseen. A client that sent pure ACKs (or decoys) until the budget was
 gone, and its hello only then, used to get no verdict at all: the hello was forwarded
-unfiltered. Now the last queued packet always decides: a flow that spent the budget on pure
-ACKs acknowledging nothing new (the server has nothing to acknowledge before a TLS client's
-hello, RFC 8446 §2) is reset like a hello cut into tiny segments; a server that speaks first
-is not TLS from the client's side and is decided by the policy as before. Pure tests feed
-packets to :class:`FlowInspector`; the lab test sends real pure ACKs on a real connection.
+unfiltered. Now the last queued packet always decides: a flow that spent the budget on
+packets without data for the server (the server has nothing to acknowledge before a TLS
+client's hello, RFC 8446 §2) is reset like a hello cut into tiny segments. Neither ACK numbers
+nor FIN/RST decoys can fake that away (found in review). Pure tests feed packets to
+:class:`FlowInspector`; the lab test sends real pure ACKs on a real connection.
 """
 
 from __future__ import annotations
@@ -88,9 +88,7 @@ def test_pure_acks_that_spend_the_budget_reset_the_flow() -> None:
     assert [o.action for o in outs[:-1]] == [Action.PASS] * (NFQUEUE_PACKETS - 1)
     last = outs[-1]
     assert last.action is Action.RESET, last
-    assert f"{NFQUEUE_PACKETS - 2} pure ACKs or decoys that gave the server nothing new" in (
-        last.evasion
-    )
+    assert f"{NFQUEUE_PACKETS - 2} packets that gave the server nothing new" in last.evasion
     assert policy.why == [] and insp.stats.evasions == 1 and insp.flows == {}
     # The RST towards the server continues the client's stream exactly.
     assert last.segment is not None and last.segment.seq == ISN + 1
@@ -142,17 +140,51 @@ def test_a_name_that_arrived_still_decides_at_the_end_of_the_budget() -> None:
     assert outs[-1].evasion == "" and insp.stats.evasions == 0
 
 
-def test_a_server_that_speaks_first_is_decided_by_the_policy() -> None:
-    # The client's ACK number moves: it acknowledges the server's data (an SSH banner on 443,
-    # say). Nothing is cut or held back; the flow gets the policy's answer without a name.
+def test_an_ack_number_proves_nothing() -> None:
+    # Connection tracking accepts ACK numbers tens of KB off either way, so ACKs that seem to
+    # acknowledge server data (a low first one, rising ones) are no evidence that the server
+    # spoke first: still packets that gave the server nothing.
     policy = Policy()
     insp = FlowInspector(policy)
-    acks = [
+    low = packet(ISN + 1, ACK, ack=SERVER_ISN + 1 - 1000, ttl=1)
+    rising = [
         packet(ISN + 1, ACK, ack=SERVER_ISN + 1 + 100 * i) for i in range(1, budget_left(2) + 1)
     ]
-    outs = run(insp, handshake() + acks)
-    assert outs[-1].action is Action.ACCEPT and insp.stats.evasions == 0
-    assert policy.why == [f"no complete ClientHello in {NFQUEUE_PACKETS} packets (0 with data)"]
+    outs = run(insp, [packet(ISN, SYN), low, *rising])
+    assert outs[-1].action is Action.RESET and "gave the server nothing new" in outs[-1].evasion
+    assert policy.why == []
+
+
+def test_a_fin_or_rst_decoy_does_not_make_the_flow_forgotten() -> None:
+    # A RST or FIN that dies at this router (or that the server answers with a challenge ACK)
+    # leaves the connection, and the kernel's count, as they were: the entry stays too, so
+    # the last queued packet is still known.
+    for flags in (0x14, 0x11):  # RST+ACK, FIN+ACK
+        insp = FlowInspector(Policy())
+        decoy = packet(ISN + 500, flags, b"x" * 10, ack=SERVER_ISN + 1, ttl=1)
+        outs = run(insp, [*handshake(), decoy, *idle_acks(budget_left(3))])
+        assert outs[-1].action is Action.RESET, flags
+        assert f"{NFQUEUE_PACKETS - 2} packets" in outs[-1].evasion
+        # Or the hello in tiny pieces after it: still judged on the kernel's last packet.
+        insp = FlowInspector(Policy())
+        hello = real_hello("x.bad.example")
+        pieces = [
+            packet(ISN + 1 + i, PSH_ACK, hello[i : i + 5], SERVER_ISN + 1)
+            for i in range(0, 5 * budget_left(3), 5)
+        ]
+        outs = run(insp, [*handshake(), decoy, *pieces])
+        assert outs[-1].action is Action.RESET and "cut into" in outs[-1].evasion
+
+
+def test_a_new_connection_on_the_same_ports_starts_afresh() -> None:
+    insp = FlowInspector(Policy())
+    run(insp, [*handshake(), packet(ISN + 1, 0x11, ack=SERVER_ISN + 1)])  # ends with a FIN
+    # A SYN retransmission (same ISN) is the same connection; a new ISN is a new one.
+    hello = real_hello("good.example")
+    new = [packet(ISN + 99, SYN), packet(ISN + 99, SYN), packet(ISN + 100, ACK, ack=7)]
+    outs = run(insp, [*new, packet(ISN + 100, PSH_ACK, hello, ack=7)])
+    assert outs[-1].action is Action.ACCEPT and outs[-1].sni == "good.example"
+    assert insp.stats.evasions == 0
 
 
 def test_real_clients_are_not_evasions() -> None:
@@ -238,7 +270,7 @@ def test_pure_acks_before_the_hello_are_reset_on_the_wire(tls_origin: Lab) -> No
         assert with_acks(lab, "good.example", 1) == "handshake"
         assert with_acks(lab, "bad.example", 1) == "reset"
         err = proxy.stderr()
-        assert "pure ACKs or decoys that gave the server nothing new" in err, err
+        assert "packets that gave the server nothing new (pure ACKs, decoys)" in err, err
     # A client outside every group that denies by name gets the policy's default.
     with Proxy(lab, LAB_FILTER.format(group="others", cidr="10.99.0.0/24")) as proxy:
         assert with_acks(lab, "good.example", NFQUEUE_PACKETS) == "handshake"

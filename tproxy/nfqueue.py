@@ -75,7 +75,6 @@ from tproxy.tls import (
     looks_like_hello_start,
     parse_ip_tcp,
     parse_second_flight,
-    seq_diff,
     sni_from_prefix,
 )
 
@@ -99,14 +98,16 @@ MAX_HELLO_SEGMENTS = 6
 # evasion tools send a few bytes per segment) so that the name arrives after the kernel
 # stopped queueing: such a flow is reset rather than decided without a name.
 EVASION_SEGMENT_BYTES = 536
-# Repeats of the handshake's ACK (pure ACKs that acknowledge nothing new) a client may send
+# Packets without data for the server, beyond the handshake's ACK, that a client may send
 # before its ClientHello is whole. In TLS the client speaks first (RFC 8446 §2), so until its
 # hello is whole the server has sent nothing to acknowledge: a real client repeats its ACK
 # only when the server repeats its SYN-ACK. More only spend the kernel's queue budget, so that
 # the hello itself is no longer queued: such a flow is reset like a hello cut into tiny
-# segments. Decoys (MIN_FORWARD_TTL) count alike: the server never sees them. (A server that
-# speaks first - the client's ACK number moves - is not TLS from the client's side and is
-# decided as before.)
+# segments. Decoys (MIN_FORWARD_TTL), and a FIN or RST that leaves the connection open to the
+# kernel, count alike. The ACK number is no evidence either way: the kernel's connection
+# tracking accepts one tens of KB off in both directions, so a client could fake a server
+# that spoke first. (A real server-first protocol on an HTTPS port gets this verdict too if it
+# makes the client acknowledge more than two segments before sending anything.)
 IDLE_ACKS_MAX = 2
 # A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
 MIN_FORWARD_TTL = 1
@@ -186,25 +187,11 @@ class _Flow:
     # the first NFQUEUE_PACKETS of each flow, so the last one must carry the verdict.
     packets: int = 0
     retry: _Retry | None = None
-    # The client's ACK number so far; whether it ever moved past the SYN-ACK (the server sent
-    # data); and packets that gave the server nothing new: pure ACKs that acknowledged
-    # nothing new, and decoys (IDLE_ACKS_MAX).
-    ack: int | None = None
-    server_spoke: bool = False
+    # The SYN's sequence number (None while not seen); whether the handshake's ACK has been
+    # seen; and packets since that gave the server nothing new (IDLE_ACKS_MAX).
+    isn: int | None = None
+    acked: bool = False
     idle_acks: int = 0
-
-    def note_ack(self, seg: TcpSegment) -> None:
-        if not seg.flags & TCP_ACK:
-            return
-        if self.ack is None:
-            self.ack = seg.ack
-            return
-        step = seq_diff(seg.ack, self.ack)
-        if step > 0:
-            self.ack = seg.ack
-            self.server_spoke = True
-        elif not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
-            self.idle_acks += 1
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -275,22 +262,42 @@ class FlowInspector:
             return Outcome(Action.PASS)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         flags = seg.flags
-        if flags & (TCP_RST | TCP_FIN):
-            self.flows.pop(key, None)
-            return Outcome(Action.PASS, segment=seg)
+        if flags & TCP_RST and seg.payload:
+            # A RST's payload is never stream data (RFC 9293 §3.5.3): judge it as a RST.
+            seg = seg._replace(payload=b"")
         flow = self.flows.get(key)
         if flags & TCP_SYN:
+            if flow is not None and flow.isn is not None and flow.isn != seg.seq:
+                # A new connection on the same 4-tuple (the old one ended; its entry stays
+                # until it expires, see below).
+                del self.flows[key]
+                flow = None
             if flow is None:
                 self._expire(now)
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
             else:
                 flow.assembler.syn(seg.seq)
+            flow.isn = seg.seq
+        # A FIN or RST does not end the entry: the kernel's connection tracking may well keep
+        # the connection (a RST that only draws a challenge ACK, RFC 5961 §3; a decoy), and
+        # with it the count of queued packets, which a forgotten flow would no longer follow.
         if flow is not None:
             flow.packets += 1
             if flow.retry is not None:
                 return self._after_hello(key, flow, seg, hw)
-            flow.note_ack(seg)
+            if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+                handshake_ack = (
+                    flow.isn is not None
+                    and not flow.acked
+                    and flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK
+                    and not seg.payload
+                    and seg.ttl > MIN_FORWARD_TTL
+                )
+                if handshake_ack:
+                    flow.acked = True
+                elif not flags & TCP_SYN:
+                    flow.idle_acks += 1
         if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
             if seg.payload:
                 # A decoy: this router drops a forwarded packet whose TTL/hop limit would reach
@@ -459,12 +466,12 @@ def _cut_hello(data: bytes, segments: int, what: str) -> str:
 
 def _idle_acks(flow: _Flow) -> str:
     """Why a flow whose ClientHello was not whole at the end of the queue budget spent it on
-    pure ACKs on purpose ("" when it did not: see IDLE_ACKS_MAX)."""
-    if flow.server_spoke or flow.idle_acks <= IDLE_ACKS_MAX:
+    purpose ("" when it did not: see IDLE_ACKS_MAX)."""
+    if flow.idle_acks <= IDLE_ACKS_MAX:
         return ""
     return (
-        f"{flow.idle_acks} pure ACKs or decoys that gave the server nothing new before a whole "
-        f"ClientHello (the kernel queues the first {NFQUEUE_PACKETS} packets of a flow)"
+        f"{flow.idle_acks} packets that gave the server nothing new (pure ACKs, decoys) before "
+        f"a whole ClientHello (the kernel queues the first {NFQUEUE_PACKETS} packets of a flow)"
     )
 
 

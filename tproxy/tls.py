@@ -359,7 +359,7 @@ def sni_from_prefix(data: bytes) -> str | None:
 SEQ_MOD = 1 << 32
 
 
-def seq_diff(a: int, b: int) -> int:
+def _seq_diff(a: int, b: int) -> int:
     """a - b in 32-bit sequence space, as a signed value (RFC 9293 §3.4 comparisons)."""
     d = (a - b) % SEQ_MOD
     return d - SEQ_MOD if d >= SEQ_MOD // 2 else d
@@ -417,7 +417,7 @@ class ClientHelloAssembler:
         """Record the SYN's sequence number (may arrive after data when reordered)."""
         start = (seq + 1) % SEQ_MOD
         if self._base is not None and self._base != start:
-            shift = seq_diff(self._base, start)
+            shift = _seq_diff(self._base, start)
             self._segments = {off + shift: data for off, data in self._segments.items()}
         self._base = start
         self._known_start = True
@@ -430,7 +430,7 @@ class ClientHelloAssembler:
         seq %= SEQ_MOD
         if self._base is None:
             self._base = seq
-        offset = seq_diff(seq, self._base)
+        offset = _seq_diff(seq, self._base)
         if offset < 0:
             if self._known_start:
                 # Bytes before the stream start (a bogus segment): keep what lies after it.
@@ -502,17 +502,16 @@ class TcpSegment(NamedTuple):
     payload: bytes
     # IPv4 TTL / IPv6 hop limit as received: a forwarded packet with 1 or less dies here.
     ttl: int = 64
-    ack: int = 0  # the acknowledgment number (meaningful with TCP_ACK in flags)
 
 
 def _tcp(packet: bytes, start: int, end: int, src: str, dst: str, ttl: int) -> TcpSegment | None:
     if end - start < 20:
         return None
-    sport, dport, seq, ack, off, flags = _TCP.unpack_from(packet, start)
+    sport, dport, seq, _ack, off, flags = _TCP.unpack_from(packet, start)
     doff = (off >> 4) * 4
     if doff < 20 or start + doff > end:
         return None
-    return TcpSegment(src, dst, sport, dport, seq, flags, packet[start + doff : end], ttl, ack)
+    return TcpSegment(src, dst, sport, dport, seq, flags, packet[start + doff : end], ttl)
 
 
 def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
