@@ -143,7 +143,7 @@ def test_full_render_loads_and_apply_is_idempotent(ns: str) -> None:
         rendered = [x for x in render(plan, family).splitlines() if x.startswith("-A TPROXY-")]
         live = [x for x in second[family].splitlines() if x.startswith("-A TPROXY-")]
         assert len(live) == len(rendered)
-        for needle in ("-j TPROXY ", "-m socket", "--connbytes", "-j NFQUEUE", "-j CLASSIFY"):
+        for needle in ("-j TPROXY ", "-m socket", "-m addrtype", "-j NFQUEUE", "-j CLASSIFY"):
             assert needle in second[family]
         # Exactly one jump per hook.
         assert sorted(hook_lines(second[family])) == [
@@ -614,7 +614,7 @@ def test_nfqueue_verdicts_stick_to_the_flow(pair: Pair, verdict: str) -> None:
                     conn.sendall(b"y")
                     assert csock.recv(16) == b"y"
             # Only the handshake and the verdict packet were queued: the saved connmark sends
-            # later packets past the queue, although connbytes would still allow 8.
+            # later packets past the queue (the queue rule itself has no packet limit).
             assert queue.seen == [0, 0, 5]
             ct = sh("conntrack", "-L", "-p", "tcp", "--dport", str(HTTPS), ns=pair.gateway)
             assert f"mark={mark}" in ct

@@ -305,7 +305,7 @@ MISSING_KERNEL = (
 )
 
 MISSING_USERSPACE = """\
-iptables-restore v1.8.9 (nf_tables): Couldn't load match `connbytes':No such file or directory
+iptables-restore v1.8.9 (nf_tables): Couldn't load match `addrtype':No such file or directory
 
 Error occurred at line: 3
 Try `iptables-restore -h' or 'iptables-restore --help' for more information.
@@ -319,7 +319,7 @@ def test_missing_kernel_feature_is_named_with_its_option() -> None:
         "kernel lacks the TPROXY target (CONFIG_NETFILTER_XT_TARGET_TPROXY) for IPv4 rules"
     )
     msg = explain_failure("ip6tables-restore", 6, stdin, MISSING_USERSPACE)
-    assert "kernel lacks the connbytes match (CONFIG_NETFILTER_XT_MATCH_CONNBYTES)" in msg
+    assert "kernel lacks the addrtype match (CONFIG_NETFILTER_XT_MATCH_ADDRTYPE)" in msg
     assert "\n" not in msg
 
 

@@ -1,13 +1,14 @@
-"""A client cannot spend the kernel's queue budget before its ClientHello to slip past the filter.
+"""A client cannot spend the packets the filter waits for before its ClientHello.
 
-The kernel queues the first NFQUEUE_PACKETS packets of an HTTPS flow, pure ACKs included; the
-packets after them pass unseen. A client that sent pure ACKs (or decoys) until the budget was
-gone, and its hello only then, used to get no verdict at all: the hello was forwarded
-unfiltered. Now the last queued packet always decides: a flow that spent the budget on
-packets without data for the server (the server has nothing to acknowledge before a TLS
-client's hello, RFC 8446 §2) is reset like a hello cut into tiny segments. Neither ACK numbers
-nor FIN/RST decoys can fake that away (found in review). Pure tests feed packets to
-:class:`FlowInspector`; the lab test sends real pure ACKs on a real connection.
+The kernel used to queue only the first 8 packets of an HTTPS flow (connbytes), pure ACKs
+included, and let the rest pass unseen. A client that sent pure ACKs (or decoys) until they were
+spent, and its hello only then, got no verdict at all: the hello was forwarded unfiltered. Now
+the kernel queues every packet until the flow has a verdict, and the daemon decides every flow
+within DECIDE_PACKETS packets: a flow that spent them on packets without data for the server
+(the server has nothing to acknowledge before a TLS client's hello, RFC 8446 §2) is reset like a
+hello cut into tiny segments. Neither ACK numbers, FIN/RST decoys nor a lost flow entry can fake
+that away (found in review). Pure tests feed packets to :class:`FlowInspector`; the lab test
+sends real pure ACKs on a real connection.
 """
 
 from __future__ import annotations
@@ -25,16 +26,24 @@ from tests.proxy import Proxy
 from tests.test_filter_lab import HELLO_PY
 from tests.test_review_filter_segments import LAB_FILTER, tls_origin  # noqa: F401 (fixture)
 from tests.test_tls_sni import _ext_offset, real_hello
-from tproxy.netfilter.render import NFQUEUE_PACKETS
-from tproxy.nfqueue import IDLE_ACKS_MAX, Action, FlowDecision, FlowInspector, Outcome
+from tproxy.nfqueue import (
+    DECIDE_PACKETS,
+    IDLE_ACKS_MAX,
+    Action,
+    FlowDecision,
+    FlowInspector,
+    Outcome,
+)
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 ISN, SERVER_ISN = 7000, 500_000
 
 
-def packet(seq: int, flags: int, payload: bytes = b"", ack: int = 0, ttl: int = 64) -> bytes:
-    """An IPv4 TCP packet from 10.0.0.2:40000 to 192.0.2.7:443."""
-    tcp = struct.pack("!HHIIBBHHH", 40000, 443, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+def packet(
+    seq: int, flags: int, payload: bytes = b"", ack: int = 0, ttl: int = 64, sport: int = 40000
+) -> bytes:
+    """An IPv4 TCP packet from 10.0.0.2:``sport`` to 192.0.2.7:443."""
+    tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
     src, dst = socket.inet_aton("10.0.0.2"), socket.inet_aton("192.0.2.7")
     head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, ttl, 6, 0, src, dst)
     return head + tcp
@@ -78,17 +87,17 @@ def idle_acks(n: int, seq: int = ISN + 1) -> list[bytes]:
 
 
 def budget_left(used: int) -> int:
-    return NFQUEUE_PACKETS - used
+    return DECIDE_PACKETS - used
 
 
 def test_pure_acks_that_spend_the_budget_reset_the_flow() -> None:
     policy = Policy()
     insp = FlowInspector(policy)
     outs = run(insp, handshake() + idle_acks(budget_left(2)))
-    assert [o.action for o in outs[:-1]] == [Action.PASS] * (NFQUEUE_PACKETS - 1)
+    assert [o.action for o in outs[:-1]] == [Action.PASS] * (DECIDE_PACKETS - 1)
     last = outs[-1]
     assert last.action is Action.RESET, last
-    assert f"{NFQUEUE_PACKETS - 2} packets that gave the server nothing new" in last.evasion
+    assert f"{DECIDE_PACKETS - 2} packets that gave the server nothing new" in last.evasion
     assert policy.why == [] and insp.stats.evasions == 1 and insp.flows == {}
     # The RST towards the server continues the client's stream exactly.
     assert last.segment is not None and last.segment.seq == ISN + 1
@@ -106,7 +115,7 @@ def test_a_client_the_filter_does_not_judge_gets_the_policy_verdict() -> None:
     outs = run(insp, handshake() + idle_acks(budget_left(2)))
     assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
     assert len(seen) == 1 and "pure ACKs" in seen[0]
-    assert policy.why == [f"no complete ClientHello in {NFQUEUE_PACKETS} packets (0 with data)"]
+    assert policy.why == [f"no complete ClientHello in {DECIDE_PACKETS} packets (0 with data)"]
 
 
 def test_decoys_spend_the_budget_too() -> None:
@@ -115,7 +124,7 @@ def test_decoys_spend_the_budget_too() -> None:
     decoy = packet(ISN + 1, PSH_ACK, real_hello("good.example"), ack=SERVER_ISN + 1, ttl=1)
     outs = run(insp, handshake() + [decoy] * budget_left(2))
     assert outs[-1].action is Action.RESET and "pure ACKs" in outs[-1].evasion
-    assert insp.stats.decoys == NFQUEUE_PACKETS - 2
+    assert insp.stats.decoys == DECIDE_PACKETS - 2
 
 
 def test_a_padded_first_segment_and_pure_acks_reset_the_flow() -> None:
@@ -164,7 +173,7 @@ def test_a_fin_or_rst_decoy_does_not_make_the_flow_forgotten() -> None:
         decoy = packet(ISN + 500, flags, b"x" * 10, ack=SERVER_ISN + 1, ttl=1)
         outs = run(insp, [*handshake(), decoy, *idle_acks(budget_left(3))])
         assert outs[-1].action is Action.RESET, flags
-        assert f"{NFQUEUE_PACKETS - 2} packets" in outs[-1].evasion
+        assert f"{DECIDE_PACKETS - 2} packets" in outs[-1].evasion
         # Or the hello in tiny pieces after it: still judged on the kernel's last packet.
         insp = FlowInspector(Policy())
         hello = real_hello("x.bad.example")
@@ -203,7 +212,7 @@ def test_real_clients_are_not_evasions() -> None:
         for i in range(0, 1448 * 4, 1448)
     ]
     outs = run(insp, [*handshake(), *segs, *idle_acks(IDLE_ACKS_MAX, ISN + 1 + 1448 * 4)])
-    assert len(outs) == NFQUEUE_PACKETS
+    assert len(outs) == DECIDE_PACKETS
     assert outs[-1].action is Action.ACCEPT and outs[-1].evasion == ""
 
 
@@ -264,8 +273,8 @@ def test_pure_acks_before_the_hello_are_reset_on_the_wire(tls_origin: Lab) -> No
     lab = tls_origin
     with Proxy(lab, LAB_FILTER.format(group="all", cidr="0.0.0.0/0")) as proxy:
         # Enough pure ACKs that the hello would come after the last packet the kernel queues.
-        assert with_acks(lab, "bad.example", NFQUEUE_PACKETS) == "reset"
-        assert with_acks(lab, "good.example", NFQUEUE_PACKETS) == "reset"
+        assert with_acks(lab, "bad.example", DECIDE_PACKETS) == "reset"
+        assert with_acks(lab, "good.example", DECIDE_PACKETS) == "reset"
         # A repeat of the handshake's ACK is something a real client sends.
         assert with_acks(lab, "good.example", 1) == "handshake"
         assert with_acks(lab, "bad.example", 1) == "reset"
@@ -273,5 +282,42 @@ def test_pure_acks_before_the_hello_are_reset_on_the_wire(tls_origin: Lab) -> No
         assert "packets that gave the server nothing new (pure ACKs, decoys)" in err, err
     # A client outside every group that denies by name gets the policy's default.
     with Proxy(lab, LAB_FILTER.format(group="others", cidr="10.99.0.0/24")) as proxy:
-        assert with_acks(lab, "good.example", NFQUEUE_PACKETS) == "handshake"
+        assert with_acks(lab, "good.example", DECIDE_PACKETS) == "handshake"
         assert "evasion" not in proxy.stderr()
+
+
+# -- flows the daemon does not know ------------------------------------------------------------
+# The kernel queues every packet of a flow until it has a verdict, so a flow the daemon lost
+# (its entry expired after FLOW_TTL, was evicted, or the daemon restarted) is never waved
+# through: its next packet decides it (found in review: waiting out the entry's TTL, then
+# spending packets, used to let the hello pass unseen).
+
+
+def test_a_pure_ack_of_a_flow_the_daemon_lost_is_decided_at_once() -> None:
+    policy = Policy()
+    insp = FlowInspector(policy, flow_ttl=10.0)
+    run(insp, handshake())
+    # 11 s later another flow's SYN expires the entry; then the client spends packets.
+    insp.inspect(packet(5, SYN, sport=40001), None, 11.0)
+    assert len(insp.flows) == 1
+    out = insp.inspect(packet(ISN + 1, ACK, ack=SERVER_ISN + 1), None, 11.0)
+    assert out.action is Action.RESET
+    assert "whose ClientHello the daemon has not seen sends no data" in out.evasion
+    # A client the filter does not judge by name gets the policy's verdict without a name.
+    seen: list[str] = []
+
+    def not_filtered(*a: Any) -> bool:
+        seen.append(a[-1])
+        return False
+
+    insp = FlowInspector(policy, evasion=not_filtered)
+    out = insp.inspect(packet(ISN + 1, ACK, ack=SERVER_ISN + 1), None, 0.0)
+    assert out.action is Action.ACCEPT and out.sni is None and len(seen) == 1
+    assert policy.why[-1] == "no ClientHello seen (the flow's start was not seen)"
+
+
+def test_data_of_a_flow_the_daemon_lost_is_still_judged_by_its_hello() -> None:
+    policy = Policy()
+    insp = FlowInspector(policy)
+    out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), SERVER_ISN), None, 0)
+    assert out.action is Action.RESET and out.sni == "x.bad.example" and out.evasion == ""

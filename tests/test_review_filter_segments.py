@@ -1,8 +1,8 @@
 """A ClientHello cut into many tiny TCP segments cannot slip past the SNI filter.
 
-The kernel queues the first NFQUEUE_PACKETS packets of a flow; a hello whose name arrives
-after them used to be decided without a name (``sni_default``, usually allow). Now a hello
-still incomplete at the end of the budget whose segments averaged below
+The daemon decides every flow within DECIDE_PACKETS packets; a hello whose name arrives after
+them used to be decided without a name (``sni_default``, usually allow). Now a hello still
+incomplete by then whose segments averaged below
 :data:`EVASION_SEGMENT_BYTES` is an evasion: reset, one throttled log line naming the client.
 Hellos that are merely large (full-sized segments) and clients the filter does not judge by
 name are decided as before. Pure tests feed packets to :class:`FlowInspector`; the component

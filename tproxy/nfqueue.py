@@ -1,19 +1,20 @@
 """NFQUEUE shell for the HTTPS SNI peek: packets in, verdicts (accept with a mark, or reset) out.
 
-The kernel queues the first packets of every port-443 flow from the LAN (``--queue-bypass``,
-``connbytes 0:8``; see :mod:`tproxy.netfilter.render`). For each flow this module reassembles the
-TLS ClientHello (:class:`tproxy.tls.ClientHelloAssembler`), asks a ``decide`` callback for a
-verdict on the server name, and gives the verdict as a packet mark with ``NF_REPEAT``: the
-re-injected packet's mark is saved in the connmark and every later packet of the flow — both
-directions — skips the queue and stays in the kernel's fast path.
+The kernel queues every packet of a port-443 flow from the LAN until the flow has a verdict
+(``--queue-bypass``; see :mod:`tproxy.netfilter.render`), and this module gives every flow one
+within :data:`DECIDE_PACKETS` packets. For each flow it reassembles the TLS ClientHello
+(:class:`tproxy.tls.ClientHelloAssembler`), asks a ``decide`` callback for a verdict on the server
+name, and gives the verdict as a packet mark with ``NF_REPEAT``: the re-injected packet's mark is
+saved in the connmark and every later packet of the flow — both directions — skips the queue and
+stays in the kernel's fast path.
 
 Evasions (see :class:`FlowInspector`): a hello cut into tiny segments so that its name would
-arrive after the kernel's queue budget, pure ACKs or decoys sent to spend that budget before the
+arrive after the daemon must decide, pure ACKs or decoys sent to spend those packets before the
 hello, and a second ClientHello after a HelloRetryRequest that names another server (RFC 8446
-§4.1.2), are reset when the ``evasion`` hook says the client is filtered by name. The last
-packet the kernel queues always decides a flow still undecided, whatever it carries. To see a
+§4.1.2), are reset when the ``evasion`` hook says the client is filtered by name. To see a
 second hello, an accepted TLS 1.3 flow keeps its verdict mark until the client's next data
-segment (at most until the last packet the kernel queues).
+segment (at most :data:`RETRY_PACKETS` packets). A flow the daemon does not know (its entry
+expired, or the daemon restarted) is decided on its first packet without data.
 
 * accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
 * reset: ``MARK_VERDICT_RESET``; the ``TPROXY-FWD`` rule answers the client's packet with a TCP
@@ -59,7 +60,6 @@ from tproxy.netfilter.render import (
     MARK_VERDICT_ACCEPT,
     MARK_VERDICT_MASK,
     MARK_VERDICT_RESET,
-    NFQUEUE_PACKETS,
 )
 from tproxy.tls import (
     CCS_RECORD_LEN,
@@ -86,28 +86,34 @@ BATCH = 64
 # the bound protects against SYN floods, the TTL against flows that never send data.
 MAX_FLOWS = 16384
 FLOW_TTL = 10.0
-# Data segments we wait for a whole ClientHello before deciding without a name. The kernel
-# queues 8 packets per flow (SYN and ACK included), so decide by the 6th data segment at the
-# latest — a flow that leaves the queue undecided would bypass the filter.
+# Every flow is decided by this packet (SYN and pure ACKs included): the kernel queues every
+# packet of a flow without a verdict, so this bounds what a flow costs in user space. A
+# post-quantum ClientHello spans two segments and the handshake may carry retransmissions.
+DECIDE_PACKETS = 8
+# Data segments we wait for a whole ClientHello before deciding without a name.
 MAX_HELLO_SEGMENTS = 6
+# Packets an accepted TLS 1.3 flow may take, after its hello, before its next data (a second
+# hello, or its answer to the server's flight) decides whether it keeps the verdict. A real
+# client acknowledges the server's flight (a few KiB: one ACK per two segments) and answers.
+RETRY_PACKETS = 32
 # Smallest mean size (bytes) of the segments of a ClientHello still incomplete at the end of
-# the queue budget for it to count as merely large. 536 is the default send MSS (RFC 9293
+# DECIDE_PACKETS for it to count as merely large. 536 is the default send MSS (RFC 9293
 # §3.7.1, RFC 1122 §4.2.2.6), which every path carries: a real client fills each segment of
 # its hello up to the path MSS (usually 1200-1460) but the last, so six segments of a real
 # hello hold several KiB. A mean below it means the client cut its hello on purpose (DPI
-# evasion tools send a few bytes per segment) so that the name arrives after the kernel
-# stopped queueing: such a flow is reset rather than decided without a name.
+# evasion tools send a few bytes per segment) so that the name arrives after the daemon had to
+# decide: such a flow is reset rather than decided without a name.
 EVASION_SEGMENT_BYTES = 536
 # Packets without data for the server, beyond the handshake's ACK, that a client may send
 # before its ClientHello is whole. In TLS the client speaks first (RFC 8446 §2), so until its
 # hello is whole the server has sent nothing to acknowledge: a real client repeats its ACK
-# only when the server repeats its SYN-ACK. More only spend the kernel's queue budget, so that
-# the hello itself is no longer queued: such a flow is reset like a hello cut into tiny
-# segments. Decoys (MIN_FORWARD_TTL), and a FIN or RST that leaves the connection open to the
-# kernel, count alike. The ACK number is no evidence either way: the kernel's connection
-# tracking accepts one tens of KB off in both directions, so a client could fake a server
-# that spoke first. (A real server-first protocol on an HTTPS port gets this verdict too if it
-# makes the client acknowledge more than two segments before sending anything.)
+# only when the server repeats its SYN-ACK. More only spend the packets the daemon waits for a hello
+# (DECIDE_PACKETS), so that it decides before the hello: such a flow is reset like a hello cut into
+# tiny segments. Decoys (MIN_FORWARD_TTL), and a FIN or RST that leaves the connection open to the
+# kernel, count alike. The ACK number is no evidence either way: the kernel's connection tracking
+# accepts one tens of KB off in both directions, so a client could fake a server that spoke first.
+# (A real server-first protocol on an HTTPS port gets this verdict too if it makes the client
+# acknowledge more than two segments before sending anything.)
 IDLE_ACKS_MAX = 2
 # A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
 MIN_FORWARD_TTL = 1
@@ -183,8 +189,7 @@ class _Flow:
     assembler: ClientHelloAssembler
     expires: float
     segments: int = 0
-    # Packets of the flow seen in the queue (SYN and pure ACKs included): the kernel queues
-    # the first NFQUEUE_PACKETS of each flow, so the last one must carry the verdict.
+    # Packets of the flow seen in the queue (SYN and pure ACKs included; DECIDE_PACKETS).
     packets: int = 0
     retry: _Retry | None = None
     # The SYN's sequence number (None while not seen); whether the handshake's ACK has been
@@ -279,9 +284,8 @@ class FlowInspector:
             else:
                 flow.assembler.syn(seg.seq)
             flow.isn = seg.seq
-        # A FIN or RST does not end the entry: the kernel's connection tracking may well keep
-        # the connection (a RST that only draws a challenge ACK, RFC 5961 §3; a decoy), and
-        # with it the count of queued packets, which a forgotten flow would no longer follow.
+        # A FIN or RST does not end the entry: the connection may well go on (a RST that only
+        # draws a challenge ACK, RFC 5961 §3; a decoy), and its hello is still to be judged.
         if flow is not None:
             flow.packets += 1
             if flow.retry is not None:
@@ -305,11 +309,12 @@ class FlowInspector:
                 # evasion tools send a harmless ClientHello this way before the real one. Not
                 # ours to judge.
                 self.stats.decoys += 1
-            if flow is not None and flow.packets >= NFQUEUE_PACKETS:
-                # The kernel queues no more of this flow, and whatever follows would pass
-                # unseen: a client that spends the budget on pure ACKs or decoys before (or in
-                # the middle of) its hello is decided now, on what has arrived.
+            if flow is not None and flow.packets >= DECIDE_PACKETS:
+                # A client that spends its packets on pure ACKs or decoys before (or in the
+                # middle of) its hello is decided now, on what has arrived.
                 return self._decide(key, flow, seg, hw, flow.assembler.result, now)
+            if flow is None and not flags & TCP_SYN:
+                return self._unknown(seg, hw)
             return Outcome(Action.PASS, segment=seg)
         if flow is None:
             # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
@@ -318,7 +323,7 @@ class FlowInspector:
             self.flows[key] = flow
         flow.segments += 1
         info = flow.assembler.add(seg.seq, seg.payload)
-        last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= NFQUEUE_PACKETS
+        last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= DECIDE_PACKETS
         if info.incomplete and not last:
             return Outcome(Action.PASS, segment=seg)
         return self._decide(key, flow, seg, hw, info, now)
@@ -353,7 +358,7 @@ class FlowInspector:
             and self.second_hello
             and info.complete
             and info.tls13
-            and flow.packets < NFQUEUE_PACKETS
+            and flow.packets < RETRY_PACKETS
             and flow.assembler.start is not None
         ):
             # The verdict mark waits for what follows this hello (see the class docstring).
@@ -378,7 +383,7 @@ class FlowInspector:
         """A packet of an accepted flow whose verdict mark waits (``flow.retry``)."""
         retry = flow.retry
         assert retry is not None
-        last = flow.packets >= NFQUEUE_PACKETS
+        last = flow.packets >= RETRY_PACKETS
         info = retry.assembler.result
         if seg.payload and seg.ttl > MIN_FORWARD_TTL:
             if not counted:
@@ -413,11 +418,25 @@ class FlowInspector:
             elif second is None and ccs > CCS_RECORD_LEN:
                 # Appendix D.4: one dummy record; more only spend the budget before a hello.
                 what = f"{ccs // CCS_RECORD_LEN} change_cipher_spec records after the ClientHello"
-            elif second is None:
+            elif second is None and retry.segments:
                 what = _cut_hello(data[ccs:], retry.segments, "second ClientHello")
+            elif second is None:
+                # A real client answers the server's flight (its Finished, a second hello).
+                what = f"{flow.packets} packets without data after an accepted ClientHello"
         if what and self._is_evasion(seg, hw, what):
             return self._reset(seg, second, retry.ech, what)
         return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+
+    def _unknown(self, seg: TcpSegment, hw: bytes | None) -> Outcome:
+        """A packet without data of a flow whose start the daemon did not see (its entry
+        expired or was evicted, or the daemon restarted). Its hello, if any, is still to come,
+        but how many packets the flow has already spent is unknown, and a flow must not stay
+        in the queue for its lifetime: decided now, without a name."""
+        what = "a flow whose ClientHello the daemon has not seen sends no data"
+        if self._is_evasion(seg, hw, what):
+            return self._reset(seg, None, False, what)
+        info = ClientHelloInfo(reason="no ClientHello seen (the flow's start was not seen)")
+        return self._verdict(seg, hw, info, None, "")
 
     def _is_evasion(self, seg: TcpSegment, hw: bytes | None, what: str) -> bool:
         hook = self.evasion
@@ -471,7 +490,7 @@ def _idle_acks(flow: _Flow) -> str:
         return ""
     return (
         f"{flow.idle_acks} packets that gave the server nothing new (pure ACKs, decoys) before "
-        f"a whole ClientHello (the kernel queues the first {NFQUEUE_PACKETS} packets of a flow)"
+        f"a whole ClientHello (the daemon decides a flow by its {DECIDE_PACKETS}th packet)"
     )
 
 

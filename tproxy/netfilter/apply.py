@@ -34,7 +34,6 @@ _TOOLS = {4: ("iptables-restore", "iptables-save"), 6: ("ip6tables-restore", "ip
 FEATURES: dict[str, tuple[str, str]] = {
     "TPROXY": ("the TPROXY target", "CONFIG_NETFILTER_XT_TARGET_TPROXY"),
     "socket": ("the socket match", "CONFIG_NETFILTER_XT_MATCH_SOCKET"),
-    "connbytes": ("the connbytes match", "CONFIG_NETFILTER_XT_MATCH_CONNBYTES"),
     "NFQUEUE": ("the NFQUEUE target", "CONFIG_NETFILTER_XT_TARGET_NFQUEUE"),
     "CLASSIFY": ("the CLASSIFY target", "CONFIG_NETFILTER_XT_TARGET_CLASSIFY"),
     "CONNMARK": ("the CONNMARK target", "CONFIG_NETFILTER_XT_CONNMARK"),

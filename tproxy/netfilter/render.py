@@ -56,8 +56,8 @@ Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
 5. ``--syn`` from the LAN to the intercepted ports → TPROXY.
 6. non-SYN from the LAN to the intercepted ports → TPROXY (e.g. an ACK for a connection whose
    socket is gone reaches the listener, which answers with a reset).
-7. the first packets of HTTPS flows from the LAN → NFQUEUE (SNI peek), ``--queue-bypass`` so
-   traffic flows when no daemon listens.
+7. packets of HTTPS flows from the LAN without a verdict yet → NFQUEUE (SNI peek),
+   ``--queue-bypass`` so traffic flows when no daemon listens.
 """
 
 from __future__ import annotations
@@ -99,9 +99,6 @@ MARK_MAX = 0xFFFFFFFF
 
 # xt_multiport takes at most 15 ports per rule (XT_MULTI_PORTS in linux/netfilter/xt_multiport.h).
 MULTIPORT_MAX = 15
-# Queue the first 8 packets of an HTTPS flow: a post-quantum ClientHello spans two segments and
-# the handshake may carry retransmissions (DESIGN.md §3).
-NFQUEUE_PACKETS = 8
 NFQUEUE_NUM_MAX = 65535
 # Policy routing (linux/fib_rules.h): 0 is the "local" lookup, 32766/32767 main/default.
 RULE_PRIORITY_MAX = 32765
@@ -354,10 +351,12 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         for ports in _port_groups(plan.ports):
             add(f"-i {lan} -p tcp ! --syn {ports} {tproxy}")
     if plan.nfqueue_num is not None and plan.https_ports:
-        queue = (
-            f"-m connbytes --connbytes 0:{NFQUEUE_PACKETS} --connbytes-dir original "
-            f"--connbytes-mode packets -j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
-        )
+        # Every packet of a flow without a verdict is queued; a verdict (saved in the connmark
+        # by the bookkeeping rules above) sends the rest of the flow past the queue. No packet
+        # count here: one the daemon could not follow exactly (a flow it forgot, a packet it
+        # could not parse) would let the packets after it pass unseen. The daemon decides every
+        # flow within a few packets (tproxy.nfqueue.DECIDE_PACKETS).
+        queue = f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
                 add(f"-i {lan} -p tcp {ports} {queue}")
