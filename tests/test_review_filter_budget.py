@@ -321,3 +321,64 @@ def test_data_of_a_flow_the_daemon_lost_is_still_judged_by_its_hello() -> None:
     insp = FlowInspector(policy)
     out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), SERVER_ISN), None, 0)
     assert out.action is Action.RESET and out.sni == "x.bad.example" and out.evasion == ""
+
+
+# -- second review: bytes that never start the stream, stray SYNs, unreadable packets ----------
+
+
+def test_segments_without_the_streams_first_byte_reset_the_flow() -> None:
+    # Old duplicates (wholly before the stream start: the server drops them), or records after
+    # a hello that slipped past while the queue failed open: nothing where a hello starts.
+    for offset in (-1000, 500):
+        policy = Policy()
+        insp = FlowInspector(policy)
+        segs = [
+            packet(ISN + 1 + offset + 100 * i, PSH_ACK, bytes(100), SERVER_ISN + 1)
+            for i in range(budget_left(2))
+        ]
+        outs = run(insp, [*handshake(), *segs])
+        decided = [o for o in outs if o.action is not Action.PASS]
+        assert len(decided) == 1 and decided[0].action is Action.RESET, offset
+        assert "without the first byte of the stream" in decided[0].evasion
+        assert policy.why == []
+
+
+def test_a_stray_syn_does_not_move_the_streams_start() -> None:
+    # A SYN with another ISN on the live connection (a decoy, or one the server answers with a
+    # challenge ACK) used to re-base the stream, so the real hello was misread.
+    for ttl in (1, 64):
+        insp = FlowInspector(Policy())
+        hello = real_hello("x.bad.example")
+        stray = packet(ISN + 100, SYN, b"junk", ttl=ttl)
+        outs = run(insp, [*handshake(), stray, packet(ISN + 1, PSH_ACK, hello, SERVER_ISN + 1)])
+        assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example", ttl
+
+
+def test_a_packet_whose_tcp_header_cannot_be_found_is_dropped() -> None:
+    insp = FlowInspector(Policy())
+    # IPv6 with nine destination-options headers before TCP (we follow eight).
+    tcp = struct.pack("!HHIIBBHHH", 40000, 443, ISN + 1, 0, 5 << 4, PSH_ACK, 65535, 0, 0)
+    body = tcp + real_hello("x.bad.example")
+    chain = b"".join(bytes([60, 0]) + bytes(6) for _ in range(8)) + bytes([6, 0]) + bytes(6)
+    src = socket.inet_pton(socket.AF_INET6, "fd00::2")
+    dst = socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+    v6 = struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(body), 60, 64, src, dst)
+    assert insp.inspect(v6 + chain + body, None, 0.0).action is Action.DROP
+    # IPv4 TCP with a data offset below five words.
+    bad = bytearray(packet(ISN + 1, PSH_ACK, b"x"))
+    bad[32] = 4 << 4
+    assert insp.inspect(bytes(bad), None, 0.0).action is Action.DROP
+    assert insp.stats.unreadable == 2
+
+
+def test_duplicates_after_an_accepted_hello_hide_no_second_hello() -> None:
+    insp = FlowInspector(Policy(), second_hello=True)
+    hello = real_hello("ok.example")
+    first = packet(ISN + 1, PSH_ACK, hello, SERVER_ISN + 1)
+    outs = run(insp, [*handshake(), first])
+    assert outs[-1].action is Action.PASS  # a TLS 1.3 hello: waits for what follows
+    dups = [first] * 6
+    outs = run(insp, dups)
+    decided = [o for o in outs if o.action is not Action.PASS]
+    assert len(decided) == 1 and decided[0].action is Action.RESET
+    assert "none with the bytes that follow it" in decided[0].evasion

@@ -85,17 +85,18 @@ BATCH = 64
 # Flows whose ClientHello is still being assembled. A flow normally lives here for one RTT;
 # the bound protects against SYN floods, the TTL against flows that never send data.
 MAX_FLOWS = 16384
-FLOW_TTL = 10.0
+FLOW_TTL = 60.0  # a flow forgotten before its verdict is decided on its next bare packet
 # Every flow is decided by this packet (SYN and pure ACKs included): the kernel queues every
 # packet of a flow without a verdict, so this bounds what a flow costs in user space. A
 # post-quantum ClientHello spans two segments and the handshake may carry retransmissions.
 DECIDE_PACKETS = 8
 # Data segments we wait for a whole ClientHello before deciding without a name.
 MAX_HELLO_SEGMENTS = 6
-# Packets an accepted TLS 1.3 flow may take, after its hello, before its next data (a second
+# Packets an accepted TLS 1.3 flow may send after its hello before its next data (a second
 # hello, or its answer to the server's flight) decides whether it keeps the verdict. A real
-# client acknowledges the server's flight (a few KiB: one ACK per two segments) and answers.
-RETRY_PACKETS = 32
+# client acknowledges the server's flight (a few KiB, up to tens with long certificate chains;
+# the first 16 segments acknowledged one by one in quick-ACK mode) and answers.
+RETRY_PACKETS = 64
 # Smallest mean size (bytes) of the segments of a ClientHello still incomplete at the end of
 # DECIDE_PACKETS for it to count as merely large. 536 is the default send MSS (RFC 9293
 # §3.7.1, RFC 1122 §4.2.2.6), which every path carries: a real client fills each segment of
@@ -146,6 +147,7 @@ class Action(Enum):
     PASS = "pass"  # accept, no verdict yet (handshake, first part of a split ClientHello)
     ACCEPT = "accept"  # accept with the verdict mark: the flow leaves the queue
     RESET = "reset"  # verdict mark "reset": the flow is torn down in both directions
+    DROP = "drop"  # a packet we cannot read (see FlowInspector.inspect): it goes no further
 
 
 class FlowDecision(NamedTuple):
@@ -182,6 +184,7 @@ class _Retry:
     mark: int
     assembler: ClientHelloAssembler
     segments: int = 0
+    packets: int = 0  # since the hello (RETRY_PACKETS)
 
 
 @dataclass
@@ -197,6 +200,7 @@ class _Flow:
     isn: int | None = None
     acked: bool = False
     idle_acks: int = 0
+    closed: bool = False  # the client ended it with an exact FIN or RST
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -215,6 +219,7 @@ class InspectorStats:
     evasions: int = 0
     second_hellos: int = 0
     flows_evicted: int = 0
+    unreadable: int = 0
     errors: int = 0
 
 
@@ -264,33 +269,54 @@ class FlowInspector:
         self.stats.packets += 1
         seg = parse_ip_tcp(packet)
         if seg is None:
-            return Outcome(Action.PASS)
+            if not _maybe_tcp(packet):
+                return Outcome(Action.PASS)
+            # The kernel queued it as TCP to an HTTPS port, yet we cannot find its TCP header
+            # (an IPv6 extension header chain longer than we follow, say): passing it would let
+            # its payload - a ClientHello - through unjudged, and every packet like it after.
+            self.stats.unreadable += 1
+            return Outcome(Action.DROP)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         flags = seg.flags
         if flags & TCP_RST and seg.payload:
             # A RST's payload is never stream data (RFC 9293 §3.5.3): judge it as a RST.
             seg = seg._replace(payload=b"")
         flow = self.flows.get(key)
+        stray_syn = False
         if flags & TCP_SYN:
             if flow is not None and flow.isn is not None and flow.isn != seg.seq:
-                # A new connection on the same 4-tuple (the old one ended; its entry stays
-                # until it expires, see below).
-                del self.flows[key]
-                flow = None
+                if flow.closed:
+                    # A new connection on the same 4-tuple after the client ended the old one.
+                    del self.flows[key]
+                    flow = None
+                else:
+                    # Another ISN on a live connection: the server answers it with a challenge
+                    # ACK at most (RFC 5961 §4); taking it would misplace the real hello.
+                    stray_syn = True
+                    seg = seg._replace(payload=b"")
             if flow is None:
                 self._expire(now)
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
-            else:
-                flow.assembler.syn(seg.seq)
-            flow.isn = seg.seq
+                flow.isn = seg.seq
+            elif not stray_syn:
+                flow.assembler.syn(seg.seq)  # a repeat, or one that overtook the data
+                flow.isn = seg.seq
         # A FIN or RST does not end the entry: the connection may well go on (a RST that only
         # draws a challenge ACK, RFC 5961 §3; a decoy), and its hello is still to be judged.
         if flow is not None:
             flow.packets += 1
             if flow.retry is not None:
                 return self._after_hello(key, flow, seg, hw)
-            if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+            if flags & (TCP_FIN | TCP_RST) and seg.ttl > MIN_FORWARD_TTL:
+                # Only one at the exact next sequence number ends the connection at the server
+                # (RFC 9293 §3.10.7.4, RFC 5961 §3.2); then a new SYN may follow.
+                start = flow.assembler.start
+                nxt = None if start is None else start + len(flow.assembler.contiguous())
+                flow.closed = nxt is not None and (seg.seq - nxt) % SEQ_MOD == 0
+            if stray_syn:
+                flow.idle_acks += 1
+            elif not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
                 handshake_ack = (
                     flow.isn is not None
                     and not flow.acked
@@ -346,7 +372,11 @@ class FlowInspector:
             data = flow.assembler.contiguous()
             sni = sni_from_prefix(data)
             if sni is None:
-                what = _cut_hello(data, flow.segments, "ClientHello") or _idle_acks(flow)
+                what = (
+                    _cut_hello(data, flow.segments, "ClientHello")
+                    or _idle_acks(flow)
+                    or _no_start(flow, data)
+                )
                 if what and self._is_evasion(seg, hw, what):
                     return self._reset(seg, None, info.ech, what)
         why = ""
@@ -383,7 +413,8 @@ class FlowInspector:
         """A packet of an accepted flow whose verdict mark waits (``flow.retry``)."""
         retry = flow.retry
         assert retry is not None
-        last = flow.packets >= RETRY_PACKETS
+        retry.packets += 1
+        last = retry.packets >= RETRY_PACKETS
         info = retry.assembler.result
         if seg.payload and seg.ttl > MIN_FORWARD_TTL:
             if not counted:
@@ -418,6 +449,11 @@ class FlowInspector:
             elif second is None and ccs > CCS_RECORD_LEN:
                 # Appendix D.4: one dummy record; more only spend the budget before a hello.
                 what = f"{ccs // CCS_RECORD_LEN} change_cipher_spec records after the ClientHello"
+            elif second is None and retry.segments and not data:
+                what = (
+                    f"{retry.segments} segments after the ClientHello, none with the bytes that "
+                    f"follow it"
+                )
             elif second is None and retry.segments:
                 what = _cut_hello(data[ccs:], retry.segments, "second ClientHello")
             elif second is None:
@@ -491,6 +527,30 @@ def _idle_acks(flow: _Flow) -> str:
     return (
         f"{flow.idle_acks} packets that gave the server nothing new (pure ACKs, decoys) before "
         f"a whole ClientHello (the daemon decides a flow by its {DECIDE_PACKETS}th packet)"
+    )
+
+
+def _maybe_tcp(packet: bytes) -> bool:
+    """Whether a packet parse_ip_tcp could not read may still carry TCP: IPv4 with protocol
+    TCP, or IPv6 whose first header is neither UDP nor ICMPv6 (the queue rule only takes TCP,
+    but a packet that plainly is something else is not ours to drop)."""
+    if len(packet) < 20:
+        return False
+    version = packet[0] >> 4
+    if version == 4:
+        return packet[9] == socket.IPPROTO_TCP
+    return version == 6 and len(packet) >= 40 and packet[6] not in (17, 58)
+
+
+def _no_start(flow: _Flow, data: bytes) -> str:
+    """Why a flow whose SYN was seen sent packets without the first byte of its stream (old
+    duplicates, a hello that slipped past while the queue failed open, bytes placed off the
+    stream's start): nothing that could be judged ("" when bytes did start the stream)."""
+    if flow.isn is None or data:
+        return ""
+    return (
+        f"{flow.packets} packets ({flow.segments} with data) without the first byte of the "
+        f"stream, where the ClientHello starts"
     )
 
 
@@ -733,6 +793,8 @@ class SniQueue:
             try:
                 if outcome.action is Action.PASS:
                     pkt.accept()
+                elif outcome.action is Action.DROP:
+                    pkt.drop()
                 else:
                     pkt.set_mark(outcome.mark)
                     pkt.repeat()

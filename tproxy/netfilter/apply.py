@@ -35,6 +35,7 @@ FEATURES: dict[str, tuple[str, str]] = {
     "TPROXY": ("the TPROXY target", "CONFIG_NETFILTER_XT_TARGET_TPROXY"),
     "socket": ("the socket match", "CONFIG_NETFILTER_XT_MATCH_SOCKET"),
     "NFQUEUE": ("the NFQUEUE target", "CONFIG_NETFILTER_XT_TARGET_NFQUEUE"),
+    "conntrack": ("the conntrack match", "CONFIG_NETFILTER_XT_MATCH_CONNTRACK"),
     "CLASSIFY": ("the CLASSIFY target", "CONFIG_NETFILTER_XT_TARGET_CLASSIFY"),
     "CONNMARK": ("the CONNMARK target", "CONFIG_NETFILTER_XT_CONNMARK"),
     "connmark": ("the connmark match", "CONFIG_NETFILTER_XT_CONNMARK"),

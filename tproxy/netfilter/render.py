@@ -356,7 +356,13 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # count here: one the daemon could not follow exactly (a flow it forgot, a packet it
         # could not parse) would let the packets after it pass unseen. The daemon decides every
         # flow within a few packets (tproxy.nfqueue.DECIDE_PACKETS).
-        queue = f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
+        # Only packets of a tracked connection: an INVALID one (out of window, say) or an
+        # untracked one carries no connmark, so a decided flow's stray packet would be queued
+        # and judged as a flow of its own.
+        queue = (
+            f"-m conntrack ! --ctstate INVALID,UNTRACKED "
+            f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
+        )
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
                 add(f"-i {lan} -p tcp {ports} {queue}")
