@@ -29,6 +29,7 @@ from tests.test_tls_sni import _ext_offset, real_hello
 from tproxy.nfqueue import (
     DECIDE_PACKETS,
     IDLE_ACKS_MAX,
+    RETRY_PACKETS,
     Action,
     FlowDecision,
     FlowInspector,
@@ -36,6 +37,7 @@ from tproxy.nfqueue import (
 )
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
+APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
 ISN, SERVER_ISN = 7000, 500_000
 
 
@@ -302,7 +304,7 @@ def test_a_pure_ack_of_a_flow_the_daemon_lost_is_decided_at_once() -> None:
     assert len(insp.flows) == 1
     out = insp.inspect(packet(ISN + 1, ACK, ack=SERVER_ISN + 1), None, 11.0)
     assert out.action is Action.RESET
-    assert "whose ClientHello the daemon has not seen sends no data" in out.evasion
+    assert "a flow whose start the daemon did not see" in out.evasion
     # A client the filter does not judge by name gets the policy's verdict without a name.
     seen: list[str] = []
 
@@ -316,11 +318,34 @@ def test_a_pure_ack_of_a_flow_the_daemon_lost_is_decided_at_once() -> None:
     assert policy.why[-1] == "no ClientHello seen (the flow's start was not seen)"
 
 
-def test_data_of_a_flow_the_daemon_lost_is_still_judged_by_its_hello() -> None:
+def test_data_of_a_flow_the_daemon_lost_cannot_pose_as_its_hello() -> None:
+    # Where a lost flow's stream starts is unknown: an old duplicate could carry a harmless
+    # hello while the real one follows. A client filtered by name is reset (it connects again
+    # and is judged); for others the hello still gives the log line and shaping class.
     policy = Policy()
     insp = FlowInspector(policy)
+    fake = packet(ISN - 999, PSH_ACK, real_hello("ok.example"), SERVER_ISN)
+    out = insp.inspect(fake, None, 0)
+    assert out.action is Action.RESET and out.sni is None and "did not see" in out.evasion
+    insp = FlowInspector(policy, evasion=lambda *a: False)
     out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), SERVER_ISN), None, 0)
     assert out.action is Action.RESET and out.sni == "x.bad.example" and out.evasion == ""
+
+
+def test_packets_queued_behind_the_verdict_get_the_same_verdict() -> None:
+    # The daemon reads packets that reached the queue before the verdict reached the connmark;
+    # they belong to a decided flow, not to one of unknown start.
+    for name, action in (("ok.example", Action.ACCEPT), ("x.bad.example", Action.RESET)):
+        insp = FlowInspector(Policy())
+        outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, real_hello(name), 1)])
+        assert outs[-1].action is action
+        behind = run(insp, [packet(ISN + 9, ACK, ack=1), packet(ISN + 9, PSH_ACK, b"x", 1)])
+        assert [o.action for o in behind] == [action, action]
+        assert all(o.mark == outs[-1].mark and o.evasion == "" for o in behind)
+        assert insp.stats.evasions == 0
+        # After DECIDED_TTL they are a flow of unknown start; a new SYN starts afresh at once.
+        assert insp.inspect(packet(ISN + 9, ACK, ack=1), None, 10.0).evasion
+        assert insp.inspect(packet(ISN + 50, SYN), None, 0.5).action is Action.PASS
 
 
 # -- second review: bytes that never start the stream, stray SYNs, unreadable packets ----------
@@ -377,8 +402,73 @@ def test_duplicates_after_an_accepted_hello_hide_no_second_hello() -> None:
     first = packet(ISN + 1, PSH_ACK, hello, SERVER_ISN + 1)
     outs = run(insp, [*handshake(), first])
     assert outs[-1].action is Action.PASS  # a TLS 1.3 hello: waits for what follows
-    dups = [first] * 6
-    outs = run(insp, dups)
+    # Retransmissions of the hello are packets, not the client's next flight: a real client
+    # resends it while the server's answer is lost, and then answers.
+    outs = run(insp, [first] * 3 + [packet(ISN + 1 + len(hello), PSH_ACK, APP_DATA, 1)])
+    assert outs[-1].action is Action.ACCEPT and outs[-1].sni == "ok.example"
+    # Only retransmissions, to the end of RETRY_PACKETS: nothing ever followed the hello.
+    insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: True)
+    run(insp, [*handshake(), first])
+    outs = run(insp, [first] * (RETRY_PACKETS - 1))
+    assert outs[-1].action is Action.RESET and "packets without data after" in outs[-1].evasion
+    # Segments that skip the bytes right after the hello: nothing follows it either.
+    insp = FlowInspector(Policy(), second_hello=True)
+    run(insp, [*handshake(), first])
+    gap = ISN + 1 + len(hello) + 5000
+    outs = run(insp, [packet(gap + 100 * i, PSH_ACK, bytes(100), 1) for i in range(6)])
+    assert outs[-1].action is Action.RESET and "none with the bytes that follow" in outs[-1].evasion
+
+
+def test_syns_cannot_move_where_the_hello_starts() -> None:
+    hello = real_hello("x.bad.example")
+    fake = real_hello("ok.example")
+    k = len(fake)
+    # A decoy SYN first, then the real one: the decoy never counts.
+    insp = FlowInspector(Policy())
+    outs = run(
+        insp,
+        [
+            packet(ISN - k, SYN, ttl=1),
+            packet(ISN, SYN),
+            packet(ISN + 1, ACK, ack=1),
+            packet(ISN - k + 1, PSH_ACK, fake, 1),
+            packet(ISN + 1, PSH_ACK, hello, 1),
+        ],
+    )
     decided = [o for o in outs if o.action is not Action.PASS]
-    assert len(decided) == 1 and decided[0].action is Action.RESET
-    assert "none with the bytes that follow it" in decided[0].evasion
+    assert decided and decided[0].action is Action.RESET and decided[0].sni == "x.bad.example"
+    # The real SYN, then one the server drops (say, with an unknown TCP-MD5 option) last: the
+    # handshake's ACK tells where the stream starts.
+    insp = FlowInspector(Policy())
+    outs = run(insp, [packet(ISN, SYN), packet(ISN - k, SYN), packet(ISN + 1, ACK, ack=1)])
+    outs = run(insp, [packet(ISN - k + 1, PSH_ACK, fake, 1), packet(ISN + 1, PSH_ACK, hello, 1)])
+    decided = [o for o in outs if o.action is not Action.PASS]
+    assert decided and decided[0].action is Action.RESET and decided[0].sni == "x.bad.example"
+    # Two SYNs, then data without that ACK: which start the server took is unknown.
+    insp = FlowInspector(Policy())
+    outs = run(insp, [packet(ISN, SYN), packet(ISN - k, SYN), packet(ISN - k + 1, PSH_ACK, fake)])
+    assert outs[-1].action is Action.RESET and "different sequence numbers" in outs[-1].evasion
+    # A port reused after a connection that never started (its SYN went unanswered).
+    insp = FlowInspector(Policy())
+    outs = run(insp, [packet(ISN - 5000, SYN), packet(ISN, SYN), packet(ISN + 1, ACK, ack=1)])
+    out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("ok.example"), 1), None, 0.0)
+    assert out.action is Action.ACCEPT and out.sni == "ok.example"
+
+
+def test_a_fast_open_hello_is_read_from_the_right_byte() -> None:
+    # TCP Fast Open (RFC 7413): the hello rides on the SYN, one byte after its sequence number.
+    insp = FlowInspector(Policy())
+    out = insp.inspect(packet(ISN, SYN, real_hello("x.bad.example")), None, 0.0)
+    assert out.action is Action.RESET and out.sni == "x.bad.example"
+
+
+def test_a_new_connection_after_an_exact_rst_during_the_wait_is_judged() -> None:
+    insp = FlowInspector(Policy(), second_hello=True)
+    hello = real_hello("ok.example")
+    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, hello, 1)])
+    # The client ends it exactly where its stream stands, then opens the same ports again.
+    run(insp, [packet(ISN + 1 + len(hello), 0x14, ack=1)])
+    isn2 = ISN + 100_000
+    run(insp, [packet(isn2, SYN), packet(isn2 + 1, ACK, ack=5)])
+    out = insp.inspect(packet(isn2 + 1, PSH_ACK, real_hello("x.bad.example"), 5), None, 0.0)
+    assert out.action is Action.RESET and out.sni == "x.bad.example"

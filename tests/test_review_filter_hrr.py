@@ -237,6 +237,7 @@ def test_tls12_and_denied_flows_are_decided_on_the_first_hello() -> None:
 
 def test_bare_inspector_keeps_deciding_on_the_first_hello() -> None:
     insp = FlowInspector(Asked().decide)
+    assert insp.inspect(ipv4(tcp_header(41000, 443, ISN, SYN)), None, 0.0).action is Action.PASS
     raw = ipv4(tcp_header(41000, 443, ISN + 1, PSH_ACK) + real_hello("ok.example"))
     assert insp.inspect(raw, None, 0.0).action is Action.ACCEPT
     assert MAX_HELLO_SEGMENTS < DECIDE_PACKETS  # the hello's segments leave room for SYN, ACK

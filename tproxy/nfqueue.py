@@ -85,7 +85,8 @@ BATCH = 64
 # Flows whose ClientHello is still being assembled. A flow normally lives here for one RTT;
 # the bound protects against SYN floods, the TTL against flows that never send data.
 MAX_FLOWS = 16384
-FLOW_TTL = 60.0  # a flow forgotten before its verdict is decided on its next bare packet
+FLOW_TTL = 60.0  # a flow forgotten before its verdict is decided on its next packet
+DECIDED_TTL = 5.0
 # Every flow is decided by this packet (SYN and pure ACKs included): the kernel queues every
 # packet of a flow without a verdict, so this bounds what a flow costs in user space. A
 # post-quantum ClientHello spans two segments and the handshake may carry retransmissions.
@@ -201,6 +202,14 @@ class _Flow:
     acked: bool = False
     idle_acks: int = 0
     closed: bool = False  # the client ended it with an exact FIN or RST
+    started: bool = False  # a packet after the SYN came: later SYNs are stray
+    ambiguous: bool = False  # SYNs with different sequence numbers before it
+
+    def at_next(self, seq: int) -> bool:
+        """Whether ``seq`` is the next byte the server expects from the client."""
+        asm = self.retry.assembler if self.retry is not None else self.assembler
+        start = asm.start
+        return start is not None and (seq - start - len(asm.contiguous())) % SEQ_MOD == 0
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -252,6 +261,11 @@ class FlowInspector:
     # gets its verdict mark on its first hello (one userspace round less per flow).
     second_hello: bool = False
     flows: OrderedDict[tuple[str, int, str, int], _Flow] = field(default_factory=OrderedDict)
+    # Verdicts given in the last DECIDED_TTL seconds: packets of the flow queued before its
+    # verdict reached the connmark get the same one (not taken for a flow of unknown start).
+    decided: OrderedDict[tuple[str, int, str, int], tuple[float, Outcome]] = field(
+        default_factory=OrderedDict
+    )
     stats: InspectorStats = field(default_factory=InspectorStats)
 
     def _expire(self, now: float) -> None:
@@ -267,6 +281,20 @@ class FlowInspector:
 
     def inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
         self.stats.packets += 1
+        out = self._inspect(packet, hw, now)
+        seg = out.segment
+        if seg is not None and out.action in (Action.ACCEPT, Action.RESET):
+            decided = self.decided
+            key = (seg.src, seg.sport, seg.dst, seg.dport)
+            decided.pop(key, None)
+            decided[key] = (now + DECIDED_TTL, out)
+            while decided and (
+                next(iter(decided.values()))[0] <= now or len(decided) > self.max_flows
+            ):
+                decided.popitem(last=False)
+        return out
+
+    def _inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
         seg = parse_ip_tcp(packet)
         if seg is None:
             if not _maybe_tcp(packet):
@@ -278,51 +306,86 @@ class FlowInspector:
             return Outcome(Action.DROP)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         flags = seg.flags
+        given = self.decided.get(key)
+        if given is not None and given[0] > now and key not in self.flows:
+            if not flags & TCP_SYN:
+                return given[1]._replace(segment=seg, evasion="")
+            del self.decided[key]  # a new connection on the same ports
         if flags & TCP_RST and seg.payload:
             # A RST's payload is never stream data (RFC 9293 §3.5.3): judge it as a RST.
             seg = seg._replace(payload=b"")
         flow = self.flows.get(key)
+        decoy = seg.ttl <= MIN_FORWARD_TTL
+        # A SYN that is not taken as the connection's start: one that dies at this router, or
+        # another ISN once the connection has started (the server answers that with a
+        # challenge ACK at most, RFC 5961 §4): taking it would misplace the real hello.
         stray_syn = False
         if flags & TCP_SYN:
-            if flow is not None and flow.isn is not None and flow.isn != seg.seq:
+            if decoy:
+                stray_syn = True
+            elif flow is not None and flow.isn is not None and flow.isn != seg.seq:
                 if flow.closed:
                     # A new connection on the same 4-tuple after the client ended the old one.
                     del self.flows[key]
                     flow = None
-                else:
-                    # Another ISN on a live connection: the server answers it with a challenge
-                    # ACK at most (RFC 5961 §4); taking it would misplace the real hello.
+                elif flow.started:
                     stray_syn = True
-                    seg = seg._replace(payload=b"")
-            if flow is None:
+                else:
+                    flow.ambiguous = True  # settled by the handshake's ACK (below)
+            if stray_syn:
+                seg = seg._replace(payload=b"")
+            elif flow is None:
                 self._expire(now)
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
                 flow.isn = seg.seq
-            elif not stray_syn:
-                flow.assembler.syn(seg.seq)  # a repeat, or one that overtook the data
+            else:
+                # A repeat; or, before the connection started, the latest SYN counts (as it
+                # does for connection tracking); or one that overtook the data.
+                flow.assembler.syn(seg.seq)
                 flow.isn = seg.seq
-        # A FIN or RST does not end the entry: the connection may well go on (a RST that only
-        # draws a challenge ACK, RFC 5961 §3; a decoy), and its hello is still to be judged.
-        if flow is not None:
+        if flow is None:
+            if flags & TCP_SYN:
+                return Outcome(Action.PASS, segment=seg)  # a stray SYN of no known flow
+            unknown = self._unknown(seg, hw)
+            if unknown is not None:
+                return unknown
+        else:
+            # A FIN or RST does not end the entry: the connection may well go on (a RST that
+            # only draws a challenge ACK, RFC 5961 §3; a decoy), and its hello is still to be
+            # judged. Only one at the exact next sequence number ends it at the server (RFC
+            # 9293 §3.10.7.4, RFC 5961 §3.2); then a new SYN may follow.
             flow.packets += 1
+            if flags & (TCP_FIN | TCP_RST) and not decoy:
+                flow.closed = flow.at_next(seg.seq)
             if flow.retry is not None:
                 return self._after_hello(key, flow, seg, hw)
-            if flags & (TCP_FIN | TCP_RST) and seg.ttl > MIN_FORWARD_TTL:
-                # Only one at the exact next sequence number ends the connection at the server
-                # (RFC 9293 §3.10.7.4, RFC 5961 §3.2); then a new SYN may follow.
-                start = flow.assembler.start
-                nxt = None if start is None else start + len(flow.assembler.contiguous())
-                flow.closed = nxt is not None and (seg.seq - nxt) % SEQ_MOD == 0
+            if not flags & TCP_SYN and not decoy and not flow.started:
+                flow.started = True
+                if not seg.payload:
+                    # The handshake's ACK has the sequence number the server took: the stream
+                    # starts there, whatever SYNs came before (one the server dropped, say).
+                    isn = (seg.seq - 1) % SEQ_MOD
+                    if flow.isn != isn:
+                        flow.assembler.syn(isn)
+                        flow.isn = isn
+                    flow.ambiguous = False
+                elif flow.ambiguous:
+                    # SYNs with different sequence numbers, then data without the ACK that
+                    # tells which one the server took: where the hello starts is unknown.
+                    what = "SYNs with different sequence numbers, then data before the ACK"
+                    if self._is_evasion(seg, hw, what):
+                        del self.flows[key]
+                        return self._reset(seg, None, False, what)
             if stray_syn:
                 flow.idle_acks += 1
-            elif not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+            elif not seg.payload or decoy:
                 handshake_ack = (
                     flow.isn is not None
                     and not flow.acked
                     and flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK
                     and not seg.payload
-                    and seg.ttl > MIN_FORWARD_TTL
+                    and not decoy
                 )
                 if handshake_ack:
                     flow.acked = True
@@ -339,16 +402,17 @@ class FlowInspector:
                 # A client that spends its packets on pure ACKs or decoys before (or in the
                 # middle of) its hello is decided now, on what has arrived.
                 return self._decide(key, flow, seg, hw, flow.assembler.result, now)
-            if flow is None and not flags & TCP_SYN:
-                return self._unknown(seg, hw)
             return Outcome(Action.PASS, segment=seg)
         if flow is None:
-            # The SYN was not seen (daemon restarted mid-handshake, or the entry was evicted).
+            # The start was not seen, and the client is not judged by name (see _unknown):
+            # its hello still sets the shaping class and the log line.
             self._expire(now)
-            flow = _Flow(ClientHelloAssembler(), now + self.flow_ttl, packets=1)
+            flow = _Flow(ClientHelloAssembler(), now + self.flow_ttl, packets=1, started=True)
             self.flows[key] = flow
         flow.segments += 1
-        info = flow.assembler.add(seg.seq, seg.payload)
+        # TCP Fast Open: a SYN's data starts one after its sequence number (RFC 7413 §2).
+        seq = (seg.seq + 1) % SEQ_MOD if flags & TCP_SYN else seg.seq
+        info = flow.assembler.add(seq, seg.payload)
         last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= DECIDE_PACKETS
         if info.incomplete and not last:
             return Outcome(Action.PASS, segment=seg)
@@ -416,11 +480,15 @@ class FlowInspector:
         retry.packets += 1
         last = retry.packets >= RETRY_PACKETS
         info = retry.assembler.result
-        if seg.payload and seg.ttl > MIN_FORWARD_TTL:
+        start = retry.assembler.start
+        # A retransmission of the hello (it ends where the bytes after it start): the server
+        # has those bytes; a packet, not a segment of the client's next flight.
+        resent = start is not None and (start - seg.seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
+        if seg.payload and seg.ttl > MIN_FORWARD_TTL and not resent:
             if not counted:
                 retry.segments += 1
             info = retry.assembler.add(seg.seq, seg.payload)
-        elif seg.payload:
+        elif seg.payload and seg.ttl <= MIN_FORWARD_TTL:
             self.stats.decoys += 1
         if info.incomplete and not last and retry.segments < MAX_HELLO_SEGMENTS:
             return Outcome(Action.PASS, segment=seg)
@@ -463,14 +531,18 @@ class FlowInspector:
             return self._reset(seg, second, retry.ech, what)
         return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
 
-    def _unknown(self, seg: TcpSegment, hw: bytes | None) -> Outcome:
-        """A packet without data of a flow whose start the daemon did not see (its entry
-        expired or was evicted, or the daemon restarted). Its hello, if any, is still to come,
-        but how many packets the flow has already spent is unknown, and a flow must not stay
-        in the queue for its lifetime: decided now, without a name."""
-        what = "a flow whose ClientHello the daemon has not seen sends no data"
+    def _unknown(self, seg: TcpSegment, hw: bytes | None) -> Outcome | None:
+        """A packet of a flow whose start the daemon did not see (its entry expired or was
+        evicted, or the daemon restarted). Where its stream starts is unknown, so its hello
+        cannot be read safely (an old duplicate could pose as one): a client filtered by name
+        is reset, and will connect again. For other clients a packet without data decides the
+        flow without a name (it must not stay in the queue for its lifetime); with data, None:
+        its hello is read for the shaping class and the log."""
+        what = "a flow whose start the daemon did not see (expired, evicted, or a restart)"
         if self._is_evasion(seg, hw, what):
             return self._reset(seg, None, False, what)
+        if seg.payload and seg.ttl > MIN_FORWARD_TTL:
+            return None
         info = ClientHelloInfo(reason="no ClientHello seen (the flow's start was not seen)")
         return self._verdict(seg, hw, info, None, "")
 
