@@ -52,13 +52,14 @@ def packet(
 
 
 def padded_first(name: str, size: int = 6000) -> bytes:
-    """A one-record ClientHello for ``name`` whose padding extension (RFC 7685) comes first,
-    so that the name lies ``size`` bytes further in."""
+    """A one-record ClientHello for ``name`` whose filler extension (a GREASE type, RFC 8701;
+    OpenSSL's hello already has a padding extension) comes first, so that the name lies
+    ``size`` bytes further in."""
     hello = real_hello(name)
     body = hello[9:]
     at = _ext_offset(body)
     (n,) = struct.unpack_from("!H", body, at)
-    exts = struct.pack("!HH", 21, size) + bytes(size) + body[at + 2 : at + 2 + n]
+    exts = struct.pack("!HH", 0x1A1A, size) + bytes(size) + body[at + 2 : at + 2 + n]
     body = body[:at] + struct.pack("!H", len(exts)) + exts
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     return b"\x16\x03\x01" + struct.pack("!H", len(message)) + message
@@ -472,3 +473,37 @@ def test_a_new_connection_after_an_exact_rst_during_the_wait_is_judged() -> None
     run(insp, [packet(isn2, SYN), packet(isn2 + 1, ACK, ack=5)])
     out = insp.inspect(packet(isn2 + 1, PSH_ACK, real_hello("x.bad.example"), 5), None, 0.0)
     assert out.action is Action.RESET and out.sni == "x.bad.example"
+
+
+def test_an_ack_that_continues_no_syn_does_not_move_the_start() -> None:
+    # Found in review: a pure ACK at ISN+1-L, then a harmless hello plus a record at ISN+1-L,
+    # then the real hello at ISN+1. The server drops the out-of-window ACK and takes, at
+    # ISN+1, the bytes after the harmless hello; the filter must read the same bytes.
+    fake = real_hello("good.example") + APP_DATA
+    k = len(fake) - len(APP_DATA)
+    insp = FlowInspector(Policy(), second_hello=True)
+    outs = run(
+        insp,
+        [
+            packet(ISN, SYN),
+            packet(ISN + 1 - k, ACK, ack=1),
+            packet(ISN + 1 - k, PSH_ACK, fake, 1),
+            packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), 1),
+        ],
+    )
+    assert all(o.sni != "good.example" for o in outs), outs
+
+
+def test_a_fast_open_hello_in_two_parts_keeps_its_start() -> None:
+    # The SYN carries the first 1448 bytes; the handshake's ACK then stands after them.
+    hello = padded_first("x.bad.example", 1500)
+    insp = FlowInspector(Policy())
+    outs = run(
+        insp,
+        [
+            packet(ISN, SYN, hello[:1448]),
+            packet(ISN + 1 + 1448, ACK, ack=1),
+            packet(ISN + 1 + 1448, PSH_ACK, hello[1448:], 1),
+        ],
+    )
+    assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"

@@ -87,6 +87,7 @@ BATCH = 64
 MAX_FLOWS = 16384
 FLOW_TTL = 60.0  # a flow forgotten before its verdict is decided on its next packet
 DECIDED_TTL = 5.0
+MAX_SYN_STARTS = 8  # SYN start candidates kept per flow (two per SYN)
 # Every flow is decided by this packet (SYN and pure ACKs included): the kernel queues every
 # packet of a flow without a verdict, so this bounds what a flow costs in user space. A
 # post-quantum ClientHello spans two segments and the handshake may carry retransmissions.
@@ -199,6 +200,9 @@ class _Flow:
     # The SYN's sequence number (None while not seen); whether the handshake's ACK has been
     # seen; and packets since that gave the server nothing new (IDLE_ACKS_MAX).
     isn: int | None = None
+    # Where the client's next byte may be after each SYN seen (ISN + 1, and after a TCP Fast
+    # Open SYN's data too) -> that SYN's ISN: what the handshake's ACK may choose from.
+    starts: dict[int, int] = field(default_factory=dict)
     acked: bool = False
     idle_acks: int = 0
     closed: bool = False  # the client ended it with an exact FIN or RST
@@ -344,6 +348,9 @@ class FlowInspector:
                 # does for connection tracking); or one that overtook the data.
                 flow.assembler.syn(seg.seq)
                 flow.isn = seg.seq
+            if not stray_syn and flow is not None and len(flow.starts) < MAX_SYN_STARTS:
+                for nxt in {seg.seq + 1, seg.seq + 1 + len(seg.payload)}:
+                    flow.starts[nxt % SEQ_MOD] = seg.seq
         if flow is None:
             if flags & TCP_SYN:
                 return Outcome(Action.PASS, segment=seg)  # a stray SYN of no known flow
@@ -360,32 +367,37 @@ class FlowInspector:
                 flow.closed = flow.at_next(seg.seq)
             if flow.retry is not None:
                 return self._after_hello(key, flow, seg, hw)
+            matched = False
             if not flags & TCP_SYN and not decoy and not flow.started:
-                flow.started = True
                 if not seg.payload:
-                    # The handshake's ACK has the sequence number the server took: the stream
-                    # starts there, whatever SYNs came before (one the server dropped, say).
-                    isn = (seg.seq - 1) % SEQ_MOD
-                    if flow.isn != isn:
-                        flow.assembler.syn(isn)
-                        flow.isn = isn
-                    flow.ambiguous = False
-                elif flow.ambiguous:
-                    # SYNs with different sequence numbers, then data without the ACK that
-                    # tells which one the server took: where the hello starts is unknown.
-                    what = "SYNs with different sequence numbers, then data before the ACK"
-                    if self._is_evasion(seg, hw, what):
-                        del self.flows[key]
-                        return self._reset(seg, None, False, what)
+                    isn = flow.starts.get(seg.seq)
+                    if isn is not None:
+                        # The handshake's ACK continues the SYN the server took: the stream
+                        # starts after that one, whatever SYNs came before (one the server
+                        # dropped, say). Only a SYN seen counts: an ACK elsewhere would let a
+                        # client place a harmless hello where the filter reads and the real one
+                        # where the server does (such an ACK is counted as idle below).
+                        matched = flow.started = True
+                        if flow.isn != isn:
+                            flow.assembler.syn(isn)
+                            flow.isn = isn
+                        flow.ambiguous = False
+                else:
+                    flow.started = True
+                    if flow.ambiguous:
+                        # SYNs with different sequence numbers, then data without the ACK that
+                        # tells which one the server took: where the hello starts is unknown.
+                        what = "SYNs with different sequence numbers, then data before the ACK"
+                        if self._is_evasion(seg, hw, what):
+                            del self.flows[key]
+                            return self._reset(seg, None, False, what)
             if stray_syn:
                 flow.idle_acks += 1
             elif not seg.payload or decoy:
                 handshake_ack = (
-                    flow.isn is not None
+                    matched
                     and not flow.acked
                     and flags & (TCP_ACK | TCP_SYN | TCP_FIN | TCP_RST) == TCP_ACK
-                    and not seg.payload
-                    and not decoy
                 )
                 if handshake_ack:
                     flow.acked = True
