@@ -507,3 +507,34 @@ def test_a_fast_open_hello_in_two_parts_keeps_its_start() -> None:
         ],
     )
     assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"
+
+
+def test_segments_with_different_bytes_for_one_place_are_an_evasion() -> None:
+    # Found in review: the prefix of a hello naming a denied server, then a whole hello of the
+    # same length at the same place naming another. Servers keep the bytes they already have;
+    # the filter must not judge the second copy. A real sender repeats the same bytes.
+    bad = real_hello("x.bad.example")
+    good = bad.replace(b"x.bad.example", b"x.bod.example")
+    n = bad.index(b"x.bad.example") + 20
+    insp = FlowInspector(Policy())
+    outs = run(
+        insp,
+        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], 1), packet(ISN + 1, PSH_ACK, good, 1)],
+    )
+    assert outs[-1].action is Action.RESET and outs[-1].sni is None
+    assert "different bytes for the same place" in outs[-1].evasion
+    # The same bytes again, and more of them, are a retransmission.
+    insp = FlowInspector(Policy())
+    outs = run(
+        insp,
+        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], 1), packet(ISN + 1, PSH_ACK, bad, 1)],
+    )
+    assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"
+    assert outs[-1].evasion == ""
+    # After an accepted TLS 1.3 hello the bytes that follow it are held to the same rule.
+    insp = FlowInspector(Policy(), second_hello=True)
+    ok = real_hello("ok.example")
+    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, ok, 1)])
+    at = ISN + 1 + len(ok)
+    outs = run(insp, [packet(at, PSH_ACK, bad[:n], 1), packet(at, PSH_ACK, good, 1)])
+    assert outs[-1].action is Action.RESET and "different bytes" in outs[-1].evasion

@@ -443,6 +443,8 @@ class FlowInspector:
         the end of the queue budget."""
         del self.flows[key]
         sni = info.sni if info.complete else None
+        if info.conflict and self._is_evasion(seg, hw, info.reason):
+            return self._reset(seg, None, info.ech, info.reason)
         if info.incomplete:
             # Out of queue budget: a name that has already arrived still decides.
             data = flow.assembler.contiguous()
@@ -507,7 +509,9 @@ class FlowInspector:
         del self.flows[key]
         second: str | None = None
         what = ""
-        if info.complete:
+        if info.conflict:
+            what = f"after the ClientHello, {info.reason}"
+        elif info.complete:
             self.stats.second_hellos += 1
             second = info.sni
             if second != retry.sni:

@@ -83,6 +83,8 @@ class ClientHelloInfo:
     # The hello offers TLS 1.3 (supported_versions, RFC 8446 §4.2.1): only then can the server
     # answer with a HelloRetryRequest, after which a second ClientHello follows (§4.1.4).
     tls13: bool = False
+    # Two segments carried different bytes for the same place in the stream (invalid then).
+    conflict: bool = False
 
     @property
     def valid(self) -> bool:
@@ -454,6 +456,16 @@ class ClientHelloAssembler:
         if offset >= self.max_bytes:
             return self._result
         payload = payload[: self.max_bytes - offset]
+        if self._conflicts(offset, payload):
+            # A real TCP sender repeats the same bytes. Different ones for one place are read
+            # differently by different stacks (the first copy or the last; RFC 9293 leaves it
+            # open), so the server may see another hello than the one judged here.
+            self._segments = {}
+            self._result = ClientHelloInfo(
+                reason="segments with different bytes for the same place in the stream",
+                conflict=True,
+            )
+            return self._result
         old = self._segments.get(offset)
         if old is None or len(payload) > len(old):
             if old is None and len(self._segments) >= MAX_SEGMENTS:
@@ -462,6 +474,14 @@ class ClientHelloAssembler:
             self._segments[offset] = payload
         self._result = self._evaluate()
         return self._result
+
+    def _conflicts(self, offset: int, payload: bytes) -> bool:
+        end = offset + len(payload)
+        for off, data in self._segments.items():
+            lo, hi = max(off, offset), min(off + len(data), end)
+            if lo < hi and data[lo - off : hi - off] != payload[lo - offset : hi - offset]:
+                return True
+        return False
 
     def contiguous(self) -> bytes:
         """The stream bytes from the start up to the first gap."""
