@@ -538,3 +538,25 @@ def test_segments_with_different_bytes_for_one_place_are_an_evasion() -> None:
     at = ISN + 1 + len(ok)
     outs = run(insp, [packet(at, PSH_ACK, bad[:n], 1), packet(at, PSH_ACK, good, 1)])
     assert outs[-1].action is Action.RESET and "different bytes" in outs[-1].evasion
+
+
+def test_a_hello_resent_with_other_bytes_during_the_wait_is_an_evasion() -> None:
+    # Found in review: a whole hello the server never gets (TTL 2, an old timestamp, an
+    # unknown TCP option), then the real one at the same place. Judged on the first, the flow
+    # waits (TLS 1.3); the second must repeat it byte for byte.
+    bad = real_hello("x.bad.example")
+    fake = bad.replace(b"x.bad.example", b"x.bod.example")
+    for ttl in (2, 64):
+        insp = FlowInspector(Policy(), second_hello=True)
+        outs = run(
+            insp,
+            [
+                *handshake(),
+                packet(ISN + 1, PSH_ACK, fake, 1, ttl=ttl),
+                packet(ISN + 1, PSH_ACK, bad, 1),
+                packet(ISN + 1 + len(bad), PSH_ACK, APP_DATA, 1),
+            ],
+        )
+        decided = [o for o in outs if o.action is not Action.PASS]
+        assert decided[0].action is Action.RESET, ttl
+        assert "retransmission of the ClientHello with other bytes" in decided[0].evasion

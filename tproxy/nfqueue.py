@@ -185,6 +185,7 @@ class _Retry:
     ech: bool
     mark: int
     assembler: ClientHelloAssembler
+    hello: bytes = b""  # the hello judged, which retransmissions must repeat
     segments: int = 0
     packets: int = 0  # since the hello (RETRY_PACKETS)
 
@@ -472,7 +473,7 @@ class FlowInspector:
             # The verdict mark waits for what follows this hello (see the class docstring).
             end = (flow.assembler.start + info.length - 1) % SEQ_MOD
             after = ClientHelloAssembler(end, parse=parse_second_flight)
-            flow.retry = _Retry(sni, info.ech, outcome.mark, after)
+            flow.retry = _Retry(sni, info.ech, outcome.mark, after, flow.assembler.judged)
             # Back in at the end with a fresh TTL: the table stays in expiry order (_expire).
             flow.expires = now + self.flow_ttl
             self.flows[key] = flow
@@ -498,6 +499,21 @@ class FlowInspector:
         # A retransmission of the hello (it ends where the bytes after it start): the server
         # has those bytes; a packet, not a segment of the client's next flight.
         resent = start is not None and (start - seg.seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
+        if resent and seg.payload and seg.ttl > MIN_FORWARD_TTL and start is not None:
+            # It must repeat the hello judged: another one there is what the server may keep,
+            # if it never got the first (one sent to die past this router, or to be refused
+            # for its TCP options or an old timestamp - a known DPI evasion).
+            at = len(retry.hello) - (start - seg.seq) % SEQ_MOD
+            lo = max(at, 0)
+            if (
+                retry.hello[lo : at + len(seg.payload)]
+                != seg.payload[lo - at :][: len(retry.hello) - lo]
+            ):
+                what = "a retransmission of the ClientHello with other bytes than the hello judged"
+                del self.flows[key]
+                if self._is_evasion(seg, hw, what):
+                    return self._reset(seg, None, retry.ech, what)
+                return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
         if seg.payload and seg.ttl > MIN_FORWARD_TTL and not resent:
             if not counted:
                 retry.segments += 1

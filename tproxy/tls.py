@@ -400,6 +400,7 @@ class ClientHelloAssembler:
         self._base: int | None = (isn + 1) % SEQ_MOD if isn is not None else None
         self._known_start = isn is not None
         self._segments: dict[int, bytes] = {}  # offset from base -> payload
+        self.judged = b""  # the whole hello once complete: what the verdict was given on
         self._result = _incomplete("no data yet")
 
     @property
@@ -506,6 +507,8 @@ class ClientHelloAssembler:
             return _incomplete(f"start of stream unknown ({info.reason})")
         if not info.incomplete:
             self._segments = {}  # decided: the payloads are no longer needed
+            if info.complete:
+                self.judged = data[: info.length]
         return info
 
 
