@@ -560,3 +560,16 @@ def test_a_hello_resent_with_other_bytes_during_the_wait_is_an_evasion() -> None
         decided = [o for o in outs if o.action is not Action.PASS]
         assert decided[0].action is Action.RESET, ttl
         assert "retransmission of the ClientHello with other bytes" in decided[0].evasion
+
+
+def test_urgent_data_before_the_verdict_is_an_evasion() -> None:
+    # Found in review: a server's stack leaves the urgent byte out of the stream its
+    # application reads, so a hello with an urgent pointer reads differently there.
+    insp = FlowInspector(Policy())
+    urgent = packet(ISN + 1, PSH_ACK | 0x20, real_hello("ok.example"), 1)
+    outs = run(insp, [*handshake(), urgent])
+    assert outs[-1].action is Action.RESET and "urgent data" in outs[-1].evasion
+    # Clients the filter does not judge by name are read as before.
+    insp = FlowInspector(Policy(), evasion=lambda *a: False)
+    outs = run(insp, [*handshake(), urgent])
+    assert outs[-1].action is Action.ACCEPT and outs[-1].sni == "ok.example"

@@ -68,6 +68,7 @@ from tproxy.tls import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    TCP_URG,
     ClientHelloAssembler,
     ClientHelloInfo,
     TcpSegment,
@@ -352,6 +353,14 @@ class FlowInspector:
             if not stray_syn and flow is not None and len(flow.starts) < MAX_SYN_STARTS:
                 for nxt in {seg.seq + 1, seg.seq + 1 + len(seg.payload)}:
                     flow.starts[nxt % SEQ_MOD] = seg.seq
+        if flags & TCP_URG and seg.payload and seg.ttl > MIN_FORWARD_TTL:
+            # Urgent data (RFC 9293 §3.8.5): the server's stack takes the urgent byte out of
+            # the stream its application reads (unless SO_OOBINLINE), so the hello read here
+            # would not be the one the server reads. No TLS client sends it.
+            what = "urgent data (TCP URG) before the flow's verdict"
+            if self._is_evasion(seg, hw, what):
+                self.flows.pop(key, None)
+                return self._reset(seg, None, False, what)
         if flow is None:
             if flags & TCP_SYN:
                 return Outcome(Action.PASS, segment=seg)  # a stray SYN of no known flow

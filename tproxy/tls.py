@@ -56,7 +56,7 @@ _U16 = struct.Struct("!H")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBB")
 _IPV6 = struct.Struct("!IHBB16s16s")
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 # IPv6 extension headers we can step over to reach TCP (RFC 8200 §4).
 _V6_HOP, _V6_ROUTING, _V6_FRAGMENT, _V6_DSTOPTS, _V6_AH = 0, 43, 44, 60, 51
 MAX_V6_EXT_HEADERS = 8
