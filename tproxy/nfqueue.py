@@ -74,6 +74,7 @@ from tproxy.tls import (
     TcpSegment,
     leading_ccs,
     looks_like_hello_start,
+    maybe_tcp,
     parse_ip_tcp,
     parse_second_flight,
     sni_from_prefix,
@@ -186,7 +187,6 @@ class _Retry:
     ech: bool
     mark: int
     assembler: ClientHelloAssembler
-    hello: bytes = b""  # the hello judged, which retransmissions must repeat
     segments: int = 0
     packets: int = 0  # since the hello (RETRY_PACKETS)
 
@@ -303,7 +303,7 @@ class FlowInspector:
     def _inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
         seg = parse_ip_tcp(packet)
         if seg is None:
-            if not _maybe_tcp(packet):
+            if not maybe_tcp(packet):
                 return Outcome(Action.PASS)
             # The kernel queued it as TCP to an HTTPS port, yet we cannot find its TCP header
             # (an IPv6 extension header chain longer than we follow, say): passing it would let
@@ -482,7 +482,7 @@ class FlowInspector:
             # The verdict mark waits for what follows this hello (see the class docstring).
             end = (flow.assembler.start + info.length - 1) % SEQ_MOD
             after = ClientHelloAssembler(end, parse=parse_second_flight)
-            flow.retry = _Retry(sni, info.ech, outcome.mark, after, flow.assembler.judged)
+            flow.retry = _Retry(sni, info.ech, outcome.mark, after)
             # Back in at the end with a fresh TTL: the table stays in expiry order (_expire).
             flow.expires = now + self.flow_ttl
             self.flows[key] = flow
@@ -508,21 +508,16 @@ class FlowInspector:
         # A retransmission of the hello (it ends where the bytes after it start): the server
         # has those bytes; a packet, not a segment of the client's next flight.
         resent = start is not None and (start - seg.seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
-        if resent and seg.payload and seg.ttl > MIN_FORWARD_TTL and start is not None:
-            # It must repeat the hello judged: another one there is what the server may keep,
-            # if it never got the first (one sent to die past this router, or to be refused
-            # for its TCP options or an old timestamp - a known DPI evasion).
-            at = len(retry.hello) - (start - seg.seq) % SEQ_MOD
-            lo = max(at, 0)
-            if (
-                retry.hello[lo : at + len(seg.payload)]
-                != seg.payload[lo - at :][: len(retry.hello) - lo]
-            ):
-                what = "a retransmission of the ClientHello with other bytes than the hello judged"
-                del self.flows[key]
-                if self._is_evasion(seg, hw, what):
-                    return self._reset(seg, None, retry.ech, what)
-                return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+        if (
+            resent
+            and seg.ttl > MIN_FORWARD_TTL
+            and not flow.assembler.repeats(seg.seq, seg.payload)
+        ):
+            what = "a retransmission of the ClientHello with other bytes than the hello judged"
+            del self.flows[key]
+            if self._is_evasion(seg, hw, what):
+                return self._reset(seg, None, retry.ech, what)
+            return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
         if seg.payload and seg.ttl > MIN_FORWARD_TTL and not resent:
             if not counted:
                 retry.segments += 1
@@ -641,18 +636,6 @@ def _idle_acks(flow: _Flow) -> str:
         f"{flow.idle_acks} packets that gave the server nothing new (pure ACKs, decoys) before "
         f"a whole ClientHello (the daemon decides a flow by its {DECIDE_PACKETS}th packet)"
     )
-
-
-def _maybe_tcp(packet: bytes) -> bool:
-    """Whether a packet parse_ip_tcp could not read may still carry TCP: IPv4 with protocol
-    TCP, or IPv6 whose first header is neither UDP nor ICMPv6 (the queue rule only takes TCP,
-    but a packet that plainly is something else is not ours to drop)."""
-    if len(packet) < 20:
-        return False
-    version = packet[0] >> 4
-    if version == 4:
-        return packet[9] == socket.IPPROTO_TCP
-    return version == 6 and len(packet) >= 40 and packet[6] not in (17, 58)
 
 
 def _no_start(flow: _Flow, data: bytes) -> str:

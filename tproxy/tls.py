@@ -477,12 +477,16 @@ class ClientHelloAssembler:
         return self._result
 
     def _conflicts(self, offset: int, payload: bytes) -> bool:
-        end = offset + len(payload)
-        for off, data in self._segments.items():
-            lo, hi = max(off, offset), min(off + len(data), end)
-            if lo < hi and data[lo - off : hi - off] != payload[lo - offset : hi - offset]:
-                return True
-        return False
+        return any(_differ(off, data, offset, payload) for off, data in self._segments.items())
+
+    def repeats(self, seq: int, payload: bytes) -> bool:
+        """Whether a segment arriving once the hello was whole repeats the judged bytes it
+        overlaps. Another hello there is what the server may keep if it never got the first
+        (one sent to die past this router, or to be refused for its TCP options or an old
+        timestamp: a known DPI evasion)."""
+        if self._base is None or not self.judged:
+            return True
+        return not _differ(0, self.judged, _seq_diff(seq % SEQ_MOD, self._base), payload)
 
     def contiguous(self) -> bytes:
         """The stream bytes from the start up to the first gap."""
@@ -510,6 +514,13 @@ class ClientHelloAssembler:
             if info.complete:
                 self.judged = data[: info.length]
         return info
+
+
+def _differ(off: int, data: bytes, offset: int, payload: bytes) -> bool:
+    """Whether two pieces of one stream, at offsets ``off`` and ``offset``, disagree where
+    they overlap."""
+    lo, hi = max(off, offset), min(off + len(data), offset + len(payload))
+    return lo < hi and data[lo - off : hi - off] != payload[lo - offset : hi - offset]
 
 
 # -- raw IP/TCP -------------------------------------------------------------------------------
@@ -596,3 +607,15 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
             pos += hlen
         return None
     return None
+
+
+def maybe_tcp(packet: bytes) -> bool:
+    """Whether a packet parse_ip_tcp could not read may still carry TCP: IPv4 with protocol
+    TCP, or IPv6 whose first header is neither UDP nor ICMPv6 (the queue rule only takes TCP,
+    but a packet that plainly is something else is not ours to drop)."""
+    if len(packet) < 20:
+        return False
+    version = packet[0] >> 4
+    if version == 4:
+        return packet[9] == PROTO_TCP
+    return version == 6 and len(packet) >= 40 and packet[6] not in (17, 58)
