@@ -265,6 +265,17 @@ HELLO_PY = textwrap.dedent(
         except ssl.SSLWantReadError:
             pass
         return out.read()
+
+    def outcome(s, send):
+        # Run send(), then print how the server answered: its handshake, or our reset.
+        try:
+            send()
+            data = s.recv(5)
+            print("handshake" if data[:1] == b"\\x16" else "other %r" % data)
+        except (ConnectionResetError, BrokenPipeError):
+            print("reset")
+        except socket.timeout:
+            print("timeout")
     """
 )
 
@@ -276,14 +287,7 @@ SPLIT_CLIENT = HELLO_PY + textwrap.dedent(
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.send(hello[:first])   # two TCP segments: the name is in the second one
     time.sleep(0.1)
-    s.send(hello[first:])
-    try:
-        data = s.recv(5)
-        print("handshake" if data[:1] == b"\\x16" else "other %r" % data)
-    except ConnectionResetError:
-        print("reset")
-    except socket.timeout:
-        print("timeout")
+    outcome(s, lambda: s.send(hello[first:]))
     """
 )
 

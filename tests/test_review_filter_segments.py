@@ -188,16 +188,13 @@ TINY_CLIENT = HELLO_PY + textwrap.dedent(
     hello = hello(name)
     s = socket.create_connection((ip, 443), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
+
+    def pieces():
         for i in range(0, len(hello), size):   # one TCP segment per send (Nagle is off)
             s.send(hello[i : i + size])
             time.sleep(0.01)
-        data = s.recv(5)
-        print("handshake" if data[:1] == b"\\x16" else "other %r" % data)
-    except (ConnectionResetError, BrokenPipeError):
-        print("reset")
-    except socket.timeout:
-        print("timeout")
+
+    outcome(s, pieces)
     """
 )
 
