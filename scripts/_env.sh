@@ -10,7 +10,7 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 # Debian packages: the kernel tools tproxy drives, the lab's origin and peers, and the
 # headers that netfilterqueue and systemd-python compile against.
 APT_PACKAGES=(
-    iptables iproute2 curl nginx-light wrk squid openssl conntrack procps util-linux
+    iptables iproute2 curl nginx-light wrk squid haproxy openssl conntrack procps util-linux
     python3 python3-venv python3-dev build-essential pkg-config
     libnetfilter-queue-dev libsystemd-dev
     debootstrap systemd-container debhelper dh-python python3-all-dev lintian vagrant vagrant-libvirt
@@ -33,10 +33,10 @@ ensure_apt() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
-    # Debian's nginx and squid packages start system-wide services; the lab runs its own
-    # instances inside namespaces, so the global ones are stopped where systemd manages them.
+    # Debian's nginx, squid and haproxy packages start system-wide services; the lab runs its
+    # own instances inside namespaces, so the global ones are stopped where systemd manages them.
     local svc
-    for svc in nginx squid; do
+    for svc in nginx squid haproxy; do
         if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi

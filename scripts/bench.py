@@ -7,7 +7,11 @@ three see the same kernel, links and origin:
 * ``squid``   - Debian's Squid as a TPROXY interceptor (``http_port 3129 tproxy``) behind the same
   kernel rules tproxy installs (``tproxy rules apply``: ``-m socket`` divert, ``TPROXY --on-port
   3129 --on-ip 127.0.0.1``, fwmark route into the ``local`` table);
-* ``tproxy``  - ``tproxy run`` with its own rules.
+* ``tproxy``  - ``tproxy run`` with its own rules;
+* ``haproxy`` - (not in the default run; ``--configs noproxy,squid,tproxy,haproxy``) Debian's
+  HAProxy in HTTP mode splicing response bodies, behind the same rules as Squid: a second,
+  event-driven C peer, whose 16m figure shows what an established splicing proxy reaches in
+  this lab.
 
 The load generator (wrk) and the origin (nginx) are pinned to one core and the proxy to the other,
 so the proxy's CPU time is its own; with 2 cores the client side can be the bottleneck, which is
@@ -63,7 +67,8 @@ if str(REPO) not in sys.path:
 
 from tests.lab import ORIGIN_V4, Lab, LabError, skip_reason, tool  # noqa: E402
 
-CONFIGS = ("noproxy", "squid", "tproxy")
+CONFIGS = ("noproxy", "squid", "tproxy", "haproxy")
+DEFAULT_CONFIGS = ("noproxy", "squid", "tproxy")
 REFERENCE = "squid"  # ratios are to this config
 ROUTED = "noproxy"
 
@@ -321,8 +326,57 @@ class TproxyRunner(Runner):
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
 
-class SquidRunner(Runner):
+class PeerRunner(Runner):
+    """A peer proxy (Squid, HAProxy) on the gateway, behind the rules tproxy installs
+    (``tproxy rules apply``): it only has to take the TPROXY'd connections on PROXY_PORT."""
+
+    logs: tuple[str, ...] = ("stderr.log",)  # in its directory, for log_tail
+
+    def config_text(self, d: Path) -> str:
+        raise NotImplementedError
+
+    def argv(self, conf: Path) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self, d: Path) -> None:
+        """Anything the peer needs in its directory before it starts."""
+
+    def start(self) -> None:
+        d = self.scratch / f"{self.name}-{time.monotonic_ns()}"
+        d.mkdir()
+        self.dir = d
+        self.prepare(d)
+        conf = d / f"{self.name}.conf"
+        conf.write_text(self.config_text(d))
+        self.tproxy_cli("rules", "apply", "--config", str(self.rules_config()),
+                        "-i", self.lab.gw_lan_if)  # fmt: skip
+        argv = [tool("taskset"), "-c", str(PROXY_CPU), *self.argv(conf)]
+        with (d / "stderr.log").open("wb") as err:
+            self.proc = self.lab.popen("gateway", argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            self.lab.wait_port("gateway", PROXY_PORT, timeout=PROXY_START_TIMEOUT)
+        except LabError:
+            raise LabError(f"{self.name} did not start: {self.log_tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+        with contextlib.suppress(subprocess.SubprocessError, LabError):
+            self.tproxy_cli("rules", "flush", "--config", str(self.rules_config()))
+
+    def log_tail(self) -> str:
+        out = []
+        for name in self.logs:
+            p = self.dir / name
+            if p.exists():
+                out.append(p.read_text(errors="replace")[-1500:])
+        return "\n".join(out)
+
+
+class SquidRunner(PeerRunner):
     name = "squid"
+    logs = ("stderr.log", "cache.log")
 
     def config_text(self, d: Path) -> str:
         if self.cache == "off":
@@ -353,46 +407,57 @@ hosts_file /etc/hosts
 dns_timeout 1 seconds
 """
 
-    def start(self) -> None:
-        d = self.scratch / f"squid-{time.monotonic_ns()}"
-        d.mkdir()
-        proxy_user = pwd.getpwnam("proxy")
+    def prepare(self, d: Path) -> None:
         # Squid drops to user "proxy" and must write its pid file and logs there.
+        proxy_user = pwd.getpwnam("proxy")
         os.chown(d, proxy_user.pw_uid, proxy_user.pw_gid)
-        self.dir = d
-        conf = d / "squid.conf"
-        conf.write_text(self.config_text(d))
-        self.tproxy_cli("rules", "apply", "--config", str(self.rules_config()),
-                        "-i", self.lab.gw_lan_if)  # fmt: skip
-        self.log = d / "stderr.log"
-        argv = [tool("taskset"), "-c", str(PROXY_CPU), tool("squid"), "-N", "-f", str(conf)]
-        with self.log.open("wb") as err:
-            self.proc = self.lab.popen("gateway", argv, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            self.lab.wait_port("gateway", PROXY_PORT, timeout=PROXY_START_TIMEOUT)
-        except LabError:
-            raise LabError(f"squid did not start: {self.log_tail()}") from None
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
-        with contextlib.suppress(subprocess.SubprocessError, LabError):
-            self.tproxy_cli("rules", "flush", "--config", str(self.rules_config()))
+    def argv(self, conf: Path) -> list[str]:
+        return [tool("squid"), "-N", "-f", str(conf)]
 
-    def log_tail(self) -> str:
-        out = []
-        for name in ("stderr.log", "cache.log"):
-            p = self.dir / name
-            if p.exists():
-                out.append(p.read_text(errors="replace")[-1500:])
-        return "\n".join(out)
+
+class HaproxyRunner(PeerRunner):
+    """HAProxy as an intercepting HTTP proxy: ``bind ... transparent`` takes the TPROXY'd
+    connections, ``server 0.0.0.0`` sends each to its original destination (HAProxy's
+    configuration manual, "server" address 0.0.0.0), response bodies are spliced through 1 MiB
+    pipes as tproxy's are, and idle origin connections are reused (http-reuse)."""
+
+    name = "haproxy"
+
+    def config_text(self, d: Path) -> str:
+        return f"""\
+# Generated by scripts/bench.py (lab only).
+global
+    # maxconn follows from RLIMIT_NOFILE (HAProxy computes it when not set)
+    nbthread 1
+    tune.pipesize 1048576
+    pidfile {d}/haproxy.pid
+defaults
+    mode http
+    option http-keep-alive
+    # splice-auto left 16 MiB bodies in user space here (12 ms of CPU per body); forced, they
+    # are spliced as tproxy's are
+    option splice-response
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend intercept
+    bind :{PROXY_PORT} transparent
+    default_backend origin
+backend origin
+    server original-destination 0.0.0.0
+"""
+
+    def argv(self, conf: Path) -> list[str]:
+        return [tool("haproxy"), "-db", "-f", str(conf)]
 
 
 RUNNERS: dict[str, type[Runner]] = {
     "noproxy": NoProxy,
     "squid": SquidRunner,
     "tproxy": TproxyRunner,
+    "haproxy": HaproxyRunner,
 }
 
 
@@ -656,8 +721,11 @@ def groups(scenarios: Sequence[Scenario]) -> Iterator[tuple[CacheMode, list[Scen
 
 
 def applicable(config: str, s: Scenario) -> bool:
-    # Routing alone has no cache and no proxy process whose memory could be measured.
-    return config != ROUTED or (s.cache == "off" and s.kind != "idle")
+    # Routing alone has no cache and no proxy process whose memory could be measured; HAProxy
+    # is configured without a cache, so it runs the miss path only.
+    if config == ROUTED:
+        return s.cache == "off" and s.kind != "idle"
+    return config != "haproxy" or s.cache == "off"
 
 
 def run_plan(plan: Plan, log: Callable[[str], None]) -> dict[tuple[str, str], list[Cell]]:
@@ -729,6 +797,17 @@ def run_group(
 # close-per-request cell exhaust the default 28,000 ephemeral ports and connect() stalls, which
 # then slows whichever config runs next. tcp_tw_reuse=1 lets connect() reuse a TIME_WAIT port
 # once its timestamps make that safe (kernel Documentation/networking/ip-sysctl.rst).
+#
+# The load generator's receive buffer starts at CLIENT_RCVBUF rather than the kernel's 128 KiB.
+# Receive-buffer autotuning (tcp_rcv_space_adjust) grows a socket's buffer by what the
+# application read within one receiver-measured RTT, and between namespaces that RTT is a few
+# microseconds: whether a connection's buffer ever grows is then decided by chance in its first
+# milliseconds, and it keeps that size. With the default start, one connection's 16 MiB
+# downloads ran at 4.7 or 6.0 GB/s routed and at 3.2 or 4.1 GB/s through tproxy, depending on
+# whether wrk's buffer had stayed at 0.2-1 MiB or grown to 4-27 MiB (`ss -tm`, 8 cells each),
+# so a ratio was mostly which of them had been lucky. Started at 4 MiB, every config's 16m
+# cells agree within 5 %. (On a real LAN the RTT is 100x longer and autotuning does grow.)
+CLIENT_RCVBUF = 4 * 1024 * 1024
 CLIENT_SYSCTLS = {
     "net.ipv4.ip_local_port_range": "1024 65535",
     "net.ipv4.tcp_tw_reuse": "1",
@@ -793,8 +872,16 @@ def set_congestion_control(lab: Lab, algo: str) -> str:
     return algo
 
 
+def client_rmem(current: str, start: int = CLIENT_RCVBUF) -> str:
+    """net.ipv4.tcp_rmem with its default (middle) value raised to ``start``, capped at the
+    maximum; minimum and maximum stay as this kernel has them."""
+    lo, mid, hi = (int(v) for v in current.split())
+    return f"{lo} {max(mid, min(start, hi))} {hi}"
+
+
 def tune_lab(lab: Lab) -> None:
-    lab.sysctl("client", CLIENT_SYSCTLS)
+    rmem = lab.run("client", [tool("sysctl"), "-n", "net.ipv4.tcp_rmem"]).stdout
+    lab.sysctl("client", {**CLIENT_SYSCTLS, "net.ipv4.tcp_rmem": client_rmem(rmem)})
     lab.sysctl("gateway", GATEWAY_SYSCTLS)
 
 
@@ -1000,7 +1087,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios", default=",".join(DEFAULT_SCENARIOS),
         help=f"comma list of {', '.join(SCENARIOS)} (default: %(default)s)",
     )  # fmt: skip
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="default: %(default)s")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma list of {', '.join(CONFIGS)} (default: %(default)s)")  # fmt: skip
     ap.add_argument("--idle-conns", type=int, default=None, help=f"default {IDLE_CONNS}")
     ap.add_argument("--run-pending", action="store_true",
                     help="run scenarios whose daemon prerequisite looks missing")  # fmt: skip

@@ -36,18 +36,18 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture
-def bench_json(tmp_path: Path) -> dict[str, Any]:
+def run_bench(tmp_path: Path, *args: str, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """scripts/bench --short with ``args``; its JSON, stdout and stderr."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     path = clean_env()["PATH"]
-    for needed in ("wrk", "squid", "taskset"):
+    for needed in ("wrk", "taskset", *needs):
         if shutil.which(needed, path=path) is None:
             pytest.skip(f"scripts/bench needs {needed}")
     out = tmp_path / "bench.json"
     res = subprocess.run(
-        [str(BENCH), "--short", "--json", str(out)],
+        [str(BENCH), "--short", "--json", str(out), *args],
         capture_output=True,
         text=True,
         timeout=BENCH_TIMEOUT,
@@ -65,6 +65,11 @@ def bench_json(tmp_path: Path) -> dict[str, Any]:
     doc["_stdout"] = res.stdout
     doc["_stderr"] = res.stderr
     return doc
+
+
+@pytest.fixture
+def bench_json(tmp_path: Path) -> dict[str, Any]:
+    return run_bench(tmp_path, needs=("squid",))
 
 
 def test_bench_short_measures_every_cell(bench_json: dict[str, Any]) -> None:
@@ -112,3 +117,19 @@ def test_bench_short_measures_every_cell(bench_json: dict[str, Any]) -> None:
     # The table on stdout carries the ratios to Squid.
     assert "rps÷sq" in bench_json["_stdout"]
     assert set(bench_json["pending"]) <= {"1k-hit-ka", "1k-hit-close", "64k-hit-disk"}
+
+
+def test_bench_haproxy_peer_runs_the_miss_path(tmp_path: Path) -> None:
+    """The optional HAProxy peer intercepts through the same rules and is measured like Squid,
+    16m with its routed partner; it has no cache, so hit scenarios are not run for it."""
+    doc = run_bench(
+        tmp_path, "--configs", "haproxy", "--scenarios", "1k-ka,16m,1k-hit-ka", needs=("haproxy",)
+    )
+    cells = {(r["config"], r["scenario"]): r for r in doc["runs"]}
+    assert set(cells) == {("haproxy", "1k-ka"), ("haproxy", "16m")}
+    for run in cells.values():
+        for key in (*THROUGHPUT_KEYS, *PROCESS_KEYS):
+            assert _positive(run[key]), f"{run['scenario']}: {key}={run[key]!r}"
+    paired = {(p["config"], p["scenario"]) for p in doc["paired"]}
+    assert paired == {("haproxy", "16m")}
+    assert "routed   16m          right after haproxy" in doc["_stderr"]

@@ -1,5 +1,6 @@
-"""scripts/bench.py's receive steering: each mode writes the masks it documents, in every
-namespace of the lab, and they read back from the kernel (rps_cpus of each rx queue)."""
+"""scripts/bench.py's lab tuning: each receive-steering mode writes the masks it documents, in
+every namespace of the lab, and they read back from the kernel (rps_cpus of each rx queue); the
+load generator's sockets start with the receive buffer tune_lab sets."""
 
 from __future__ import annotations
 
@@ -53,3 +54,23 @@ def test_steer_modes_set_the_documented_masks(lab: Lab) -> None:
         assert read_mask(lab, "client", lab.client_if) == end_mask, mode
         assert read_mask(lab, "origin", lab.origin_if) == end_mask, mode
         assert len(done) == len(lab.gw_lan_ports) + 1 + len(lab.ns_clients) + 1
+
+
+def test_tune_lab_starts_client_sockets_with_a_large_receive_buffer(lab: Lab) -> None:
+    bench.tune_lab(lab)
+    lo, mid, hi = (
+        int(v) for v in lab.run("client", ["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
+    )
+    assert mid == min(bench.CLIENT_RCVBUF, hi) and lo <= mid <= hi
+    # A new TCP socket in the client namespace starts with that buffer (SO_RCVBUF reads it back).
+    probe = "import socket; print(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))"
+    assert int(lab.run("client", [sys.executable, "-c", probe]).stdout) == mid
+    # The gateway (the proxies' own sockets) keeps the kernel's default.
+    gw = lab.run("gateway", ["sysctl", "-n", "net.ipv4.tcp_rmem"]).stdout.split()
+    assert int(gw[1]) < bench.CLIENT_RCVBUF
+
+
+def test_client_rmem_raises_only_the_default() -> None:
+    assert bench.client_rmem("4096 131072 6291456", 4 << 20) == f"4096 {4 << 20} 6291456"
+    assert bench.client_rmem("4096 131072 1048576", 4 << 20) == "4096 1048576 1048576"
+    assert bench.client_rmem("4096 8388608 33554432", 4 << 20) == "4096 8388608 33554432"
