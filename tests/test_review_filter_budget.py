@@ -24,6 +24,7 @@ import pytest
 from tests.lab import Lab
 from tests.proxy import Proxy
 from tests.test_filter_lab import HELLO_PY
+from tests.test_review_filter_hrr import tls12_hello
 from tests.test_review_filter_segments import LAB_FILTER, tls_origin  # noqa: F401 (fixture)
 from tests.test_tls_sni import _ext_offset, real_hello
 from tproxy.nfqueue import (
@@ -35,6 +36,7 @@ from tproxy.nfqueue import (
     FlowInspector,
     Outcome,
 )
+from tproxy.tls import parse_ip_tcp, tcp_options
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
@@ -42,10 +44,20 @@ ISN, SERVER_ISN = 7000, 500_000
 
 
 def packet(
-    seq: int, flags: int, payload: bytes = b"", ack: int = 0, ttl: int = 64, sport: int = 40000
+    seq: int,
+    flags: int,
+    payload: bytes = b"",
+    ack: int = 0,
+    ttl: int = 64,
+    sport: int = 40000,
+    opts: bytes = b"",
 ) -> bytes:
-    """An IPv4 TCP packet from 10.0.0.2:``sport`` to 192.0.2.7:443."""
-    tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    """An IPv4 TCP packet from 10.0.0.2:``sport`` to 192.0.2.7:443, with TCP options ``opts``
+    (padded with NOPs to a multiple of 4 bytes)."""
+    opts += b"\x01" * (-len(opts) % 4)
+    doff = (20 + len(opts)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, doff << 4, flags, 65535, 0, 0)
+    tcp += opts + payload
     src, dst = socket.inet_aton("10.0.0.2"), socket.inet_aton("192.0.2.7")
     head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, ttl, 6, 0, src, dst)
     return head + tcp
@@ -555,8 +567,104 @@ def test_a_hello_resent_with_other_bytes_during_the_wait_is_an_evasion() -> None
             ],
         )
         decided = [o for o in outs if o.action is not Action.PASS]
-        assert decided[0].action is Action.RESET, ttl
-        assert "retransmission of the ClientHello with other bytes" in decided[0].evasion
+        if ttl < 64:
+            # Below its SYN's TTL: dropped unjudged (server_drops), and the real one judged.
+            assert decided[0].action is Action.DROP and "TTL" in decided[0].evasion
+            assert decided[1].action is Action.RESET and decided[1].sni == "x.bad.example"
+        else:
+            assert decided[0].action is Action.RESET
+            assert "retransmission of the ClientHello with other bytes" in decided[0].evasion
+
+
+def test_a_tls12_only_fake_hello_before_a_longer_real_one_is_an_evasion() -> None:
+    # Found in review: the wait above was for TLS 1.3 hellos only, so a fake hello offering
+    # TLS 1.2 only was accepted at once and the real hello behind it, naming a denied server,
+    # was never seen. And a real hello longer than the fake was read as the bytes after it.
+    real = real_hello("x.bad.example")
+    fake = tls12_hello("ok.example")
+    assert len(fake) < len(real)
+    insp = FlowInspector(Policy(), second_hello=True)
+    outs = run(
+        insp,
+        [
+            *handshake(),
+            packet(ISN + 1, PSH_ACK, fake, 1),
+            packet(ISN + 1, PSH_ACK, real, 1),
+            packet(ISN + 1 + len(real), PSH_ACK, APP_DATA, 1),
+        ],
+    )
+    decided = [o for o in outs if o.action is not Action.PASS]
+    assert decided[0].action is Action.RESET
+    assert "other bytes than the hello judged" in decided[0].evasion
+
+
+TS_OPT = b"\x08\x0a"  # kind 8, length 10: TSval, TSecr (RFC 7323 §3)
+
+
+def test_fake_hellos_the_server_would_drop_are_dropped_before_they_are_judged() -> None:
+    # The "fooling" methods of DPI evasion tools: a harmless hello the server never reads,
+    # then the real one. The fake is dropped here (the server would drop it too), the real
+    # hello is judged; a client that is not filtered by name keeps its packets.
+    ts = lambda v: TS_OPT + struct.pack("!II", v, 0)  # noqa: E731
+    syn = packet(ISN, SYN, opts=ts(1000), ttl=60)
+    hs_ack = packet(ISN + 1, ACK, ack=SERVER_ISN + 1, opts=ts(1001), ttl=60)
+    fake = real_hello("ok.example")
+    real = real_hello("x.bad.example")
+    fakes = {
+        "TTL/hop limit 59, below its SYN's 60": packet(
+            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=59, opts=ts(1002)
+        ),
+        "without the ACK flag": packet(ISN + 1, 0x08, fake, 0, ttl=60, opts=ts(1002)),
+        "MD5/AO signature": packet(
+            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=60, opts=ts(1002) + b"\x13\x12" + bytes(16)
+        ),
+        "timestamp 900 is older than 1001": packet(
+            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=60, opts=ts(900)
+        ),
+        "acknowledges bytes the server has not sent": packet(
+            ISN + 1, PSH_ACK, fake, SERVER_ISN + 70_000, ttl=60, opts=ts(1002)
+        ),
+    }
+    good = packet(ISN + 1, PSH_ACK, real, SERVER_ISN + 1, ttl=60, opts=ts(1003))
+    for why, bogus in fakes.items():
+        insp = FlowInspector(Policy(), second_hello=True)
+        outs = run(insp, [syn, hs_ack, bogus, good])
+        assert outs[2].action is Action.DROP and why in outs[2].evasion, (why, outs[2])
+        assert outs[3].action is Action.RESET and outs[3].sni == "x.bad.example", why
+        # Not filtered by name: nothing is dropped, and the fake is not judged either.
+        insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: False)
+        outs = run(insp, [syn, hs_ack, bogus, good])
+        assert outs[2].action is Action.PASS, why
+    # A timestamp one tick older is still taken (Linux's PAWS window), and so is its hello.
+    insp = FlowInspector(Policy(), second_hello=True)
+    near = packet(ISN + 1, PSH_ACK, real, SERVER_ISN + 1, ttl=60, opts=ts(1000))
+    assert run(insp, [syn, hs_ack, near])[2].action is Action.RESET
+    # A server that speaks first (SSH on port 443, say): the client's first data rightly
+    # acknowledges the server's. It is no TLS record, so it is judged, not dropped.
+    insp = FlowInspector(Policy(), second_hello=True)
+    banner = b"SSH-2.0-OpenSSH_9.2\r\n"
+    ssh = packet(ISN + 1, PSH_ACK, banner, SERVER_ISN + 40, ttl=60, opts=ts(1002))
+    assert run(insp, [syn, hs_ack, ssh])[2].action is Action.ACCEPT
+
+
+def test_tcp_and_ipv6_options_read_for_the_server_checks() -> None:
+    seg = parse_ip_tcp(
+        packet(1, ACK, b"x", 5, opts=b"\x01\x01" + TS_OPT + struct.pack("!II", 7, 3))
+    )
+    assert seg is not None and seg.tsval == 7 and not seg.signed and seg.ack == 5
+    assert tcp_options(b"\x13\x12" + bytes(16)) == (None, True)
+    assert tcp_options(b"\x1d\x04\x00\x00") == (None, True)  # TCP-AO
+    assert tcp_options(b"\x08\x20" + bytes(8)) == (None, False)  # a length past the end
+    assert tcp_options(b"\x00" + TS_OPT + bytes(8)) == (None, False)  # after EOL
+    # IPv6 destination options: PadN is harmless, an unknown option with action bits 01 is not.
+    for option, discard in ((b"\x01\x04" + bytes(4), False), (b"\x4f\x04" + bytes(4), True)):
+        tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, ACK, 65535, 0, 0) + b"x"
+        ext = bytes([6, 0]) + option  # next header TCP, length 0 (8 bytes)
+        src = socket.inet_pton(socket.AF_INET6, "fd00::2")
+        dst = socket.inet_pton(socket.AF_INET6, "fd00::7")
+        head = struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(tcp), 60, 64, src, dst)
+        seg = parse_ip_tcp(head + ext + tcp)
+        assert seg is not None and seg.payload == b"x" and seg.discard_option is discard
 
 
 def test_urgent_data_before_the_verdict_is_an_evasion() -> None:

@@ -225,10 +225,14 @@ def test_extra_change_cipher_spec_records_hide_nothing() -> None:
     assert not parse_second_flight(CCS + b"\x14\x03\x03\x00\x02\x01\x01").valid
 
 
-def test_tls12_and_denied_flows_are_decided_on_the_first_hello() -> None:
+def test_tls12_flow_waits_for_its_client_key_exchange_and_denied_flows_do_not_wait() -> None:
+    # A TLS 1.2 hello waits like a TLS 1.3 one: a fake hello the server never gets may offer
+    # TLS 1.2 only, whatever the real hello behind it offers.
     asked = Asked()
     c = Client(asked)
     [out] = c.send(tls12_hello("ok.example"))
+    assert out.action is Action.PASS and c.insp.flows
+    [out] = c.send(b"\x16\x03\x03\x00\x46\x10" + bytes(70))  # ClientKeyExchange
     assert out.action is Action.ACCEPT and c.insp.flows == {}
     c = Client(asked, sport=41001)
     [out] = c.send(real_hello("x.bad.example"))

@@ -12,8 +12,9 @@ Evasions (see :class:`FlowInspector`): a hello cut into tiny segments so that it
 arrive after the daemon must decide, pure ACKs or decoys sent to spend those packets before the
 hello, and a second ClientHello after a HelloRetryRequest that names another server (RFC 8446
 §4.1.2), are reset when the ``evasion`` hook says the client is filtered by name. To see a
-second hello, an accepted TLS 1.3 flow keeps its verdict mark until the client's next data
-segment (at most :data:`RETRY_PACKETS` packets). A flow the daemon does not know (its entry
+second hello, and a hello that replaces a fake one the server never got, an accepted flow
+keeps its verdict mark until the client's next data segment (at most :data:`RETRY_PACKETS`
+packets). A flow the daemon does not know (its entry
 expired, or the daemon restarted) is decided on its first packet without data.
 
 * accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
@@ -96,7 +97,7 @@ MAX_SYN_STARTS = 8  # SYN start candidates kept per flow (two per SYN)
 DECIDE_PACKETS = 8
 # Data segments we wait for a whole ClientHello before deciding without a name.
 MAX_HELLO_SEGMENTS = 6
-# Packets an accepted TLS 1.3 flow may send after its hello before its next data (a second
+# Packets an accepted flow may send after its hello before its next data (a second
 # hello, or its answer to the server's flight) decides whether it keeps the verdict. A real
 # client acknowledges the server's flight (a few KiB, up to tens with long certificate chains;
 # the first 16 segments acknowledged one by one in quick-ACK mode) and answers.
@@ -210,12 +211,78 @@ class _Flow:
     closed: bool = False  # the client ended it with an exact FIN or RST
     started: bool = False  # a packet after the SYN came: later SYNs are stray
     ambiguous: bool = False  # SYNs with different sequence numbers before it
+    # What the server's stack checks a segment against (server_drops): the highest TTL/hop
+    # limit of the SYNs taken as the start (0: none seen), and the newest TSval of the
+    # client's packets that went on (None: no timestamps seen).
+    ttl: int = 0
+    ts_recent: int | None = None
+    # The handshake's acknowledgment number: all the server has sent before the client's
+    # hello (its SYN), so an ACK beyond it acknowledges unsent data.
+    server_next: int | None = None
+
+    def timestamp(self, tsval: int | None) -> None:
+        """Note a TSval the server will have seen (it only moves forward, RFC 7323 §5.3)."""
+        if tsval is not None and (
+            self.ts_recent is None or 0 < (tsval - self.ts_recent) % SEQ_MOD < SEQ_MOD // 2
+        ):
+            self.ts_recent = tsval
 
     def at_next(self, seq: int) -> bool:
         """Whether ``seq`` is the next byte the server expects from the client."""
         asm = self.retry.assembler if self.retry is not None else self.assembler
         start = asm.start
         return start is not None and (seq - start - len(asm.contiguous())) % SEQ_MOD == 0
+
+
+TLS_HANDSHAKE = b"\x16"  # a TLS handshake record's content type (RFC 8446 §5.1)
+
+
+def server_drops(flow: _Flow, seg: TcpSegment) -> str:
+    """Why the server's TCP stack would drop this data segment of ``flow`` unread, or "".
+
+    Evasion tools send a harmless ClientHello that the server never reads, so that a filter
+    judges it and lets the real hello behind it pass ("fake" packets, with the "fooling"
+    methods these are): a TTL too small to reach the server, no ACK flag, a TCP MD5 signature,
+    an old timestamp. The last three are dropped by any RFC-following stack; the first is told
+    by the client's own SYN, whose TTL did reach the server and which every later packet of a
+    real client repeats (one host, one route). An acknowledgment of data the server never
+    sent and an IPv6 option that makes the receiver discard the packet are the two other
+    ways such tools use."""
+    if flow.ttl and seg.ttl < flow.ttl:
+        return f"a data segment with TTL/hop limit {seg.ttl}, below its SYN's {flow.ttl}"
+    if not seg.flags & (TCP_ACK | TCP_RST):
+        # RFC 9293 §3.10.7.4, "fifth, check the ACK field": "if the ACK bit is off, drop the
+        # segment".
+        return "a data segment without the ACK flag"
+    if seg.discard_option:
+        return "a data segment with an IPv6 option its receiver must discard it for"
+    if (
+        flow.retry is None
+        and flow.server_next is not None
+        and seg.flags & TCP_ACK
+        and 0 < (seg.ack - flow.server_next) % SEQ_MOD < SEQ_MOD // 2
+        and (seg.payload[:1] == TLS_HANDSHAKE or flow.assembler.contiguous()[:1] == TLS_HANDSHAKE)
+    ):
+        # Before the client's hello a TLS server has sent only its SYN (the client speaks
+        # first, RFC 8446 §2): RFC 9293 §3.10.7.4, "If the ACK acknowledges something not yet
+        # sent (SEG.ACK > SND.NXT) then send an ACK, drop the segment, and return." (Only for
+        # TLS: in a protocol whose server speaks first, SSH say, the client's first data
+        # rightly acknowledges the server's.)
+        return "a data segment that acknowledges bytes the server has not sent"
+    if seg.signed:
+        # RFC 2385 §3 / RFC 5925 §7.7: a segment signed for a key the server does not have
+        # is dropped (and an HTTPS server has none).
+        return "a data segment with a TCP MD5/AO signature"
+    if (
+        flow.ts_recent is not None
+        and seg.tsval is not None
+        and not seg.flags & TCP_RST
+        and 1 < (flow.ts_recent - seg.tsval) % SEQ_MOD < SEQ_MOD // 2
+    ):
+        # RFC 7323 §5.3 (PAWS): a segment whose TSval is older than the last one taken is
+        # dropped; Linux allows a difference of 1 (TCP_PAWS_WINDOW).
+        return f"a data segment whose timestamp {seg.tsval} is older than {flow.ts_recent}"
+    return ""
 
 
 def format_mac(hw: bytes | None) -> str | None:
@@ -252,10 +319,13 @@ class FlowInspector:
       (:data:`IDLE_ACKS_MAX`);
     * a second ClientHello, sent after a HelloRetryRequest (RFC 8446 §4.1.4), that names
       another server than the first. The kernel does not queue the server's packets, so the
-      HRR itself is not seen; instead an accepted TLS 1.3 flow keeps its verdict mark until
-      the client's next data — a second hello is checked, anything else (its encrypted
-      flight, a TLS 1.2 ClientKeyExchange) gets the mark at once — or until the last packet
-      the kernel queues, which always carries the mark.
+      HRR itself is not seen; instead an accepted flow keeps its verdict mark until the
+      client's next data — a second hello is checked, anything else (its encrypted flight, a
+      TLS 1.2 ClientKeyExchange) gets the mark at once — or until the last packet the kernel
+      queues, which always carries the mark. A retransmission of the hello seen meanwhile must
+      repeat the bytes judged: that catches a fake whole hello the server never gets (TTL 2, an
+      old timestamp) followed by the real one. Hellos of every TLS version wait, because the
+      fake may offer TLS 1.2 only whatever the real hello offers.
     """
 
     decide: Decide
@@ -322,6 +392,17 @@ class FlowInspector:
             seg = seg._replace(payload=b"")
         flow = self.flows.get(key)
         decoy = seg.ttl <= MIN_FORWARD_TTL
+        if flow is not None and seg.payload and not flags & TCP_SYN and not decoy:
+            # A fake hello (server_drops) is dropped here: judged, it would stand in for the
+            # real one behind it; the server would have dropped it anyway, so a real client
+            # loses nothing.
+            why = server_drops(flow, seg)
+            if why and self._is_evasion(seg, hw, why):
+                self.stats.decoys += 1
+                return Outcome(Action.DROP, segment=seg, evasion=why)
+            decoy = bool(why)
+        if flow is not None and not decoy:
+            flow.timestamp(seg.tsval)
         # A SYN that is not taken as the connection's start: one that dies at this router, or
         # another ISN once the connection has started (the server answers that with a
         # challenge ACK at most, RFC 5961 §4): taking it would misplace the real hello.
@@ -345,11 +426,14 @@ class FlowInspector:
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
                 flow.isn = seg.seq
+                flow.timestamp(seg.tsval)
             else:
                 # A repeat; or, before the connection started, the latest SYN counts (as it
                 # does for connection tracking); or one that overtook the data.
                 flow.assembler.syn(seg.seq)
                 flow.isn = seg.seq
+            if not stray_syn and flow is not None:
+                flow.ttl = max(flow.ttl, seg.ttl)
             if not stray_syn and flow is not None and len(flow.starts) < MAX_SYN_STARTS:
                 for nxt in {seg.seq + 1, seg.seq + 1 + len(seg.payload)}:
                     flow.starts[nxt % SEQ_MOD] = seg.seq
@@ -411,6 +495,7 @@ class FlowInspector:
                 )
                 if handshake_ack:
                     flow.acked = True
+                    flow.server_next = seg.ack
                 elif not flags & TCP_SYN:
                     flow.idle_acks += 1
         if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
@@ -475,7 +560,6 @@ class FlowInspector:
             outcome.action is Action.ACCEPT
             and self.second_hello
             and info.complete
-            and info.tls13
             and flow.packets < RETRY_PACKETS
             and flow.assembler.start is not None
         ):
@@ -509,10 +593,12 @@ class FlowInspector:
         # has those bytes; a packet, not a segment of the client's next flight.
         resent = start is not None and (start - seg.seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
         if (
-            resent
+            seg.payload
             and seg.ttl > MIN_FORWARD_TTL
             and not flow.assembler.repeats(seg.seq, seg.payload)
         ):
+            # A segment over the judged hello (a retransmission, or one that runs on past its
+            # end) with other bytes there: the server may have kept these.
             what = "a retransmission of the ClientHello with other bytes than the hello judged"
             del self.flows[key]
             if self._is_evasion(seg, hw, what):

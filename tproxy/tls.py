@@ -536,16 +536,74 @@ class TcpSegment(NamedTuple):
     payload: bytes
     # IPv4 TTL / IPv6 hop limit as received: a forwarded packet with 1 or less dies here.
     ttl: int = 64
+    # The timestamp option's TSval (RFC 7323 §3), None without one.
+    tsval: int | None = None
+    # Whether it carries a TCP MD5 signature (RFC 2385) or TCP-AO (RFC 5925) option.
+    signed: bool = False
+    ack: int = 0  # the acknowledgment number (meaningful with the ACK flag)
+    # IPv6: a hop-by-hop or destination option that a node not knowing it must discard the
+    # packet for (RFC 8200 §4.2, action bits other than 00).
+    discard_option: bool = False
 
 
-def _tcp(packet: bytes, start: int, end: int, src: str, dst: str, ttl: int) -> TcpSegment | None:
+TCPOPT_EOL, TCPOPT_NOP, TCPOPT_TIMESTAMP, TCPOPT_MD5SIG, TCPOPT_AO = 0, 1, 8, 19, 29
+
+
+def tcp_options(opts: bytes) -> tuple[int | None, bool]:
+    """(TSval, signed) from a TCP header's options (RFC 9293 §3.1: kind, length, data; EOL
+    and NOP are one byte). A malformed length ends the walk, as it does in Linux's
+    tcp_parse_options."""
+    tsval: int | None = None
+    signed = False
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == TCPOPT_EOL:
+            break
+        if kind == TCPOPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
+            break
+        size = opts[i + 1]
+        if kind == TCPOPT_TIMESTAMP and size == 10:
+            tsval = int.from_bytes(opts[i + 2 : i + 6], "big")
+        elif kind in (TCPOPT_MD5SIG, TCPOPT_AO):
+            signed = True
+        i += size
+    return tsval, signed
+
+
+def _tcp(
+    packet: bytes, start: int, end: int, src: str, dst: str, ttl: int, discard: bool = False
+) -> TcpSegment | None:
     if end - start < 20:
         return None
-    sport, dport, seq, _ack, off, flags = _TCP.unpack_from(packet, start)
+    sport, dport, seq, ack, off, flags = _TCP.unpack_from(packet, start)
     doff = (off >> 4) * 4
     if doff < 20 or start + doff > end:
         return None
-    return TcpSegment(src, dst, sport, dport, seq, flags, packet[start + doff : end], ttl)
+    tsval, signed = tcp_options(packet[start + 20 : start + doff])
+    payload = packet[start + doff : end]
+    return TcpSegment(src, dst, sport, dport, seq, flags, payload, ttl, tsval, signed, ack, discard)
+
+
+def _v6_discard_option(options: bytes) -> bool:
+    """Whether a hop-by-hop or destination options header (its option area) holds an option
+    whose action bits tell a node that does not know it to discard the packet (RFC 8200
+    §4.2): a client's TLS segment has no reason to carry one but to be dropped on its way."""
+    i = 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:  # Pad1
+            i += 1
+            continue
+        if kind >> 6:
+            return True
+        if i + 1 >= len(options):
+            return False
+        i += 2 + options[i + 1]
+    return False
 
 
 def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
@@ -581,6 +639,7 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
         _vtf, plen, nh, hlim, s, d = _IPV6.unpack_from(packet)
         end = min(n, 40 + plen)
         pos = 40
+        discard = False
         for _ in range(MAX_V6_EXT_HEADERS):
             if nh == PROTO_TCP:
                 return _tcp(
@@ -590,11 +649,15 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
                     socket.inet_ntop(socket.AF_INET6, s),
                     socket.inet_ntop(socket.AF_INET6, d),
                     hlim,
+                    discard,
                 )
             if pos + 8 > end:
                 return None
             if nh in (_V6_HOP, _V6_ROUTING, _V6_DSTOPTS):
-                nh, hlen = packet[pos], (packet[pos + 1] + 1) * 8
+                hlen = (packet[pos + 1] + 1) * 8
+                if nh != _V6_ROUTING:
+                    discard = discard or _v6_discard_option(packet[pos + 2 : min(pos + hlen, end)])
+                nh = packet[pos]
             elif nh == _V6_FRAGMENT:
                 (fo,) = _U16.unpack_from(packet, pos + 2)
                 if fo & 0xFFF9:  # offset or M flag (RFC 8200 §4.5): a fragment
