@@ -124,7 +124,9 @@ def test_incomplete_hello_is_decided_within_the_queue_budget() -> None:
     # A client the filter does not judge by name (the hook says no) is decided as before.
     seen: list[str] = []
 
-    def not_filtered(client: str, mac: str | None, server: str, port: int, what: str) -> bool:
+    def not_filtered(
+        client: str, mac: str | None, server: str, port: int, what: str, reset: bool
+    ) -> bool:
         seen.append(what)
         return False
 

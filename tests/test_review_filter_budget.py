@@ -41,6 +41,7 @@ from tproxy.tls import parse_ip_tcp, tcp_options
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
 ISN, SERVER_ISN = 7000, 500_000
+SA = SERVER_ISN + 1  # what the client acknowledges before the server has sent data
 
 
 def packet(
@@ -123,7 +124,7 @@ def test_a_client_the_filter_does_not_judge_gets_the_policy_verdict() -> None:
     seen: list[str] = []
 
     def not_filtered(*a: Any) -> bool:
-        seen.append(a[-1])
+        seen.append(a[4])
         return False
 
     insp = FlowInspector(policy, evasion=not_filtered)
@@ -343,14 +344,14 @@ def test_packets_queued_behind_the_verdict_get_the_same_verdict() -> None:
     # they belong to a decided flow, not to one of unknown start.
     for name, action in (("ok.example", Action.ACCEPT), ("x.bad.example", Action.RESET)):
         insp = FlowInspector(Policy())
-        outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, real_hello(name), 1)])
+        outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, real_hello(name), SA)])
         assert outs[-1].action is action
-        behind = run(insp, [packet(ISN + 9, ACK, ack=1), packet(ISN + 9, PSH_ACK, b"x", 1)])
+        behind = run(insp, [packet(ISN + 9, ACK, ack=SA), packet(ISN + 9, PSH_ACK, b"x", SA)])
         assert [o.action for o in behind] == [action, action]
         assert all(o.mark == outs[-1].mark and o.evasion == "" for o in behind)
         assert insp.stats.evasions == 0
         # After DECIDED_TTL they are a flow of unknown start; a new SYN starts afresh at once.
-        assert insp.inspect(packet(ISN + 9, ACK, ack=1), None, 10.0).evasion
+        assert insp.inspect(packet(ISN + 9, ACK, ack=SA), None, 10.0).evasion
         assert insp.inspect(packet(ISN + 50, SYN), None, 0.5).action is Action.PASS
 
 
@@ -410,7 +411,7 @@ def test_duplicates_after_an_accepted_hello_hide_no_second_hello() -> None:
     assert outs[-1].action is Action.PASS  # a TLS 1.3 hello: waits for what follows
     # Retransmissions of the hello are packets, not the client's next flight: a real client
     # resends it while the server's answer is lost, and then answers.
-    outs = run(insp, [first] * 3 + [packet(ISN + 1 + len(hello), PSH_ACK, APP_DATA, 1)])
+    outs = run(insp, [first] * 3 + [packet(ISN + 1 + len(hello), PSH_ACK, APP_DATA, SA)])
     assert outs[-1].action is Action.ACCEPT and outs[-1].sni == "ok.example"
     # Only retransmissions, to the end of RETRY_PACKETS: nothing ever followed the hello.
     insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: True)
@@ -421,7 +422,7 @@ def test_duplicates_after_an_accepted_hello_hide_no_second_hello() -> None:
     insp = FlowInspector(Policy(), second_hello=True)
     run(insp, [*handshake(), first])
     gap = ISN + 1 + len(hello) + 5000
-    outs = run(insp, [packet(gap + 100 * i, PSH_ACK, bytes(100), 1) for i in range(6)])
+    outs = run(insp, [packet(gap + 100 * i, PSH_ACK, bytes(100), SA) for i in range(6)])
     assert outs[-1].action is Action.RESET and "none with the bytes that follow" in outs[-1].evasion
 
 
@@ -436,9 +437,9 @@ def test_syns_cannot_move_where_the_hello_starts() -> None:
         [
             packet(ISN - k, SYN, ttl=1),
             packet(ISN, SYN),
-            packet(ISN + 1, ACK, ack=1),
-            packet(ISN - k + 1, PSH_ACK, fake, 1),
-            packet(ISN + 1, PSH_ACK, hello, 1),
+            packet(ISN + 1, ACK, ack=SA),
+            packet(ISN - k + 1, PSH_ACK, fake, SA),
+            packet(ISN + 1, PSH_ACK, hello, SA),
         ],
     )
     decided = [o for o in outs if o.action is not Action.PASS]
@@ -446,8 +447,8 @@ def test_syns_cannot_move_where_the_hello_starts() -> None:
     # The real SYN, then one the server drops (say, with an unknown TCP-MD5 option) last: the
     # handshake's ACK tells where the stream starts.
     insp = FlowInspector(Policy())
-    outs = run(insp, [packet(ISN, SYN), packet(ISN - k, SYN), packet(ISN + 1, ACK, ack=1)])
-    outs = run(insp, [packet(ISN - k + 1, PSH_ACK, fake, 1), packet(ISN + 1, PSH_ACK, hello, 1)])
+    outs = run(insp, [packet(ISN, SYN), packet(ISN - k, SYN), packet(ISN + 1, ACK, ack=SA)])
+    outs = run(insp, [packet(ISN - k + 1, PSH_ACK, fake, SA), packet(ISN + 1, PSH_ACK, hello, SA)])
     decided = [o for o in outs if o.action is not Action.PASS]
     assert decided and decided[0].action is Action.RESET and decided[0].sni == "x.bad.example"
     # Two SYNs, then data without that ACK: which start the server took is unknown.
@@ -456,8 +457,8 @@ def test_syns_cannot_move_where_the_hello_starts() -> None:
     assert outs[-1].action is Action.RESET and "different sequence numbers" in outs[-1].evasion
     # A port reused after a connection that never started (its SYN went unanswered).
     insp = FlowInspector(Policy())
-    outs = run(insp, [packet(ISN - 5000, SYN), packet(ISN, SYN), packet(ISN + 1, ACK, ack=1)])
-    out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("ok.example"), 1), None, 0.0)
+    outs = run(insp, [packet(ISN - 5000, SYN), packet(ISN, SYN), packet(ISN + 1, ACK, ack=SA)])
+    out = insp.inspect(packet(ISN + 1, PSH_ACK, real_hello("ok.example"), SA), None, 0.0)
     assert out.action is Action.ACCEPT and out.sni == "ok.example"
 
 
@@ -471,7 +472,7 @@ def test_a_fast_open_hello_is_read_from_the_right_byte() -> None:
 def test_a_new_connection_after_an_exact_rst_during_the_wait_is_judged() -> None:
     insp = FlowInspector(Policy(), second_hello=True)
     hello = real_hello("ok.example")
-    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, hello, 1)])
+    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, hello, SA)])
     # The client ends it exactly where its stream stands, then opens the same ports again.
     run(insp, [packet(ISN + 1 + len(hello), 0x14, ack=1)])
     isn2 = ISN + 100_000
@@ -492,9 +493,9 @@ def test_an_ack_that_continues_no_syn_does_not_move_the_start() -> None:
         insp,
         [
             packet(ISN, SYN),
-            packet(ISN + 1 - k, ACK, ack=1),
-            packet(ISN + 1 - k, PSH_ACK, fake, 1),
-            packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), 1),
+            packet(ISN + 1 - k, ACK, ack=SA),
+            packet(ISN + 1 - k, PSH_ACK, fake, SA),
+            packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), SA),
         ],
     )
     # Judged on what the server takes at ISN+1: a record that is no hello, so no name.
@@ -511,8 +512,8 @@ def test_a_fast_open_hello_in_two_parts_keeps_its_start() -> None:
         insp,
         [
             packet(ISN, SYN, hello[:1448]),
-            packet(ISN + 1 + 1448, ACK, ack=1),
-            packet(ISN + 1 + 1448, PSH_ACK, hello[1448:], 1),
+            packet(ISN + 1 + 1448, ACK, ack=SA),
+            packet(ISN + 1 + 1448, PSH_ACK, hello[1448:], SA),
         ],
     )
     assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"
@@ -528,7 +529,7 @@ def test_segments_with_different_bytes_for_one_place_are_an_evasion() -> None:
     insp = FlowInspector(Policy())
     outs = run(
         insp,
-        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], 1), packet(ISN + 1, PSH_ACK, good, 1)],
+        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], SA), packet(ISN + 1, PSH_ACK, good, SA)],
     )
     assert outs[-1].action is Action.RESET and outs[-1].sni is None
     assert "different bytes for the same place" in outs[-1].evasion
@@ -536,16 +537,16 @@ def test_segments_with_different_bytes_for_one_place_are_an_evasion() -> None:
     insp = FlowInspector(Policy())
     outs = run(
         insp,
-        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], 1), packet(ISN + 1, PSH_ACK, bad, 1)],
+        [*handshake(), packet(ISN + 1, PSH_ACK, bad[:n], SA), packet(ISN + 1, PSH_ACK, bad, SA)],
     )
     assert outs[-1].action is Action.RESET and outs[-1].sni == "x.bad.example"
     assert outs[-1].evasion == ""
     # After an accepted TLS 1.3 hello the bytes that follow it are held to the same rule.
     insp = FlowInspector(Policy(), second_hello=True)
     ok = real_hello("ok.example")
-    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, ok, 1)])
+    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, ok, SA)])
     at = ISN + 1 + len(ok)
-    outs = run(insp, [packet(at, PSH_ACK, bad[:n], 1), packet(at, PSH_ACK, good, 1)])
+    outs = run(insp, [packet(at, PSH_ACK, bad[:n], SA), packet(at, PSH_ACK, good, SA)])
     assert outs[-1].action is Action.RESET and "different bytes" in outs[-1].evasion
 
 
@@ -561,9 +562,9 @@ def test_a_hello_resent_with_other_bytes_during_the_wait_is_an_evasion() -> None
             insp,
             [
                 *handshake(),
-                packet(ISN + 1, PSH_ACK, fake, 1, ttl=ttl),
-                packet(ISN + 1, PSH_ACK, bad, 1),
-                packet(ISN + 1 + len(bad), PSH_ACK, APP_DATA, 1),
+                packet(ISN + 1, PSH_ACK, fake, SA, ttl=ttl),
+                packet(ISN + 1, PSH_ACK, bad, SA),
+                packet(ISN + 1 + len(bad), PSH_ACK, APP_DATA, SA),
             ],
         )
         decided = [o for o in outs if o.action is not Action.PASS]
@@ -588,9 +589,9 @@ def test_a_tls12_only_fake_hello_before_a_longer_real_one_is_an_evasion() -> Non
         insp,
         [
             *handshake(),
-            packet(ISN + 1, PSH_ACK, fake, 1),
-            packet(ISN + 1, PSH_ACK, real, 1),
-            packet(ISN + 1 + len(real), PSH_ACK, APP_DATA, 1),
+            packet(ISN + 1, PSH_ACK, fake, SA),
+            packet(ISN + 1, PSH_ACK, real, SA),
+            packet(ISN + 1 + len(real), PSH_ACK, APP_DATA, SA),
         ],
     )
     decided = [o for o in outs if o.action is not Action.PASS]
@@ -607,44 +608,72 @@ def test_fake_hellos_the_server_would_drop_are_dropped_before_they_are_judged() 
     # hello is judged; a client that is not filtered by name keeps its packets.
     ts = lambda v: TS_OPT + struct.pack("!II", v, 0)  # noqa: E731
     syn = packet(ISN, SYN, opts=ts(1000), ttl=60)
-    hs_ack = packet(ISN + 1, ACK, ack=SERVER_ISN + 1, opts=ts(1001), ttl=60)
+    hs_ack = packet(ISN + 1, ACK, ack=SA, opts=ts(1001), ttl=60)
     fake = real_hello("ok.example")
     real = real_hello("x.bad.example")
     fakes = {
         "TTL/hop limit 59, below its SYN's 60": packet(
-            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=59, opts=ts(1002)
+            ISN + 1, PSH_ACK, fake, SA, ttl=59, opts=ts(1002)
         ),
         "without the ACK flag": packet(ISN + 1, 0x08, fake, 0, ttl=60, opts=ts(1002)),
         "MD5/AO signature": packet(
-            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=60, opts=ts(1002) + b"\x13\x12" + bytes(16)
+            ISN + 1, PSH_ACK, fake, SA, ttl=60, opts=ts(1002) + b"\x13\x12" + bytes(16)
         ),
-        "timestamp 900 is older than 1001": packet(
-            ISN + 1, PSH_ACK, fake, SERVER_ISN + 1, ttl=60, opts=ts(900)
+        "timestamp 900 is older than its SYN's 1000": packet(
+            ISN + 1, PSH_ACK, fake, SA, ttl=60, opts=ts(900)
         ),
-        "acknowledges bytes the server has not sent": packet(
-            ISN + 1, PSH_ACK, fake, SERVER_ISN + 70_000, ttl=60, opts=ts(1002)
+        f"acknowledges {SA + 70_000}, not the server's SYN ({SA})": packet(
+            ISN + 1, PSH_ACK, fake, SA + 70_000, ttl=60, opts=ts(1002)
+        ),
+        f"acknowledges {SA - 100}, not the server's SYN ({SA})": packet(
+            ISN + 1, PSH_ACK, fake, SA - 100, ttl=60, opts=ts(1002)
         ),
     }
-    good = packet(ISN + 1, PSH_ACK, real, SERVER_ISN + 1, ttl=60, opts=ts(1003))
+    good = packet(ISN + 1, PSH_ACK, real, SA, ttl=60, opts=ts(1003))
     for why, bogus in fakes.items():
         insp = FlowInspector(Policy(), second_hello=True)
         outs = run(insp, [syn, hs_ack, bogus, good])
         assert outs[2].action is Action.DROP and why in outs[2].evasion, (why, outs[2])
         assert outs[3].action is Action.RESET and outs[3].sni == "x.bad.example", why
-        # Not filtered by name: nothing is dropped, and the fake is not judged either.
+        # Not filtered by name: nothing is dropped, and the fake is not judged either: the
+        # real hello is.
         insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: False)
         outs = run(insp, [syn, hs_ack, bogus, good])
         assert outs[2].action is Action.PASS, why
-    # A timestamp one tick older is still taken (Linux's PAWS window), and so is its hello.
+        assert outs[3].action is Action.RESET and outs[3].sni == "x.bad.example", why
+    # A timestamp one tick older than the SYN's is still taken (Linux's PAWS window).
     insp = FlowInspector(Policy(), second_hello=True)
-    near = packet(ISN + 1, PSH_ACK, real, SERVER_ISN + 1, ttl=60, opts=ts(1000))
+    near = packet(ISN + 1, PSH_ACK, real, SA, ttl=60, opts=ts(999))
     assert run(insp, [syn, hs_ack, near])[2].action is Action.RESET
+    # Which SYN the server took is what counts: a second SYN (another ISN, TTL and timestamp
+    # offset) that the handshake's ACK does not continue sets nothing.
+    insp = FlowInspector(Policy(), second_hello=True)
+    other = packet(ISN + 50_000, SYN, opts=ts(9_000_000), ttl=64)
+    assert run(insp, [syn, other, hs_ack, good])[3].action is Action.RESET
     # A server that speaks first (SSH on port 443, say): the client's first data rightly
     # acknowledges the server's. It is no TLS record, so it is judged, not dropped.
     insp = FlowInspector(Policy(), second_hello=True)
     banner = b"SSH-2.0-OpenSSH_9.2\r\n"
     ssh = packet(ISN + 1, PSH_ACK, banner, SERVER_ISN + 40, ttl=60, opts=ts(1002))
     assert run(insp, [syn, hs_ack, ssh])[2].action is Action.ACCEPT
+
+
+def test_tcp_fast_open_hello_waits_and_its_retransmission_is_the_same_hello() -> None:
+    # Found in review: with the wait for the client's next data, a TCP Fast Open hello (on the
+    # SYN, RFC 7413 §2) was compared one byte off and reset as another hello.
+    hello = real_hello("ok.example")
+    insp = FlowInspector(Policy(), second_hello=True)
+    outs = run(
+        insp,
+        [
+            packet(ISN, SYN, hello),
+            packet(ISN, SYN, hello),  # the SYN again (its SYN-ACK was lost)
+            packet(ISN + 1 + len(hello), ACK, ack=SA),
+            packet(ISN + 1 + len(hello), PSH_ACK, APP_DATA, SA + 3000),
+        ],
+    )
+    assert [o.action for o in outs] == [Action.PASS] * 3 + [Action.ACCEPT], outs
+    assert outs[-1].sni == "ok.example" and not outs[-1].evasion
 
 
 def test_tcp_and_ipv6_options_read_for_the_server_checks() -> None:
@@ -671,7 +700,7 @@ def test_urgent_data_before_the_verdict_is_an_evasion() -> None:
     # Found in review: a server's stack leaves the urgent byte out of the stream its
     # application reads, so a hello with an urgent pointer reads differently there.
     insp = FlowInspector(Policy())
-    urgent = packet(ISN + 1, PSH_ACK | 0x20, real_hello("ok.example"), 1)
+    urgent = packet(ISN + 1, PSH_ACK | 0x20, real_hello("ok.example"), SA)
     outs = run(insp, [*handshake(), urgent])
     assert outs[-1].action is Action.RESET and "urgent data" in outs[-1].evasion
     # Clients the filter does not judge by name are read as before.

@@ -60,7 +60,9 @@ class Asked:
         self.names.append(sni)
         return FlowDecision(not (sni or "").endswith("bad.example"))
 
-    def evasion(self, client: str, mac: str | None, server: str, port: int, what: str) -> bool:
+    def evasion(
+        self, client: str, mac: str | None, server: str, port: int, what: str, reset: bool
+    ) -> bool:
         self.evasions.append(what)
         return self.filtered
 

@@ -164,6 +164,13 @@ def test_component_resets_filtered_clients_only_and_throttles_its_log(
     comp._evasion_log["10.0.0.5"] = (comp._evasion_log["10.0.0.5"][0] - 61.0, 2)
     comp.sni_evasion("10.0.0.5", None, "192.0.2.1", 443, what)
     assert "(2 more from this client in the last 60s not logged)" in caplog.records[-1].message
+    assert caplog.records[-1].message.startswith("evasion 10.0.0.5 TLS to 192.0.2.1:443: ")
+    assert "; flow reset" in caplog.records[-1].message
+    # A fake hello dropped (the flow goes on, its real hello is judged): said so.
+    fake = "a data segment without the ACK flag"
+    assert comp.sni_evasion("10.0.0.7", None, "192.0.2.1", 443, fake, False) is True
+    assert caplog.records[-1].message.endswith(f"{fake}; packet dropped")
+    assert comp.sni_evasion("10.9.0.7", None, "192.0.2.1", 443, fake, False) is False
 
 
 # -- lab ---------------------------------------------------------------------------------------

@@ -176,7 +176,9 @@ Decide = Callable[[str, "str | None", str, int, "str | None", bool, str], FlowDe
 SniClass = Callable[[str, str], int]
 # evasion(client_ip, client_mac, server_ip, server_port, what) -> reset the flow? The filter
 # answers True when the client is filtered by name (and logs it); without a hook: True.
-Evasion = Callable[[str, "str | None", str, int, str], bool]
+# evasion(client_ip, client_mac, server_ip, server_port, what, reset) -> whether the client is
+# filtered by name (then the flow is reset, or with reset False only the packet is dropped).
+Evasion = Callable[[str, "str | None", str, int, str, bool], bool]
 
 
 @dataclass
@@ -211,21 +213,25 @@ class _Flow:
     closed: bool = False  # the client ended it with an exact FIN or RST
     started: bool = False  # a packet after the SYN came: later SYNs are stray
     ambiguous: bool = False  # SYNs with different sequence numbers before it
-    # What the server's stack checks a segment against (server_drops): the highest TTL/hop
-    # limit of the SYNs taken as the start (0: none seen), and the newest TSval of the
-    # client's packets that went on (None: no timestamps seen).
+    # Per ISN of the SYNs seen: their highest TTL/hop limit and their earliest TSval (None
+    # without timestamps). Once the handshake's ACK says which SYN the server took, those are
+    # what server_drops checks data against (ttl 0: not known yet), with the ACK number: all
+    # the server has sent before the client's hello is its SYN.
+    syns: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     ttl: int = 0
-    ts_recent: int | None = None
-    # The handshake's acknowledgment number: all the server has sent before the client's
-    # hello (its SYN), so an ACK beyond it acknowledges unsent data.
+    ts_first: int | None = None
     server_next: int | None = None
 
-    def timestamp(self, tsval: int | None) -> None:
-        """Note a TSval the server will have seen (it only moves forward, RFC 7323 §5.3)."""
-        if tsval is not None and (
-            self.ts_recent is None or 0 < (tsval - self.ts_recent) % SEQ_MOD < SEQ_MOD // 2
-        ):
-            self.ts_recent = tsval
+    def syn_seen(self, seg: TcpSegment) -> None:
+        ttl, ts = self.syns.get(seg.seq, (0, None))
+        if seg.tsval is not None and (ts is None or _older(seg.tsval, ts)):
+            ts = seg.tsval
+        if len(self.syns) < MAX_SYN_STARTS or seg.seq in self.syns:
+            self.syns[seg.seq] = (max(ttl, seg.ttl), ts)
+
+    def handshake_acked(self, isn: int | None, ack: int) -> None:
+        self.ttl, self.ts_first = self.syns.get(isn, (0, None)) if isn is not None else (0, None)
+        self.server_next = ack
 
     def at_next(self, seq: int) -> bool:
         """Whether ``seq`` is the next byte the server expects from the client."""
@@ -237,18 +243,24 @@ class _Flow:
 TLS_HANDSHAKE = b"\x16"  # a TLS handshake record's content type (RFC 8446 §5.1)
 
 
+def _older(a: int, b: int) -> bool:
+    """Whether 32-bit timestamp ``a`` is older than ``b`` (modular, RFC 7323 §5.2)."""
+    return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+
+
 def server_drops(flow: _Flow, seg: TcpSegment) -> str:
     """Why the server's TCP stack would drop this data segment of ``flow`` unread, or "".
 
     Evasion tools send a harmless ClientHello that the server never reads, so that a filter
-    judges it and lets the real hello behind it pass ("fake" packets, with the "fooling"
-    methods these are): a TTL too small to reach the server, no ACK flag, a TCP MD5 signature,
-    an old timestamp. The last three are dropped by any RFC-following stack; the first is told
-    by the client's own SYN, whose TTL did reach the server and which every later packet of a
-    real client repeats (one host, one route). An acknowledgment of data the server never
-    sent and an IPv6 option that makes the receiver discard the packet are the two other
-    ways such tools use."""
-    if flow.ttl and seg.ttl < flow.ttl:
+    judges it and lets the real hello behind it pass ("fake" packets, and the "fooling" that
+    makes the server drop them): a TTL too small to reach the server, no ACK flag, a TCP MD5
+    signature, an old timestamp, a wrong acknowledgment number, an IPv6 option the receiver
+    must discard the packet for. A too small TTL is told by the SYN the server took, whose TTL
+    did reach it and which every later packet of a real client repeats (one host, one route);
+    the old timestamp likewise by that SYN's. Checked only once the handshake's ACK has said
+    which SYN that was. A real client never sends any of these before its verdict, so the
+    queue drops them (see _inspect) at no cost to it."""
+    if seg.ttl < flow.ttl:
         return f"a data segment with TTL/hop limit {seg.ttl}, below its SYN's {flow.ttl}"
     if not seg.flags & (TCP_ACK | TCP_RST):
         # RFC 9293 §3.10.7.4, "fifth, check the ACK field": "if the ACK bit is off, drop the
@@ -260,28 +272,30 @@ def server_drops(flow: _Flow, seg: TcpSegment) -> str:
         flow.retry is None
         and flow.server_next is not None
         and seg.flags & TCP_ACK
-        and 0 < (seg.ack - flow.server_next) % SEQ_MOD < SEQ_MOD // 2
+        and seg.ack != flow.server_next
         and (seg.payload[:1] == TLS_HANDSHAKE or flow.assembler.contiguous()[:1] == TLS_HANDSHAKE)
     ):
         # Before the client's hello a TLS server has sent only its SYN (the client speaks
-        # first, RFC 8446 §2): RFC 9293 §3.10.7.4, "If the ACK acknowledges something not yet
-        # sent (SEG.ACK > SND.NXT) then send an ACK, drop the segment, and return." (Only for
-        # TLS: in a protocol whose server speaks first, SSH say, the client's first data
+        # first, RFC 8446 §2), so every real segment up to the verdict acknowledges exactly
+        # that. Beyond it: RFC 9293 §3.10.7.4, "If the ACK acknowledges something not yet sent
+        # (SEG.ACK > SND.NXT) then send an ACK, drop the segment, and return". Behind it:
+        # Linux drops an ACK older than what it has had acknowledged (tcp_ack, "too old"),
+        # except on its fast path, and connection tracking calls one far behind INVALID. (Only
+        # for TLS: in a protocol whose server speaks first, SSH say, the client's first data
         # rightly acknowledges the server's.)
-        return "a data segment that acknowledges bytes the server has not sent"
+        return (
+            f"a data segment that acknowledges {seg.ack}, not the server's SYN ({flow.server_next})"
+        )
     if seg.signed:
-        # RFC 2385 §3 / RFC 5925 §7.7: a segment signed for a key the server does not have
-        # is dropped (and an HTTPS server has none).
+        # The RFCs (2385, 5925) define these for connections configured with a key; Linux
+        # drops a signed segment for a connection without one (tcp_inbound_hash), and an
+        # HTTPS server has none.
         return "a data segment with a TCP MD5/AO signature"
-    if (
-        flow.ts_recent is not None
-        and seg.tsval is not None
-        and not seg.flags & TCP_RST
-        and 1 < (flow.ts_recent - seg.tsval) % SEQ_MOD < SEQ_MOD // 2
-    ):
-        # RFC 7323 §5.3 (PAWS): a segment whose TSval is older than the last one taken is
-        # dropped; Linux allows a difference of 1 (TCP_PAWS_WINDOW).
-        return f"a data segment whose timestamp {seg.tsval} is older than {flow.ts_recent}"
+    if flow.ts_first is not None and seg.tsval is not None and _older(seg.tsval + 1, flow.ts_first):
+        # RFC 7323 §5.3 (PAWS): once timestamps are in use, a segment whose TSval is older
+        # than the one the server last took is dropped (Linux allows a difference of 1,
+        # TCP_PAWS_WINDOW); the server took its SYN's at least.
+        return f"a data segment whose timestamp {seg.tsval} is older than its SYN's {flow.ts_first}"
     return ""
 
 
@@ -397,12 +411,10 @@ class FlowInspector:
             # real one behind it; the server would have dropped it anyway, so a real client
             # loses nothing.
             why = server_drops(flow, seg)
-            if why and self._is_evasion(seg, hw, why):
+            if why and self._is_evasion(seg, hw, why, reset=False):
                 self.stats.decoys += 1
                 return Outcome(Action.DROP, segment=seg, evasion=why)
             decoy = bool(why)
-        if flow is not None and not decoy:
-            flow.timestamp(seg.tsval)
         # A SYN that is not taken as the connection's start: one that dies at this router, or
         # another ISN once the connection has started (the server answers that with a
         # challenge ACK at most, RFC 5961 §4): taking it would misplace the real hello.
@@ -426,18 +438,17 @@ class FlowInspector:
                 flow = _Flow(ClientHelloAssembler(seg.seq), now + self.flow_ttl)
                 self.flows[key] = flow
                 flow.isn = seg.seq
-                flow.timestamp(seg.tsval)
             else:
                 # A repeat; or, before the connection started, the latest SYN counts (as it
                 # does for connection tracking); or one that overtook the data.
                 flow.assembler.syn(seg.seq)
                 flow.isn = seg.seq
             if not stray_syn and flow is not None:
-                flow.ttl = max(flow.ttl, seg.ttl)
+                flow.syn_seen(seg)
             if not stray_syn and flow is not None and len(flow.starts) < MAX_SYN_STARTS:
                 for nxt in {seg.seq + 1, seg.seq + 1 + len(seg.payload)}:
                     flow.starts[nxt % SEQ_MOD] = seg.seq
-        if flags & TCP_URG and seg.payload and seg.ttl > MIN_FORWARD_TTL:
+        if flags & TCP_URG and seg.payload and not decoy:
             # Urgent data (RFC 9293 §3.8.5): the server's stack takes the urgent byte out of
             # the stream its application reads (unless SO_OOBINLINE), so the hello read here
             # would not be the one the server reads. No TLS client sends it.
@@ -460,7 +471,7 @@ class FlowInspector:
             if flags & (TCP_FIN | TCP_RST) and not decoy:
                 flow.closed = flow.at_next(seg.seq)
             if flow.retry is not None:
-                return self._after_hello(key, flow, seg, hw)
+                return self._after_hello(key, flow, seg, hw, decoy=decoy)
             matched = False
             if not flags & TCP_SYN and not decoy and not flow.started:
                 if not seg.payload:
@@ -495,13 +506,14 @@ class FlowInspector:
                 )
                 if handshake_ack:
                     flow.acked = True
-                    flow.server_next = seg.ack
+                    flow.handshake_acked(flow.isn, seg.ack)
                 elif not flags & TCP_SYN:
                     flow.idle_acks += 1
-        if not seg.payload or seg.ttl <= MIN_FORWARD_TTL:
+        if not seg.payload or decoy:
             if seg.payload:
                 # A decoy: this router drops a forwarded packet whose TTL/hop limit would reach
-                # 0 (RFC 1812 §5.3.1, RFC 8200 §3), so the server never sees these bytes;
+                # 0 (RFC 1812 §5.3.1, RFC 8200 §3), or the server drops it (server_drops, for
+                # a client not filtered by name), so the server never sees these bytes;
                 # evasion tools send a harmless ClientHello this way before the real one. Not
                 # ours to judge.
                 self.stats.decoys += 1
@@ -581,8 +593,10 @@ class FlowInspector:
         seg: TcpSegment,
         hw: bytes | None,
         counted: bool = False,
+        decoy: bool = False,
     ) -> Outcome:
-        """A packet of an accepted flow whose verdict mark waits (``flow.retry``)."""
+        """A packet of an accepted flow whose verdict mark waits (``flow.retry``); ``decoy``:
+        one the server never reads (see _inspect)."""
         retry = flow.retry
         assert retry is not None
         retry.packets += 1
@@ -591,12 +605,10 @@ class FlowInspector:
         start = retry.assembler.start
         # A retransmission of the hello (it ends where the bytes after it start): the server
         # has those bytes; a packet, not a segment of the client's next flight.
-        resent = start is not None and (start - seg.seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
-        if (
-            seg.payload
-            and seg.ttl > MIN_FORWARD_TTL
-            and not flow.assembler.repeats(seg.seq, seg.payload)
-        ):
+        # TCP Fast Open: a SYN's data starts one after its sequence number (RFC 7413 §2).
+        seq = (seg.seq + 1) % SEQ_MOD if seg.flags & TCP_SYN else seg.seq
+        resent = start is not None and (start - seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
+        if seg.payload and not decoy and not flow.assembler.repeats(seq, seg.payload):
             # A segment over the judged hello (a retransmission, or one that runs on past its
             # end) with other bytes there: the server may have kept these.
             what = "a retransmission of the ClientHello with other bytes than the hello judged"
@@ -604,11 +616,11 @@ class FlowInspector:
             if self._is_evasion(seg, hw, what):
                 return self._reset(seg, None, retry.ech, what)
             return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
-        if seg.payload and seg.ttl > MIN_FORWARD_TTL and not resent:
+        if seg.payload and not decoy and not resent:
             if not counted:
                 retry.segments += 1
-            info = retry.assembler.add(seg.seq, seg.payload)
-        elif seg.payload and seg.ttl <= MIN_FORWARD_TTL:
+            info = retry.assembler.add(seq, seg.payload)
+        elif seg.payload and decoy:
             self.stats.decoys += 1
         if info.incomplete and not last and retry.segments < MAX_HELLO_SEGMENTS:
             return Outcome(Action.PASS, segment=seg)
@@ -668,9 +680,9 @@ class FlowInspector:
         info = ClientHelloInfo(reason="no ClientHello seen (the flow's start was not seen)")
         return self._verdict(seg, hw, info, None, "")
 
-    def _is_evasion(self, seg: TcpSegment, hw: bytes | None, what: str) -> bool:
+    def _is_evasion(self, seg: TcpSegment, hw: bytes | None, what: str, reset: bool = True) -> bool:
         hook = self.evasion
-        return hook is None or hook(seg.src, format_mac(hw), seg.dst, seg.dport, what)
+        return hook is None or hook(seg.src, format_mac(hw), seg.dst, seg.dport, what, reset)
 
     def _reset(self, seg: TcpSegment, sni: str | None, ech: bool, what: str) -> Outcome:
         self.stats.evasions += 1

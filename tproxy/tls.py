@@ -588,6 +588,11 @@ def _tcp(
     return TcpSegment(src, dst, sport, dport, seq, flags, payload, ttl, tsval, signed, ack, discard)
 
 
+# Options with those action bits that a host does know: Jumbo Payload (RFC 2675) and Home
+# Address (RFC 6275 §6.3).
+_V6_KNOWN_DISCARD_OPTIONS = frozenset({0xC2, 0xC9})
+
+
 def _v6_discard_option(options: bytes) -> bool:
     """Whether a hop-by-hop or destination options header (its option area) holds an option
     whose action bits tell a node that does not know it to discard the packet (RFC 8200
@@ -598,7 +603,7 @@ def _v6_discard_option(options: bytes) -> bool:
         if kind == 0:  # Pad1
             i += 1
             continue
-        if kind >> 6:
+        if kind >> 6 and kind not in _V6_KNOWN_DISCARD_OPTIONS:
             return True
         if i + 1 >= len(options):
             return False

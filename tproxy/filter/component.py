@@ -603,12 +603,20 @@ class FilterComponent:
         return FlowDecision(v.allowed, v.reason)
 
     def sni_evasion(
-        self, client_ip: str, client_mac: str | None, server_ip: str, server_port: int, what: str
+        self,
+        client_ip: str,
+        client_mac: str | None,
+        server_ip: str,
+        server_port: int,
+        what: str,
+        reset: bool = True,
     ) -> bool:
-        """The queue's evasion hook: a ClientHello cut so that its name escapes the queue, or
-        a second hello naming another server. Reset (True) when the client's group could be
-        denied by name at all; a client the filter does not judge by name is left alone (DPI
-        evasion tools split hellos against other middleboxes too)."""
+        """The queue's evasion hook: a ClientHello cut so that its name escapes the queue, a
+        second hello naming another server, a fake hello the server would drop. Acted on (True)
+        when the client's group could be denied by name at all; a client the filter does not
+        judge by name is left alone (DPI evasion tools split hellos against other middleboxes
+        too). ``reset``: the flow is reset (a TCP_DENIED line in the access log); else only
+        the packet is dropped and the flow's real hello is judged as usual."""
         policy = self.policy
         if not (policy.https and policy.select_group(client_ip, client_mac).sni_can_deny):
             return False
@@ -625,17 +633,19 @@ class FilterComponent:
             self._evasion_log[client_ip] = (now, 0)
             left_out = last[1] if last is not None else 0
             log.warning(
-                "evasion %s TLS to %s:%d: %s; flow reset%s",
+                "evasion %s TLS to %s:%d: %s; %s%s",
                 client_ip,
                 bracket(server_ip),
                 server_port,
                 what,
+                "flow reset" if reset else "packet dropped",
                 f" ({left_out} more from this client in the last "
                 f"{EVASION_LOG_INTERVAL:.0f}s not logged)"
                 if left_out
                 else "",
             )
-        self._tunnel_line(client_ip, server_ip, f"{bracket(server_ip)}:{server_port}", False)
+        if reset:
+            self._tunnel_line(client_ip, server_ip, f"{bracket(server_ip)}:{server_port}", False)
         return True
 
     def _tunnel_line(self, client_ip: str, server_ip: str, url: str, allowed: bool) -> None:
