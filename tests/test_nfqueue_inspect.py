@@ -10,7 +10,7 @@ from typing import Any
 import dpkt
 
 from tests.test_tls_sni import ipv4, ipv6, real_hello, tcp_header, with_extensions
-from tproxy.netfilter.render import MARK_VERDICT_ACCEPT, MARK_VERDICT_RESET
+from tproxy.netfilter.render import MARK_INVALID, MARK_VERDICT_ACCEPT, MARK_VERDICT_RESET
 from tproxy.nfqueue import (
     MAX_HELLO_SEGMENTS,
     NFQA_CFG_F_FAIL_OPEN,
@@ -250,6 +250,9 @@ class FakePacket:
     def get_hw(self) -> bytes | None:
         return None
 
+    def get_mark(self) -> int:
+        return self.mark
+
     def set_mark(self, mark: int) -> None:
         self.mark = mark
 
@@ -281,3 +284,15 @@ def test_reset_verdict_is_a_marked_repeat() -> None:
     queue._on_packet(pkt)
     assert (pkt.verdict, pkt.mark) == ("repeat", MARK_VERDICT_RESET)
     assert queue.status()["rst_sent"] == 1
+
+
+def test_the_shell_tells_the_inspector_which_packets_were_invalid() -> None:
+    # The rules mark what connection tracking found INVALID (render.MARK_INVALID) before they
+    # queue it: a stray packet of no flow being decided passes, and is counted.
+    queue = SniQueue(1, Decisions())
+    pkt = FakePacket(seg(ISN + 5000, PSH_ACK, b"\x17\x03\x03\x00\x01x"))
+    pkt.mark = MARK_INVALID
+    queue._on_packet(pkt)
+    assert pkt.verdict == "accept" and queue.inspector.stats.invalid == 1
+    queue._on_packet(FakePacket(seg(ISN + 6000, PSH_ACK, b"x")))
+    assert queue.inspector.stats.invalid == 1

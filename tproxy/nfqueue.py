@@ -57,6 +57,7 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 from tproxy.netfilter.render import (
+    MARK_INVALID,
     MARK_MAX,
     MARK_VERDICT_ACCEPT,
     MARK_VERDICT_MASK,
@@ -316,6 +317,7 @@ class InspectorStats:
     second_hellos: int = 0
     flows_evicted: int = 0
     unreadable: int = 0
+    invalid: int = 0  # queued packets connection tracking found INVALID
     errors: int = 0
 
 
@@ -369,9 +371,13 @@ class FlowInspector:
             if flow.expires > now:
                 self.stats.flows_evicted += 1
 
-    def inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
+    def inspect(
+        self, packet: bytes, hw: bytes | None, now: float, invalid: bool = False
+    ) -> Outcome:
+        """The verdict on one queued packet; ``invalid``: connection tracking found it INVALID
+        (it carries no connmark, so it may belong to a flow decided long ago)."""
         self.stats.packets += 1
-        out = self._inspect(packet, hw, now)
+        out = self._inspect(packet, hw, now, invalid)
         seg = out.segment
         if seg is not None and out.action in (Action.ACCEPT, Action.RESET):
             decided = self.decided
@@ -384,7 +390,7 @@ class FlowInspector:
                 decided.popitem(last=False)
         return out
 
-    def _inspect(self, packet: bytes, hw: bytes | None, now: float) -> Outcome:
+    def _inspect(self, packet: bytes, hw: bytes | None, now: float, invalid: bool) -> Outcome:
         seg = parse_ip_tcp(packet)
         if seg is None:
             if not maybe_tcp(packet):
@@ -405,6 +411,10 @@ class FlowInspector:
             # A RST's payload is never stream data (RFC 9293 §3.5.3): judge it as a RST.
             seg = seg._replace(payload=b"")
         flow = self.flows.get(key)
+        if invalid:
+            self.stats.invalid += 1
+            if flow is None:
+                return self._invalid_stray(seg, hw)
         decoy = seg.ttl <= MIN_FORWARD_TTL
         if flow is not None and seg.payload and not flags & TCP_SYN and not decoy:
             # A fake hello (server_drops) is dropped here: judged, it would stand in for the
@@ -679,6 +689,23 @@ class FlowInspector:
             return None
         info = ClientHelloInfo(reason="no ClientHello seen (the flow's start was not seen)")
         return self._verdict(seg, hw, info, None, "")
+
+    def _invalid_stray(self, seg: TcpSegment, hw: bytes | None) -> Outcome:
+        """An INVALID packet of no flow being decided: most likely a stray packet of a flow
+        decided long ago (its connmark cannot be read without a conntrack entry), which passes
+        as it did before INVALID packets were queued. Not a TLS handshake record from a client
+        filtered by name, though: that would be the hello of a flow whose start the daemon
+        never saw, and connection tracking and the server's stack disagree at the edges of
+        the window (older kernels called an overly delayed ACK INVALID, and a Linux server
+        queues such in-order data on its fast path before it looks at the ACK)."""
+        if seg.payload[:1] == TLS_HANDSHAKE and not seg.flags & TCP_RST:
+            what = (
+                "an out-of-window (INVALID) TLS handshake record of a flow the daemon did not see"
+            )
+            if self._is_evasion(seg, hw, what, reset=False):
+                self.stats.decoys += 1
+                return Outcome(Action.DROP, segment=seg, evasion=what)
+        return Outcome(Action.PASS, segment=seg)
 
     def _is_evasion(self, seg: TcpSegment, hw: bytes | None, what: str, reset: bool = True) -> bool:
         hook = self.evasion
@@ -978,7 +1005,12 @@ class SniQueue:
     def _on_packet(self, pkt: Any) -> None:
         outcome = Outcome(Action.PASS)
         try:
-            outcome = self.inspector.inspect(pkt.get_payload(), pkt.get_hw(), self.clock())
+            outcome = self.inspector.inspect(
+                pkt.get_payload(),
+                pkt.get_hw(),
+                self.clock(),
+                invalid=bool(pkt.get_mark() & MARK_INVALID),
+            )
         except Exception:
             self.inspector.stats.errors += 1
             log.exception("queue %d: inspecting a packet failed; accepting it", self.queue_num)

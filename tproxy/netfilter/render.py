@@ -22,6 +22,8 @@ bits           meaning
 ``0x4``        NFQUEUE verdict "reset": saved in the connmark and restored into the mark of
                every later packet; a filter FORWARD rule answers every packet carrying it,
                in both directions, with a TCP reset.
+``0x8``        set on a queued packet that connection tracking finds INVALID, so that the
+               daemon knows it carries no connmark (see rule 7).
 ``0xff00``     shaping class number (``class << 8``); CLASSIFY rules in mangle POSTROUTING
                map it to an HTB class per egress interface.
 ``0xff0000``   client slot inside a per-client fair shaping class (``slot << 16``); kept in
@@ -57,7 +59,10 @@ Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
 6. non-SYN from the LAN to the intercepted ports → TPROXY (e.g. an ACK for a connection whose
    socket is gone reaches the listener, which answers with a reset).
 7. packets of HTTPS flows from the LAN without a verdict yet → NFQUEUE (SNI peek),
-   ``--queue-bypass`` so traffic flows when no daemon listens.
+   ``--queue-bypass`` so traffic flows when no daemon listens. INVALID ones (no connmark: out
+   of connection tracking's window, say) are queued too, marked ``0x8`` first: a hello the
+   server's stack takes although conntrack finds it out of window must not pass unjudged;
+   the daemon judges such a packet with its flow, or lets it pass when it knows no flow.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ MARK_DIVERT_DEFAULT = 0x1
 MARK_VERDICT_ACCEPT = 0x2
 MARK_VERDICT_RESET = 0x4
 MARK_VERDICT_MASK = MARK_VERDICT_ACCEPT | MARK_VERDICT_RESET
+MARK_INVALID = 0x8
 MARK_CLASS_SHIFT = 8
 MARK_CLASS_MASK = 0xFF00
 MAX_CLASS_NUMBER = MARK_CLASS_MASK >> MARK_CLASS_SHIFT
@@ -90,7 +96,7 @@ MARK_SLOT_MASK = 0xFF0000
 # The shaping bits a packet's class is matched on (tproxy.shaping.model.MARK_MASK).
 MARK_SHAPING_MASK = MARK_CLASS_MASK | MARK_SLOT_MASK
 # Bits the divert mark must stay clear of; the slot bits only while shaping classes exist.
-MARK_RESERVED = MARK_VERDICT_MASK | MARK_CLASS_MASK
+MARK_RESERVED = MARK_VERDICT_MASK | MARK_INVALID | MARK_CLASS_MASK
 # What the connmark carries for a flow: its verdict, its shaping class and client slot.
 MARK_CONN_MASK = MARK_VERDICT_MASK | MARK_SHAPING_MASK
 MARK_MAX = 0xFFFFFFFF
@@ -356,15 +362,21 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # count here: one the daemon could not follow exactly (a flow it forgot, a packet it
         # could not parse) would let the packets after it pass unseen. The daemon decides every
         # flow within a few packets (tproxy.nfqueue.DECIDE_PACKETS).
-        # Only packets of a tracked connection: an INVALID one (out of window, say) or an
-        # untracked one carries no connmark, so a decided flow's stray packet would be queued
-        # and judged as a flow of its own.
+        # An INVALID packet (out of connection tracking's window, say) carries no connmark, so
+        # a decided flow's stray one reaches the queue too: it is marked for the daemon, which
+        # judges it with its flow if it has one and else lets it pass. Before, INVALID packets
+        # were not queued but forwarded unjudged, and conntrack's window and the server's do
+        # not agree everywhere (a hello conntrack calls INVALID may be one the server takes).
+        # Untracked packets (the admin's NOTRACK) are left alone.
         queue = (
-            f"-m conntrack ! --ctstate INVALID,UNTRACKED "
+            f"-m conntrack ! --ctstate UNTRACKED "
             f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
         )
+        flag = f"{MARK_INVALID:#x}/{MARK_INVALID:#x}"
+        invalid = f"-m conntrack --ctstate INVALID -j MARK --set-xmark {flag}"
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
+                add(f"-i {lan} -p tcp {ports} {invalid}")
                 add(f"-i {lan} -p tcp {ports} {queue}")
 
     divert = (
