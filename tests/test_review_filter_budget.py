@@ -36,7 +36,7 @@ from tproxy.nfqueue import (
     FlowInspector,
     Outcome,
 )
-from tproxy.tls import parse_ip_tcp, tcp_options
+from tproxy.tls import _v6_discard_option, parse_ip_tcp, tcp_options
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
@@ -721,6 +721,63 @@ def test_fake_hellos_the_server_would_drop_are_dropped_before_they_are_judged() 
     banner = b"SSH-2.0-OpenSSH_9.2\r\n"
     ssh = packet(ISN + 1, PSH_ACK, banner, SERVER_ISN + 40, ttl=60, opts=ts(1002))
     assert run(insp, [syn, hs_ack, ssh])[2].action is Action.ACCEPT
+
+
+def test_fakes_found_in_the_second_review_are_dropped_or_wait() -> None:
+    # Each: a fake good.example hello the server drops, a segment to end the wait, then (not
+    # shown) the real hello, which would pass on the verdict mark. None may end in ACCEPT.
+    good, h = real_hello("good.example"), real_hello("ok.example")
+    tail = len(good) + 1
+
+    def outcome(packets: list[bytes]) -> list[Action]:
+        insp = FlowInspector(Policy(), second_hello=True)
+        return [o.action for o in run(insp, packets)]
+
+    # No handshake ACK at all: the TTL reference comes from the SYN the data continues.
+    acts = outcome(
+        [
+            packet(ISN, SYN),
+            packet(ISN + 1, PSH_ACK, good, SA, ttl=3),
+            packet(ISN + tail, PSH_ACK, APP_DATA, SA, ttl=3),
+        ]
+    )
+    assert acts == [Action.PASS, Action.DROP, Action.DROP]
+    # A handshake ACK that dies on its way (TTL below its SYN's) selects nothing and sets no
+    # reference; the fake that acknowledges what it said is then no verdict either.
+    insp = FlowInspector(Policy(), second_hello=True)
+    run(insp, [packet(ISN, SYN), packet(ISN + 1, ACK, ack=SA + 9, ttl=2)])
+    flow = next(iter(insp.flows.values()))
+    assert not flow.acked and flow.server_next is None
+    # A fake's remainder sent ahead of its first byte, with an ACK of unsent data.
+    acts = outcome(
+        [
+            *handshake(),
+            packet(ISN + 2, PSH_ACK, good[1:], SA + 100_000),
+            packet(ISN + 1, PSH_ACK, good[:1], SA),
+            packet(ISN + tail, PSH_ACK, APP_DATA, SA + 100_000),
+        ]
+    )
+    assert Action.ACCEPT not in acts and acts[2] is Action.DROP
+    # A fake in a TCP Fast Open SYN to a server without Fast Open (its handshake ACK is at
+    # ISN + 1: the data was not taken), then a segment after it: the wait goes on.
+    acts = outcome(
+        [
+            packet(ISN, SYN, good),
+            packet(ISN + 1, ACK, ack=SA),
+            packet(ISN + tail, PSH_ACK, APP_DATA, SA + 3000),
+        ]
+    )
+    assert acts == [Action.PASS, Action.PASS, Action.PASS]
+    # Real Fast Open clients: the server took the data (the ACK is after it), or it did not
+    # and the client sends the hello again.
+    for packets in (
+        [packet(ISN, SYN, h), packet(ISN + 1 + len(h), ACK, ack=SA)],
+        [packet(ISN, SYN, h), packet(ISN + 1, PSH_ACK, h, SA)],
+    ):
+        acts = outcome([*packets, packet(ISN + 1 + len(h), PSH_ACK, APP_DATA, SA + 3000)])
+        assert acts[-1] is Action.ACCEPT, acts
+    # IPv6 Jumbo Payload in a destination options header: Linux discards the packet.
+    assert _v6_discard_option(b"\xc2\x04" + bytes(4))
 
 
 def test_invalid_packets_are_judged_with_their_flow_or_pass() -> None:

@@ -175,10 +175,9 @@ class Outcome(NamedTuple):
 Decide = Callable[[str, "str | None", str, int, "str | None", bool, str], FlowDecision]
 # sni_class(client_ip, sni or "") -> shaping mark bits (class << 8 | slot << 16; 0: none)
 SniClass = Callable[[str, str], int]
-# evasion(client_ip, client_mac, server_ip, server_port, what) -> reset the flow? The filter
-# answers True when the client is filtered by name (and logs it); without a hook: True.
 # evasion(client_ip, client_mac, server_ip, server_port, what, reset) -> whether the client is
-# filtered by name (then the flow is reset, or with reset False only the packet is dropped).
+# filtered by name (and logged): then the flow is reset, or with reset False only the packet is
+# dropped. Without a hook: True.
 Evasion = Callable[[str, "str | None", str, int, str, bool], bool]
 
 
@@ -193,6 +192,11 @@ class _Retry:
     assembler: ClientHelloAssembler
     segments: int = 0
     packets: int = 0  # since the hello (RETRY_PACKETS)
+    # A hello judged on a TCP Fast Open SYN's data, not yet known to have reached the server:
+    # a server without Fast Open ignores SYN data (RFC 7413 §3), so the wait does not end on
+    # data after it until the client's ACK says the server took it, or the client sends the
+    # same hello again after the handshake.
+    unconfirmed: bool = False
 
 
 @dataclass
@@ -230,6 +234,15 @@ class _Flow:
         if len(self.syns) < MAX_SYN_STARTS or seg.seq in self.syns:
             self.syns[seg.seq] = (max(ttl, seg.ttl), ts)
 
+    def reference(self, seq: int) -> None:
+        """TTL and timestamp references without the handshake's ACK (a client that sends its
+        first data with it): from the SYN this segment continues, or the only SYN seen."""
+        isn = self.starts.get(seq)
+        if isn is None and len(self.syns) == 1:
+            isn = next(iter(self.syns))
+        if isn is not None:
+            self.ttl, self.ts_first = self.syns.get(isn, (0, None))
+
     def handshake_acked(self, isn: int | None, ack: int) -> None:
         self.ttl, self.ts_first = self.syns.get(isn, (0, None)) if isn is not None else (0, None)
         self.server_next = ack
@@ -247,6 +260,17 @@ TLS_HANDSHAKE = b"\x16"  # a TLS handshake record's content type (RFC 8446 §5.1
 def _older(a: int, b: int) -> bool:
     """Whether 32-bit timestamp ``a`` is older than ``b`` (modular, RFC 7323 §5.2)."""
     return 0 < (b - a) % SEQ_MOD < SEQ_MOD // 2
+
+
+def _tls_or_unknown(flow: _Flow, seg: TcpSegment) -> bool:
+    """Whether the client's stream is (or may be) TLS: it starts with a handshake record, or
+    this segment is not its start and the start has not come yet (a piece of a hello sent
+    ahead of its first byte is judged like the hello)."""
+    first = flow.assembler.contiguous()[:1]
+    if first:
+        return first == TLS_HANDSHAKE
+    start = flow.assembler.start
+    return seg.payload[:1] == TLS_HANDSHAKE or start is None or seg.seq != start
 
 
 def server_drops(flow: _Flow, seg: TcpSegment) -> str:
@@ -274,7 +298,7 @@ def server_drops(flow: _Flow, seg: TcpSegment) -> str:
         and flow.server_next is not None
         and seg.flags & TCP_ACK
         and seg.ack != flow.server_next
-        and (seg.payload[:1] == TLS_HANDSHAKE or flow.assembler.contiguous()[:1] == TLS_HANDSHAKE)
+        and _tls_or_unknown(flow, seg)
     ):
         # Before the client's hello a TLS server has sent only its SYN (the client speaks
         # first, RFC 8446 §2), so every real segment up to the verdict acknowledges exactly
@@ -417,6 +441,8 @@ class FlowInspector:
                 return self._invalid_stray(seg, hw)
         decoy = seg.ttl <= MIN_FORWARD_TTL
         if flow is not None and seg.payload and not flags & TCP_SYN and not decoy:
+            if not flow.ttl:
+                flow.reference(seg.seq)
             # A fake hello (server_drops) is dropped here: judged, it would stand in for the
             # real one behind it; the server would have dropped it anyway, so a real client
             # loses nothing.
@@ -486,6 +512,19 @@ class FlowInspector:
             if not flags & TCP_SYN and not decoy and not flow.started:
                 if not seg.payload:
                     isn = flow.starts.get(seg.seq)
+                    syn_ttl, syn_ts = (
+                        flow.syns.get(isn, (0, None)) if isn is not None else (0, None)
+                    )
+                    if isn is not None and (
+                        seg.ttl < syn_ttl
+                        or (
+                            syn_ts is not None
+                            and seg.tsval is not None
+                            and _older(seg.tsval + 1, syn_ts)
+                        )
+                    ):
+                        # One the server would not take (server_drops): it says nothing.
+                        isn = None
                     if isn is not None:
                         # The handshake's ACK continues the SYN the server took: the stream
                         # starts after that one, whatever SYNs came before (one the server
@@ -588,7 +627,9 @@ class FlowInspector:
             # The verdict mark waits for what follows this hello (see the class docstring).
             end = (flow.assembler.start + info.length - 1) % SEQ_MOD
             after = ClientHelloAssembler(end, parse=parse_second_flight)
-            flow.retry = _Retry(sni, info.ech, outcome.mark, after)
+            flow.retry = _Retry(
+                sni, info.ech, outcome.mark, after, unconfirmed=bool(seg.flags & TCP_SYN)
+            )
             # Back in at the end with a fresh TTL: the table stays in expiry order (_expire).
             flow.expires = now + self.flow_ttl
             self.flows[key] = flow
@@ -626,6 +667,14 @@ class FlowInspector:
             if self._is_evasion(seg, hw, what):
                 return self._reset(seg, None, retry.ech, what)
             return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+        if retry.unconfirmed and not decoy and not seg.flags & TCP_SYN:
+            end = (start or 0) % SEQ_MOD
+            if (seq == end and not seg.payload) or (seg.payload and resent):
+                retry.unconfirmed = False  # the server took the SYN's data / it came again
+            elif not last:
+                # Nothing after a Fast Open hello counts before that: a fake hello in a SYN to a
+                # server without Fast Open, then a segment to end the wait, then the real hello.
+                return Outcome(Action.PASS, segment=seg)
         if seg.payload and not decoy and not resent:
             if not counted:
                 retry.segments += 1

@@ -588,22 +588,20 @@ def _tcp(
     return TcpSegment(src, dst, sport, dport, seq, flags, payload, ttl, tsval, signed, ack, discard)
 
 
-# Options with those action bits that a host does know: Jumbo Payload (RFC 2675) and Home
-# Address (RFC 6275 §6.3).
-_V6_KNOWN_DISCARD_OPTIONS = frozenset({0xC2, 0xC9})
-
-
 def _v6_discard_option(options: bytes) -> bool:
     """Whether a hop-by-hop or destination options header (its option area) holds an option
     whose action bits tell a node that does not know it to discard the packet (RFC 8200
-    §4.2): a client's TLS segment has no reason to carry one but to be dropped on its way."""
+    §4.2): a client's TLS segment has no reason to carry one but to be dropped on its way.
+    The two a Linux host may know are no exception: Jumbo Payload (RFC 2675) is invalid in a
+    packet that is not one, and Home Address (RFC 6275 §6.3) is dropped without a mobility
+    binding."""
     i = 0
     while i < len(options):
         kind = options[i]
         if kind == 0:  # Pad1
             i += 1
             continue
-        if kind >> 6 and kind not in _V6_KNOWN_DISCARD_OPTIONS:
+        if kind >> 6:
             return True
         if i + 1 >= len(options):
             return False
