@@ -43,6 +43,7 @@ from tproxy.netfilter import (
     show,
     show_by_family,
 )
+from tproxy.netfilter.render import MARK_QUEUED
 from tproxy.netfilter.sockets import forget_timewait
 
 pytestmark = [
@@ -613,11 +614,13 @@ def test_nfqueue_verdicts_stick_to_the_flow(pair: Pair, verdict: str) -> None:
                     assert len(conn.recv(1000)) >= 1
                     conn.sendall(b"y")
                     assert csock.recv(16) == b"y"
-            # Only the handshake and the verdict packet were queued: the saved connmark sends
-            # later packets past the queue (the queue rule itself has no packet limit).
-            assert queue.seen == [0, 0, 5]
+            # Only the handshake (the server's SYN-ACK too: rule 8 queues the replies of a flow
+            # being decided) and the verdict packet were queued: the saved connmark sends later
+            # packets past the queue (the queue rule itself has no packet limit).
+            assert queue.seen == [0, 0, 0, 5]
             ct = sh("conntrack", "-L", "-p", "tcp", "--dport", str(HTTPS), ns=pair.gateway)
-            assert f"mark={mark}" in ct
+            # The verdict and class, beside the bit that says the flow's replies are queued.
+            assert f"mark={mark | MARK_QUEUED}" in ct
         # QUIC from the LAN is refused with an ICMP port unreachable.
         usock = in_netns(pair.client, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         with usock:

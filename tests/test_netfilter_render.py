@@ -111,9 +111,18 @@ def test_rule_order_in_prerouting() -> None:
     for rule in socket_rules:
         assert " -i " not in rule and " ! --syn " in rule and rule.endswith("-j TPROXY-DIVERT")
     assert "--sports" in socket_rules[0] and "--dports" in socket_rules[-1]
-    # Every TPROXY and queue rule is limited to a LAN interface.
+    # Every TPROXY and queue rule is limited to a LAN interface, but for the servers' replies
+    # in flows a LAN client started to an HTTPS port (connmark 0x10 set on its SYN from the
+    # LAN; the mark 0x20 only the rule before sets).
+    replies = [r for r in pre if "--sport 443 -m mark --mark 0x20/0x20 -j NFQUEUE" in r]
+    assert len(replies) == 1
+    marks = [r for r in pre if "-j MARK --set-xmark 0x20/0x20" in r]
+    assert len(marks) == 1 and "-m connmark --mark 0x10/0x10 -m conntrack --ctdir REPLY" in marks[0]
+    assert pre.index(marks[0]) + 1 == pre.index(replies[0])
     for rule in pre:
-        if "-j TPROXY " in rule or "-j NFQUEUE" in rule:
+        if "-j CONNMARK --set-xmark 0x10/0x10" in rule:
+            assert re.search(r" -i (br-lan|wlan0) -p tcp --syn --dport 443 ", rule), rule
+        if ("-j TPROXY " in rule or "-j NFQUEUE" in rule) and rule not in replies:
             assert re.search(r" -i (br-lan|wlan0) ", rule), rule
 
 
@@ -197,7 +206,7 @@ def test_routing_description() -> None:
         ({"https_ports": (80,), "nfqueue_num": 1}, "both intercepted and queued"),
         ({"https_ports": (443,)}, "need an nfqueue_num"),
         ({"fwmark": 0x3, "fwmark_mask": 0x1}, "outside fwmark_mask"),
-        ({"fwmark": 0x2, "fwmark_mask": 0x2}, "overlaps the verdict/class bits"),
+        ({"fwmark": 0x2, "fwmark_mask": 0x2}, "overlaps the bits tproxy marks packets with"),
         ({"route_table": 254}, "reserved"),
         ({"rule_priority": 40000}, "outside"),
     ],
@@ -361,7 +370,7 @@ def test_plan_from_config_errors() -> None:
     # intercepts nothing.
     assert not plan_from_config(config.parse({})).intercepts()
     cfg = config.parse({"proxy": {"lan_interfaces": ["eth1"]}, "rules": {"fwmark_mask": 0xFF}})
-    with pytest.raises(config.ConfigError, match="overlaps the verdict/class bits"):
+    with pytest.raises(config.ConfigError, match="overlaps the bits tproxy marks packets with"):
         plan_from_config(cfg)
 
 

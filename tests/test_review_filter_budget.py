@@ -36,7 +36,7 @@ from tproxy.nfqueue import (
     FlowInspector,
     Outcome,
 )
-from tproxy.tls import _v6_discard_option, parse_ip_tcp, tcp_options
+from tproxy.tls import HRR_RANDOM, _v6_discard_option, parse_ip_tcp, tcp_options
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
@@ -337,13 +337,14 @@ INVALID_CLIENT = HELLO_PY + textwrap.dedent(
 )
 
 
-def invalid_marked(lab: Lab) -> int:
-    """Packets the gateway's rules marked INVALID for the queue (the MARK rule's counter)."""
+def marked(lab: Lab, what: str) -> int:
+    """Packets a MARK rule of the gateway's TPROXY-PRE marked for the queue (its counter):
+    ``what`` is a piece of the rule ("ctstate INVALID", "ctdir REPLY")."""
     out = lab.run("gateway", ["iptables", "-t", "mangle", "-L", "TPROXY-PRE", "-v", "-n", "-x"])
     return sum(
         int(line.split()[0])
         for line in out.stdout.splitlines()
-        if "ctstate INVALID" in line and "MARK" in line
+        if what in line and " MARK " in line
     )
 
 
@@ -352,10 +353,12 @@ def test_an_invalid_hello_is_queued_and_judged_on_the_wire(tls_origin: Lab) -> N
     lab = tls_origin
     argv = [sys.executable, "-c", INVALID_CLIENT, "bad.example", lab.origin_v4, "good.example"]
     with Proxy(lab, LAB_FILTER.format(group="all", cidr="0.0.0.0/0")) as proxy:
-        assert invalid_marked(lab) == 0
-        # The INVALID hello is dropped in the queue; the real one after it gets its verdict.
+        assert marked(lab, "ctstate INVALID") == 0 and marked(lab, "ctdir REPLY") == 0
+        # The INVALID hello is dropped in the queue; the real one after it gets its verdict,
+        # which goes out on the server's answer (its replies are queued until then).
         assert lab.run("client", argv).stdout.strip() == "handshake"
-        assert invalid_marked(lab) >= 1  # connection tracking found it INVALID
+        assert marked(lab, "ctstate INVALID") >= 1  # connection tracking found it INVALID
+        assert marked(lab, "ctdir REPLY") >= 2  # the SYN-ACK and the server's answer
         err = proxy.stderr()
         assert "acknowledges" in err and "packet dropped" in err, err
 
@@ -778,6 +781,88 @@ def test_fakes_found_in_the_second_review_are_dropped_or_wait() -> None:
         assert acts[-1] is Action.ACCEPT, acts
     # IPv6 Jumbo Payload in a destination options header: Linux discards the packet.
     assert _v6_discard_option(b"\xc2\x04" + bytes(4))
+
+
+def reply(seq: int, flags: int, payload: bytes = b"", ack: int = 0) -> bytes:
+    """The server's IPv4 TCP packet back to the client of packet()."""
+    tcp = struct.pack("!HHIIBBHHH", 443, 40000, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    src, dst = socket.inet_aton("192.0.2.7"), socket.inet_aton("10.0.0.2")
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 60, 6, 0, src, dst) + tcp
+
+
+def server_hello(random: bytes) -> bytes:
+    body = b"\x03\x03" + random + bytes(40)
+    message = b"\x02" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x03" + struct.pack("!H", len(message)) + message
+
+
+SYN_ACK = 0x12
+
+
+def test_with_the_servers_replies_the_mark_waits_for_the_servers_answer() -> None:
+    # The rules queue the server's packets of a flow being decided (render rule 8): the verdict
+    # mark then goes out on the server's answer to the hello judged, never on the client's say.
+    ok, bad = real_hello("ok.example"), real_hello("x.bad.example")
+    end = ISN + 1 + len(ok)
+
+    def setup(insp: FlowInspector) -> None:
+        assert insp.inspect(packet(ISN, SYN), None, 0.0).action is Action.PASS
+        out = insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1), None, 0.0, reply=True)
+        assert out.action is Action.PASS
+
+    insp = FlowInspector(Policy(), second_hello=True)
+    setup(insp)
+    outs = run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok, SA)])
+    assert [o.action for o in outs] == [Action.PASS, Action.PASS]
+    # Data from the client after the hello does not end the wait; the server's ACK alone not
+    # either (it may answer with a HelloRetryRequest); its ServerHello does.
+    assert run(insp, [packet(end, PSH_ACK, APP_DATA, SA)])[0].action is Action.PASS
+    assert insp.inspect(reply(SA, ACK, ack=end), None, 0.0, reply=True).action is Action.PASS
+    answer = reply(SA, PSH_ACK, server_hello(bytes(range(32))), ack=end)
+    out = insp.inspect(answer, None, 0.0, reply=True)
+    assert out.action is Action.ACCEPT and out.sni == "ok.example" and insp.flows == {}
+    assert insp.stats.replies == 3
+    # Packets queued before the mark reached the connmark get it too, in both directions.
+    assert run(insp, [packet(end + 37, ACK, ack=SA + 200)])[0].action is Action.ACCEPT
+    assert insp.inspect(answer, None, 0.0, reply=True).action is Action.ACCEPT
+
+    # A fake hello no check catches, a segment to end the wait, then the real hello: the wait
+    # has not ended, and the real hello is caught over the judged one.
+    insp = FlowInspector(Policy(), second_hello=True)
+    setup(insp)
+    outs = run(
+        insp,
+        [
+            packet(ISN + 1, ACK, ack=SA),
+            packet(ISN + 1, PSH_ACK, ok, SA),
+            packet(end, PSH_ACK, APP_DATA, SA),
+            packet(ISN + 1, PSH_ACK, bad, SA),
+        ],
+    )
+    assert [o.action for o in outs] == [Action.PASS] * 3 + [Action.RESET]
+    # Without a handshake ACK, or with a bogus one, the server's ISN is still known: a fake
+    # that acknowledges anything else is dropped.
+    for first in ([], [packet(ISN + 1, ACK, ack=SA + 5000)]):
+        insp = FlowInspector(Policy(), second_hello=True)
+        setup(insp)
+        outs = run(insp, [*first, packet(ISN + 1, PSH_ACK, ok, SA + 5000)])
+        assert outs[-1].action is Action.DROP and "acknowledges" in outs[-1].evasion
+
+    # A HelloRetryRequest: the mark waits for the second hello, the server's ACK of it and its
+    # next answer; a second hello naming another server is reset.
+    hrr = reply(SA, PSH_ACK, server_hello(HRR_RANDOM), ack=end)
+    for second, action in ((ok, Action.ACCEPT), (bad, Action.RESET)):
+        insp = FlowInspector(Policy(), second_hello=True)
+        setup(insp)
+        run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok, SA)])
+        assert insp.inspect(hrr, None, 0.0, reply=True).action is Action.PASS
+        out = run(insp, [packet(end, PSH_ACK, second, SA + 200)])[0]
+        if action is Action.RESET:
+            assert out.action is Action.RESET and "second ClientHello" in out.evasion
+            continue
+        assert out.action is Action.PASS
+        later = reply(SA + 200, PSH_ACK, server_hello(bytes(32)), ack=end + len(second))
+        assert insp.inspect(later, None, 0.0, reply=True).action is Action.ACCEPT
 
 
 def test_invalid_packets_are_judged_with_their_flow_or_pass() -> None:

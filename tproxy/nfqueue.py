@@ -13,9 +13,12 @@ arrive after the daemon must decide, pure ACKs or decoys sent to spend those pac
 hello, and a second ClientHello after a HelloRetryRequest that names another server (RFC 8446
 §4.1.2), are reset when the ``evasion`` hook says the client is filtered by name. To see a
 second hello, and a hello that replaces a fake one the server never got, an accepted flow
-keeps its verdict mark until the client's next data segment (at most :data:`RETRY_PACKETS`
-packets). A flow the daemon does not know (its entry
-expired, or the daemon restarted) is decided on its first packet without data.
+keeps its verdict mark until the server has answered the hello judged (the rules queue the
+server's replies too; :meth:`FlowInspector._reply`), or, for a flow whose SYN-ACK was not
+seen, until the client's next data segment (at most :data:`RETRY_PACKETS` packets). Segments
+the server would drop unread (fake hellos, :func:`server_drops`) are dropped, not judged. A
+flow the daemon does not know (its entry expired, or the daemon restarted) is decided on its
+first packet without data.
 
 * accept: ``MARK_VERDICT_ACCEPT`` plus the shaping class bits from the ``sni_class`` hook.
 * reset: ``MARK_VERDICT_RESET``; the ``TPROXY-FWD`` rule answers the client's packet with a TCP
@@ -59,6 +62,7 @@ from typing import Any, NamedTuple
 from tproxy.netfilter.render import (
     MARK_INVALID,
     MARK_MAX,
+    MARK_REPLY,
     MARK_VERDICT_ACCEPT,
     MARK_VERDICT_MASK,
     MARK_VERDICT_RESET,
@@ -66,6 +70,7 @@ from tproxy.netfilter.render import (
 from tproxy.tls import (
     CCS_RECORD_LEN,
     SEQ_MOD,
+    SERVER_HEAD_LEN,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
@@ -79,6 +84,7 @@ from tproxy.tls import (
     maybe_tcp,
     parse_ip_tcp,
     parse_second_flight,
+    server_answer,
     sni_from_prefix,
 )
 
@@ -197,6 +203,12 @@ class _Retry:
     # data after it until the client's ACK says the server took it, or the client sends the
     # same hello again after the handshake.
     unconfirmed: bool = False
+    # With the server's replies queued (flow.server_isn known) the mark waits for the server:
+    # what it answered the hello with (tls.server_answer), where the second hello after a
+    # HelloRetryRequest ends once judged, and how far the server's data had gone at the retry.
+    answer: str | None = None
+    second_end: int | None = None
+    retry_data_end: int = 0
 
 
 @dataclass
@@ -226,6 +238,12 @@ class _Flow:
     ttl: int = 0
     ts_first: int | None = None
     server_next: int | None = None
+    # From the server's replies, when the rules queue them (render rule 8): its ISN (SYN-ACK),
+    # the highest ACK it sent, the first bytes of its stream and where its data has reached.
+    server_isn: int | None = None
+    server_acked: int | None = None
+    server_head: bytes = b""
+    server_data_end: int = 0
 
     def syn_seen(self, seg: TcpSegment) -> None:
         ttl, ts = self.syns.get(seg.seq, (0, None))
@@ -245,7 +263,8 @@ class _Flow:
 
     def handshake_acked(self, isn: int | None, ack: int) -> None:
         self.ttl, self.ts_first = self.syns.get(isn, (0, None)) if isn is not None else (0, None)
-        self.server_next = ack
+        if self.server_isn is None:
+            self.server_next = ack
 
     def at_next(self, seq: int) -> bool:
         """Whether ``seq`` is the next byte the server expects from the client."""
@@ -342,6 +361,7 @@ class InspectorStats:
     flows_evicted: int = 0
     unreadable: int = 0
     invalid: int = 0  # queued packets connection tracking found INVALID
+    replies: int = 0  # queued packets from servers (render rule 8)
     errors: int = 0
 
 
@@ -358,14 +378,15 @@ class FlowInspector:
     * pure ACKs or decoys sent to spend that budget before the hello is whole
       (:data:`IDLE_ACKS_MAX`);
     * a second ClientHello, sent after a HelloRetryRequest (RFC 8446 §4.1.4), that names
-      another server than the first. The kernel does not queue the server's packets, so the
-      HRR itself is not seen; instead an accepted flow keeps its verdict mark until the
-      client's next data — a second hello is checked, anything else (its encrypted flight, a
-      TLS 1.2 ClientKeyExchange) gets the mark at once — or until the last packet the kernel
-      queues, which always carries the mark. A retransmission of the hello seen meanwhile must
-      repeat the bytes judged: that catches a fake whole hello the server never gets (TTL 2, an
-      old timestamp) followed by the real one. Hellos of every TLS version wait, because the
-      fake may offer TLS 1.2 only whatever the real hello offers.
+      another server than the first. An accepted flow keeps its verdict mark until the server
+      has acknowledged the hello judged and answered it (_reply): a HelloRetryRequest keeps
+      the wait for the second hello, which is checked. Without the server's replies (a flow
+      whose SYN-ACK was not seen) the client's next data ends the wait instead — a second
+      hello is checked, anything else (its encrypted flight, a TLS 1.2 ClientKeyExchange) gets
+      the mark at once — or the last packet the kernel queues. Any segment over the hello seen
+      meanwhile must repeat the bytes judged: that catches a fake whole hello the server never
+      gets followed by the real one. Hellos of every TLS version wait, because the fake may
+      offer TLS 1.2 only whatever the real hello offers.
     """
 
     decide: Decide
@@ -396,11 +417,19 @@ class FlowInspector:
                 self.stats.flows_evicted += 1
 
     def inspect(
-        self, packet: bytes, hw: bytes | None, now: float, invalid: bool = False
+        self,
+        packet: bytes,
+        hw: bytes | None,
+        now: float,
+        invalid: bool = False,
+        reply: bool = False,
     ) -> Outcome:
         """The verdict on one queued packet; ``invalid``: connection tracking found it INVALID
-        (it carries no connmark, so it may belong to a flow decided long ago)."""
+        (it carries no connmark, so it may belong to a flow decided long ago); ``reply``: the
+        server's packet in a flow being decided (render rule 8)."""
         self.stats.packets += 1
+        if reply:
+            return self._reply(packet, now)
         out = self._inspect(packet, hw, now, invalid)
         seg = out.segment
         if seg is not None and out.action in (Action.ACCEPT, Action.RESET):
@@ -516,7 +545,8 @@ class FlowInspector:
                         flow.syns.get(isn, (0, None)) if isn is not None else (0, None)
                     )
                     if isn is not None and (
-                        seg.ttl < syn_ttl
+                        (flow.server_isn is not None and seg.ack != flow.server_next)
+                        or seg.ttl < syn_ttl
                         or (
                             syn_ts is not None
                             and seg.tsval is not None
@@ -722,6 +752,17 @@ class FlowInspector:
                 what = f"{flow.packets} packets without data after an accepted ClientHello"
         if what and self._is_evasion(seg, hw, what):
             return self._reset(seg, second, retry.ech, what)
+        if flow.server_isn is not None:
+            # The server's replies are queued: the mark waits for its answer (_reply), not
+            # for what the client sends, which a fake hello's sender controls too.
+            if info.complete:
+                retry.second_end = ((retry.assembler.start or 0) + info.length) % SEQ_MOD
+            if not last:
+                self.flows[key] = flow
+                return Outcome(Action.PASS, segment=seg)
+            what = f"no answer from the server to the ClientHello within {RETRY_PACKETS} packets"
+            if self._is_evasion(seg, hw, what):
+                return self._reset(seg, None, retry.ech, what)
         return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
 
     def _unknown(self, seg: TcpSegment, hw: bytes | None) -> Outcome | None:
@@ -738,6 +779,68 @@ class FlowInspector:
             return None
         info = ClientHelloInfo(reason="no ClientHello seen (the flow's start was not seen)")
         return self._verdict(seg, hw, info, None, "")
+
+    def _reply(self, packet: bytes, now: float) -> Outcome:
+        """A server's packet in a flow without a verdict. Never judged itself (PASS), but it
+        carries the verdict mark once the server has acknowledged the ClientHello judged and
+        answered it: until then the mark waits, so a fake hello that the server dropped cannot
+        earn the mark for the real one behind it (which would then leave the queue unseen)."""
+        seg = parse_ip_tcp(packet)
+        if seg is None:
+            return Outcome(Action.PASS)
+        self.stats.replies += 1
+        key = (seg.dst, seg.dport, seg.src, seg.sport)  # the client's side
+        flow = self.flows.get(key)
+        if flow is None:
+            given = self.decided.get(key)
+            if given is not None and given[0] > now:
+                return given[1]._replace(segment=None, evasion="")
+            return Outcome(Action.PASS)
+        flags = seg.flags
+        if flags & TCP_SYN:
+            if flags & TCP_ACK:
+                flow.server_isn = seg.seq
+                flow.server_next = (seg.seq + 1) % SEQ_MOD
+                retry = flow.retry
+                if retry is not None and retry.unconfirmed and seg.ack == retry.assembler.start:
+                    retry.unconfirmed = False  # it acknowledges the Fast Open SYN's data
+            return Outcome(Action.PASS)
+        if flow.server_isn is None:
+            return Outcome(Action.PASS)
+        if flags & TCP_ACK and (flow.server_acked is None or _older(flow.server_acked, seg.ack)):
+            flow.server_acked = seg.ack
+        if seg.payload:
+            offset = (seg.seq - flow.server_isn - 1) % SEQ_MOD
+            if offset < SEQ_MOD // 2:
+                flow.server_data_end = max(flow.server_data_end, offset + len(seg.payload))
+            have = len(flow.server_head)
+            if offset <= have < SERVER_HEAD_LEN and offset + len(seg.payload) > have:
+                flow.server_head += seg.payload[have - offset : SERVER_HEAD_LEN - offset]
+        retry = flow.retry
+        if retry is None:
+            return Outcome(Action.PASS)
+        if retry.answer is None:
+            retry.answer = server_answer(flow.server_head)
+            if retry.answer == "retry":
+                retry.retry_data_end = flow.server_data_end
+        if retry.answer is None or retry.unconfirmed:
+            return Outcome(Action.PASS)
+        if retry.answer == "retry":
+            # After a HelloRetryRequest: the second hello judged (see _after_hello), then the
+            # server's acknowledgment of it and its next answer.
+            end = retry.second_end
+            if end is None or flow.server_data_end <= retry.retry_data_end:
+                return Outcome(Action.PASS)
+        else:
+            end = retry.assembler.start
+        acked = flow.server_acked
+        if end is None or acked is None or _older(acked, end):
+            return Outcome(Action.PASS)
+        del self.flows[key]
+        out = Outcome(Action.ACCEPT, retry.mark, None, retry.sni, retry.ech)
+        self.decided.pop(key, None)
+        self.decided[key] = (now + DECIDED_TTL, out)
+        return out
 
     def _invalid_stray(self, seg: TcpSegment, hw: bytes | None) -> Outcome:
         """An INVALID packet of no flow being decided: most likely a stray packet of a flow
@@ -1054,11 +1157,13 @@ class SniQueue:
     def _on_packet(self, pkt: Any) -> None:
         outcome = Outcome(Action.PASS)
         try:
+            mark = pkt.get_mark()
             outcome = self.inspector.inspect(
                 pkt.get_payload(),
                 pkt.get_hw(),
                 self.clock(),
-                invalid=bool(pkt.get_mark() & MARK_INVALID),
+                invalid=bool(mark & MARK_INVALID),
+                reply=bool(mark & MARK_REPLY),
             )
         except Exception:
             self.inspector.stats.errors += 1
@@ -1113,6 +1218,8 @@ class SniQueue:
             "decoys": s.decoys,
             "evasions": s.evasions,
             "second_hellos": s.second_hellos,
+            "replies": s.replies,
+            "invalid": s.invalid,
             "flows_pending": len(self.inspector.flows),
             "flows_evicted": s.flows_evicted,
             "errors": s.errors + q.verdict_errors,

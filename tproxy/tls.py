@@ -332,6 +332,32 @@ def parse_second_flight(data: bytes) -> ClientHelloInfo:
     return info
 
 
+# RFC 8446 §4.1.3: a HelloRetryRequest is a ServerHello whose random is SHA-256 of the string
+# "HelloRetryRequest".
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+HANDSHAKE_SERVER_HELLO = 2
+# Bytes of the server's stream that tell a ServerHello from a HelloRetryRequest: record header
+# (5), handshake header (4), legacy_version (2), random (32).
+SERVER_HEAD_LEN = RECORD_HEADER_LEN + 4 + 2 + 32
+
+
+def server_answer(head: bytes) -> str | None:
+    """What the first bytes of a server's stream say about the ClientHello it received:
+    "retry" (a HelloRetryRequest: a second ClientHello follows, RFC 8446 §4.1.4), "answer"
+    (anything else: a ServerHello, an alert, not TLS at all) or None (too few bytes yet)."""
+    if not head:
+        return None
+    if head[0] != CONTENT_HANDSHAKE:
+        return "answer"
+    if len(head) <= RECORD_HEADER_LEN:
+        return None
+    if head[RECORD_HEADER_LEN] != HANDSHAKE_SERVER_HELLO:
+        return "answer"
+    if len(head) < SERVER_HEAD_LEN:
+        return None
+    return "retry" if head[SERVER_HEAD_LEN - 32 : SERVER_HEAD_LEN] == HRR_RANDOM else "answer"
+
+
 def sni_from_prefix(data: bytes) -> str | None:
     """The server name of a ClientHello of which only the first bytes are here, when its
     server_name extension is among them (else None; never raises).

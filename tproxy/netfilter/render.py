@@ -24,6 +24,9 @@ bits           meaning
                in both directions, with a TCP reset.
 ``0x8``        set on a queued packet that connection tracking finds INVALID, so that the
                daemon knows it carries no connmark (see rule 7).
+``0x10``       connmark only: the flow's SYN came from the LAN to an HTTPS port (its packets
+               are queued until it has a verdict), so the server's replies are queued too.
+``0x20``       set on a queued reply from the server of such a flow (rule 8).
 ``0xff00``     shaping class number (``class << 8``); CLASSIFY rules in mangle POSTROUTING
                map it to an HTB class per egress interface.
 ``0xff0000``   client slot inside a per-client fair shaping class (``slot << 16``); kept in
@@ -63,6 +66,10 @@ Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
    of connection tracking's window, say) are queued too, marked ``0x8`` first: a hello the
    server's stack takes although conntrack finds it out of window must not pass unjudged;
    the daemon judges such a packet with its flow, or lets it pass when it knows no flow.
+8. the server's replies in such a flow without a verdict yet → NFQUEUE, marked ``0x20``: the
+   daemon learns the server's ISN from its SYN-ACK and gives the flow's verdict mark once the
+   server has acknowledged the hello it judged and answered it (not with a HelloRetryRequest),
+   so that a fake hello the server dropped can never earn the mark for the real one.
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ MARK_VERDICT_ACCEPT = 0x2
 MARK_VERDICT_RESET = 0x4
 MARK_VERDICT_MASK = MARK_VERDICT_ACCEPT | MARK_VERDICT_RESET
 MARK_INVALID = 0x8
+MARK_QUEUED = 0x10  # in the connmark
+MARK_REPLY = 0x20
 MARK_CLASS_SHIFT = 8
 MARK_CLASS_MASK = 0xFF00
 MAX_CLASS_NUMBER = MARK_CLASS_MASK >> MARK_CLASS_SHIFT
@@ -96,7 +105,8 @@ MARK_SLOT_MASK = 0xFF0000
 # The shaping bits a packet's class is matched on (tproxy.shaping.model.MARK_MASK).
 MARK_SHAPING_MASK = MARK_CLASS_MASK | MARK_SLOT_MASK
 # Bits the divert mark must stay clear of; the slot bits only while shaping classes exist.
-MARK_RESERVED = MARK_VERDICT_MASK | MARK_INVALID | MARK_CLASS_MASK
+# (MARK_QUEUED lives in the connmark only: no packet mark bit is copied to or from it.)
+MARK_RESERVED = MARK_VERDICT_MASK | MARK_INVALID | MARK_REPLY | MARK_CLASS_MASK
 # What the connmark carries for a flow: its verdict, its shaping class and client slot.
 MARK_CONN_MASK = MARK_VERDICT_MASK | MARK_SHAPING_MASK
 MARK_MAX = 0xFFFFFFFF
@@ -216,7 +226,8 @@ class RulesPlan:
         reserved = MARK_RESERVED | (MARK_SLOT_MASK if self.classify else 0)
         if self.fwmark_mask & reserved:
             raise ValueError(
-                f"fwmark_mask {self.fwmark_mask:#x} overlaps the verdict/class bits {reserved:#x}"
+                f"fwmark_mask {self.fwmark_mask:#x} overlaps the bits tproxy marks packets with "
+                f"{reserved:#x}"
             )
         if not 1 <= self.rule_priority <= RULE_PRIORITY_MAX:
             raise ValueError(f"rule priority {self.rule_priority} is outside 1..32765")
@@ -374,10 +385,25 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         )
         flag = f"{MARK_INVALID:#x}/{MARK_INVALID:#x}"
         invalid = f"-m conntrack --ctstate INVALID -j MARK --set-xmark {flag}"
+        queued_bit = f"{MARK_QUEUED:#x}/{MARK_QUEUED:#x}"
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
+                add(f"-i {lan} -p tcp --syn {ports} -j CONNMARK --set-xmark {queued_bit}")
                 add(f"-i {lan} -p tcp {ports} {invalid}")
                 add(f"-i {lan} -p tcp {ports} {queue}")
+        # The server's replies in those flows (connmark 0x10, no verdict: decided flows left
+        # above), marked for the daemon: it gives the verdict mark only once the server has
+        # acknowledged the hello judged, so a fake one the server dropped cannot earn it.
+        reply = f"{MARK_REPLY:#x}/{MARK_REPLY:#x}"
+        for ports in _port_groups(plan.https_ports, "sport"):
+            add(
+                f"-p tcp {ports} -m connmark --mark {queued_bit} -m conntrack --ctdir REPLY "
+                f"-j MARK --set-xmark {reply}"
+            )
+            add(
+                f"-p tcp {ports} -m mark --mark {reply} "
+                f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
+            )
 
     divert = (
         f"-A {CHAIN_DIVERT} -j MARK --set-xmark {plan.fwmark:#x}/{plan.fwmark_mask:#x}",
