@@ -119,6 +119,10 @@ def test_rule_order_in_prerouting() -> None:
     marks = [r for r in pre if "-j MARK --set-xmark 0x20/0x20" in r]
     assert len(marks) == 1 and "-m connmark --mark 0x10/0x10 -m conntrack --ctdir REPLY" in marks[0]
     assert pre.index(marks[0]) + 1 == pre.index(replies[0])
+    # Replies arriving on a LAN interface (a client forging the server's answer) never get it.
+    lan_replies = [r for r in pre if "--sport 443 -m conntrack --ctdir REPLY -j RETURN" in r]
+    assert [r.split()[3] for r in lan_replies] == ["br-lan", "wlan0"]
+    assert all(pre.index(r) < pre.index(marks[0]) for r in lan_replies)
     for rule in pre:
         if "-j CONNMARK --set-xmark 0x10/0x10" in rule:
             assert re.search(r" -i (br-lan|wlan0) -p tcp --syn --dport 443 ", rule), rule

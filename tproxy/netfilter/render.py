@@ -395,6 +395,13 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # above), marked for the daemon: it gives the verdict mark only once the server has
         # acknowledged the hello judged, so a fake one the server dropped cannot earn it.
         reply = f"{MARK_REPLY:#x}/{MARK_REPLY:#x}"
+        # Only replies from the WAN side: a LAN client could forge the server's answer (loose
+        # reverse-path filtering lets a LAN packet carry the server's address) to earn the mark
+        # early. A server on another LAN interface is not queued; the daemon then waits for the
+        # client's next data as it does for a flow whose SYN-ACK it did not see.
+        for lan in plan.lan_interfaces:
+            for ports in _port_groups(plan.https_ports, "sport"):
+                add(f"-i {lan} -p tcp {ports} -m conntrack --ctdir REPLY -j RETURN")
         for ports in _port_groups(plan.https_ports, "sport"):
             add(
                 f"-p tcp {ports} -m connmark --mark {queued_bit} -m conntrack --ctdir REPLY "
