@@ -36,7 +36,13 @@ from tproxy.nfqueue import (
     FlowInspector,
     Outcome,
 )
-from tproxy.tls import HRR_RANDOM, _v6_discard_option, parse_ip_tcp, tcp_options
+from tproxy.tls import (
+    HRR_RANDOM,
+    _v6_discard_option,
+    leading_skipped,
+    parse_ip_tcp,
+    tcp_options,
+)
 
 SYN, ACK, PSH_ACK = 0x02, 0x10, 0x18
 APP_DATA = b"\x17\x03\x03\x00\x20" + bytes(32)  # an encrypted record (the client's Finished)
@@ -566,10 +572,11 @@ def test_an_ack_that_continues_no_syn_does_not_move_the_start() -> None:
             packet(ISN + 1, PSH_ACK, real_hello("x.bad.example"), SA),
         ],
     )
-    # Judged on what the server takes at ISN+1: a record that is no hello, so no name.
+    # Judged on what the server takes at ISN+1: a record that is no hello - and since the
+    # third review, a TLS record of another type where the hello must be is reset outright.
     assert [o.action for o in outs[:2]] == [Action.PASS, Action.PASS]
-    assert outs[2].action is Action.ACCEPT and outs[2].sni is None
-    assert len(policy.why) == 1 and "not a TLS handshake" in policy.why[0]
+    assert outs[2].action is Action.RESET and "application_data record before" in outs[2].evasion
+    assert policy.why == []
 
 
 def test_a_fast_open_hello_in_two_parts_keeps_its_start() -> None:
@@ -863,6 +870,55 @@ def test_with_the_servers_replies_the_mark_waits_for_the_servers_answer() -> Non
         assert out.action is Action.PASS
         later = reply(SA + 200, PSH_ACK, server_hello(bytes(32)), ack=end + len(second))
         assert insp.inspect(later, None, 0.0, reply=True).action is Action.ACCEPT
+
+
+USER_CANCELED = b"\x15\x03\x03\x00\x02\x01\x5a"  # a warning alert (RFC 8446 §6.1)
+
+
+def test_third_review_forged_replies_alerts_and_hidden_second_hellos() -> None:
+    ok, bad = real_hello("ok.example"), real_hello("x.bad.example")
+    end = ISN + 1 + len(ok)
+
+    def start(insp: FlowInspector) -> None:
+        insp.inspect(packet(ISN, SYN), None, 0.0)
+        insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1), None, 0.0, reply=True)
+        run(insp, [packet(ISN + 1, ACK, ack=SA)])
+
+    # A LAN packet in the server's direction of a pending flow (a forged answer) is no
+    # packet of any client flow: it passes, decides nothing and changes nothing.
+    insp = FlowInspector(Policy(), second_hello=True)
+    start(insp)
+    run(insp, [packet(ISN + 1, PSH_ACK, ok, SA)])
+    forged = reply(SA, PSH_ACK, server_hello(bytes(32)), ack=end)
+    assert insp.inspect(forged, None, 0.0).action is Action.PASS
+    flow = next(iter(insp.flows.values()))
+    assert flow.retry is not None and flow.retry.answer is None
+    # A warning alert (or any record but a handshake) before the first hello: some servers
+    # step over it, so the hello behind it would go unjudged. Reset for filtered clients.
+    for first in (USER_CANCELED, b"\x14\x03\x03\x00\x01\x01", APP_DATA):
+        insp = FlowInspector(Policy(), second_hello=True)
+        outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, first + bad, SA)])
+        assert outs[-1].action is Action.RESET and "before the ClientHello" in outs[-1].evasion
+        insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: False)
+        outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, first + bad, SA)])
+        assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
+    # After a HelloRetryRequest: a second hello behind a user_canceled alert is read (and
+    # reset when it names another server); a flight that is no hello at all is reset.
+    hrr = reply(SA, PSH_ACK, server_hello(HRR_RANDOM), ack=end)
+    for flight, why in ((USER_CANCELED + bad, "names x.bad.example"), (APP_DATA, "no second")):
+        insp = FlowInspector(Policy(), second_hello=True)
+        start(insp)
+        run(insp, [packet(ISN + 1, PSH_ACK, ok, SA)])
+        insp.inspect(hrr, None, 0.0, reply=True)
+        out = run(insp, [packet(end, PSH_ACK, flight, SA + 200)])[0]
+        assert out.action is Action.RESET and why in out.evasion, out
+    # Without the server's replies the alert hides nothing either.
+    insp = FlowInspector(Policy(), second_hello=True)
+    run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, ok, SA)])
+    out = run(insp, [packet(end, PSH_ACK, USER_CANCELED + bad, SA + 200)])[0]
+    assert out.action is Action.RESET and "names x.bad.example" in out.evasion
+    assert leading_skipped(USER_CANCELED * 2 + bad) == 2 * len(USER_CANCELED)
+    assert leading_skipped(b"\x15\x03\x03\x00\x02\x02\x28" + bad) == 0  # fatal: not skipped
 
 
 def test_invalid_packets_are_judged_with_their_flow_or_pass() -> None:

@@ -274,6 +274,8 @@ class _Flow:
 
 
 TLS_HANDSHAKE = b"\x16"  # a TLS handshake record's content type (RFC 8446 §5.1)
+# The other record types (RFC 8446 §5.1), none of which starts a client's stream.
+NOT_HELLO_RECORDS = {20: "change_cipher_spec", 21: "alert", 23: "application_data"}
 
 
 def _older(a: int, b: int) -> bool:
@@ -454,6 +456,11 @@ class FlowInspector:
             self.stats.unreadable += 1
             return Outcome(Action.DROP)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
+        back = (seg.dst, seg.dport, seg.src, seg.sport)
+        if back in self.flows or back in self.decided:
+            # From the LAN, yet in the direction of a flow's server: forged (to pose as the
+            # server's answer), or looped back. Not the client's stream; never a verdict.
+            return Outcome(Action.PASS)
         flags = seg.flags
         given = self.decided.get(key)
         if given is not None and given[0] > now and key not in self.flows:
@@ -631,6 +638,14 @@ class FlowInspector:
         sni = info.sni if info.complete else None
         if info.conflict and self._is_evasion(seg, hw, info.reason):
             return self._reset(seg, None, info.ech, info.reason)
+        first = flow.assembler.first or flow.assembler.contiguous()[:1]
+        if first and first[0] in NOT_HELLO_RECORDS and not info.complete:
+            # A TLS record of another type where the ClientHello must be (RFC 8446 §2: the
+            # client's first flight is its hello): some stacks step over a warning alert or a
+            # change_cipher_spec there (Go's does), so the hello behind it would go unjudged.
+            what = f"a TLS {NOT_HELLO_RECORDS[first[0]]} record before the ClientHello"
+            if self._is_evasion(seg, hw, what):
+                return self._reset(seg, None, info.ech, what)
         if info.incomplete:
             # Out of queue budget: a name that has already arrived still decides.
             data = flow.assembler.contiguous()
@@ -755,6 +770,11 @@ class FlowInspector:
         if flow.server_isn is not None:
             # The server's replies are queued: the mark waits for its answer (_reply), not
             # for what the client sends, which a fake hello's sender controls too.
+            if retry.answer == "retry" and not info.complete and not info.incomplete:
+                # After a HelloRetryRequest the client's next flight is its second hello.
+                what = f"after a HelloRetryRequest, no second ClientHello ({info.reason})"
+                if self._is_evasion(seg, hw, what):
+                    return self._reset(seg, None, retry.ech, what)
             if info.complete:
                 retry.second_end = ((retry.assembler.start or 0) + info.length) % SEQ_MOD
             if not last:

@@ -50,6 +50,10 @@ TLS13 = 0x0304  # RFC 8446 §4.2.1 supported_versions value
 # RFC 8446 §5.1 ContentType.change_cipher_spec: TLS 1.3 clients in middlebox compatibility mode
 # send one dummy record {20, 3.3, length 1, value 1} before their second flight (Appendix D.4).
 CONTENT_CHANGE_CIPHER_SPEC = 20
+CONTENT_ALERT = 21
+CONTENT_APPLICATION_DATA = 23
+ALERT_RECORD_LEN = RECORD_HEADER_LEN + 2
+ALERT_LEVEL_WARNING = 1
 CCS_RECORD_LEN = RECORD_HEADER_LEN + 1
 
 _U16 = struct.Struct("!H")
@@ -299,6 +303,25 @@ def leading_ccs(data: bytes) -> int:
     return pos
 
 
+def leading_skipped(data: bytes) -> int:
+    """Bytes of the records a peer may step over before a second ClientHello that ``data``
+    starts with: change_cipher_spec records (leading_ccs) and warning-level alerts - TLS 1.3
+    stacks (OpenSSL, Go, BoringSSL, NSS, rustls) ignore a user_canceled warning, so one must
+    not hide the hello behind it. -1: a malformed one."""
+    pos = 0
+    while True:
+        ccs = leading_ccs(data[pos:])
+        if ccs < 0:
+            return -1
+        pos += ccs
+        record = data[pos : pos + ALERT_RECORD_LEN]
+        if record[:1] != bytes([CONTENT_ALERT]) or len(record) < ALERT_RECORD_LEN:
+            return pos
+        if record[1] != 3 or record[3:5] != b"\x00\x02" or record[5] != ALERT_LEVEL_WARNING:
+            return pos  # a fatal alert ends the handshake: nothing follows to judge
+        pos += ALERT_RECORD_LEN
+
+
 def parse_second_flight(data: bytes) -> ClientHelloInfo:
     """Parse what a client sent after its first ClientHello. Never raises.
 
@@ -310,13 +333,16 @@ def parse_second_flight(data: bytes) -> ClientHelloInfo:
     (application_data records), a TLS 1.2 ClientKeyExchange, early data.
 
     A leading dummy change_cipher_spec record (middlebox compatibility mode, Appendix D.4) is
-    stepped over: the client may send it "before its second ClientHello".
+    stepped over: the client may send it "before its second ClientHello"; so are warning
+    alerts, which servers ignore (leading_skipped).
     """
-    skip = leading_ccs(data)
+    skip = leading_skipped(data)
     if skip < 0:
         return _invalid("malformed change_cipher_spec record")
     if data[skip : skip + 1] == bytes([CONTENT_CHANGE_CIPHER_SPEC]):
         return _incomplete("change_cipher_spec record cut short")
+    if data[skip : skip + 1] == bytes([CONTENT_ALERT]) and len(data) - skip < ALERT_RECORD_LEN:
+        return _incomplete("alert record cut short")
     rest = data[skip:]
     if not rest:
         return _incomplete("nothing after change_cipher_spec yet")
@@ -427,6 +453,7 @@ class ClientHelloAssembler:
         self._known_start = isn is not None
         self._segments: dict[int, bytes] = {}  # offset from base -> payload
         self.judged = b""  # the whole hello once complete: what the verdict was given on
+        self.first = b""  # the stream's first byte, once decided (incomplete: contiguous())
         self._result = _incomplete("no data yet")
 
     @property
@@ -536,6 +563,7 @@ class ClientHelloAssembler:
             # Maybe a middle segment arrived first; the real start may still come.
             return _incomplete(f"start of stream unknown ({info.reason})")
         if not info.incomplete:
+            self.first = data[:1]  # what the stream starts with, kept for the verdict
             self._segments = {}  # decided: the payloads are no longer needed
             if info.complete:
                 self.judged = data[: info.length]

@@ -379,8 +379,11 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # were not queued but forwarded unjudged, and conntrack's window and the server's do
         # not agree everywhere (a hello conntrack calls INVALID may be one the server takes).
         # Untracked packets (the admin's NOTRACK) are left alone.
+        # Only the client's direction (--ctdir ORIGINAL): a LAN packet in the server's
+        # direction of such a flow (one forged with the server's address, the client's own
+        # port being 443) must never carry a verdict into the flow's connmark.
         queue = (
-            f"-m conntrack ! --ctstate UNTRACKED "
+            f"-m conntrack ! --ctstate UNTRACKED --ctdir ORIGINAL "
             f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
         )
         flag = f"{MARK_INVALID:#x}/{MARK_INVALID:#x}"
@@ -388,7 +391,10 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         queued_bit = f"{MARK_QUEUED:#x}/{MARK_QUEUED:#x}"
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
-                add(f"-i {lan} -p tcp --syn {ports} -j CONNMARK --set-xmark {queued_bit}")
+                add(
+                    f"-i {lan} -p tcp --syn {ports} -m conntrack --ctdir ORIGINAL "
+                    f"-j CONNMARK --set-xmark {queued_bit}"
+                )
                 add(f"-i {lan} -p tcp {ports} {invalid}")
                 add(f"-i {lan} -p tcp {ports} {queue}")
         # The server's replies in those flows (connmark 0x10, no verdict: decided flows left
