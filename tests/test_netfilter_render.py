@@ -103,8 +103,12 @@ def test_rule_order_in_prerouting() -> None:
     first_socket = pre.index(socket_rules[0])
     assert all("--mark 0x" in r for r in pre[:first_socket])
     assert pre[first_socket : index["local"]] == socket_rules
-    # The connmark is only read for packets on an HTTPS port (a native port comparison first).
-    assert all(re.search(r"-p tcp --[sd]port 443 -m connmark ", r) for r in pre[:4])
+    # The connmark is only read for packets on an HTTPS port (a native port comparison first):
+    # first a new SYN's stale verdict is cleared (a reused 4-tuple), per LAN interface.
+    assert all(
+        re.search(r" -p tcp --syn --dport 443 -m connmark ! --mark 0x0/0x6 ", r) for r in pre[:2]
+    )
+    assert all(re.search(r"-p tcp --[sd]port 443 -m connmark ", r) for r in pre[2:6])
     assert index["local"] < index["bypass"] < index["syn"] < index["nonsyn"] < index["queue"]
     # The socket rules are not tied to a LAN interface (they catch WAN-side return traffic),
     # never look up a SYN (TIME_WAIT, DESIGN.md §3), and take origin replies first.
@@ -119,6 +123,12 @@ def test_rule_order_in_prerouting() -> None:
     marks = [r for r in pre if "-j MARK --set-xmark 0x20/0x20" in r]
     assert len(marks) == 1 and "-m connmark --mark 0x10/0x10 -m conntrack --ctdir REPLY" in marks[0]
     assert pre.index(marks[0]) + 1 == pre.index(replies[0])
+    # LAN packets of HTTPS flows whose source would not be routed back out of that interface
+    # (a host posing as a server) are dropped before anything is queued.
+    rp = [r for r in pre if "-m rpfilter --invert -j DROP" in r]
+    assert len(rp) == 4 and {r.split()[3] for r in rp} == {"br-lan", "wlan0"}
+    assert {r.split()[6] for r in rp} == {"--dport", "--sport"}
+    assert max(pre.index(r) for r in rp) < min(pre.index(r) for r in pre if "NFQUEUE" in r)
     # Replies arriving on a LAN interface (a client forging the server's answer) never get it.
     lan_replies = [r for r in pre if "--sport 443 -m conntrack --ctdir REPLY -j RETURN" in r]
     assert [r.split()[3] for r in lan_replies] == ["br-lan", "wlan0"]

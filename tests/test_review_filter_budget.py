@@ -857,18 +857,19 @@ def test_with_the_servers_replies_the_mark_waits_for_the_servers_answer() -> Non
 
     # A HelloRetryRequest: the mark waits for the second hello, the server's ACK of it and its
     # next answer; a second hello naming another server is reset.
-    hrr = reply(SA, PSH_ACK, server_hello(HRR_RANDOM), ack=end)
+    hrr_bytes = server_hello(HRR_RANDOM)
+    hrr = reply(SA, PSH_ACK, hrr_bytes, ack=end)
     for second, action in ((ok, Action.ACCEPT), (bad, Action.RESET)):
         insp = FlowInspector(Policy(), second_hello=True)
         setup(insp)
         run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok, SA)])
         assert insp.inspect(hrr, None, 0.0, reply=True).action is Action.PASS
-        out = run(insp, [packet(end, PSH_ACK, second, SA + 200)])[0]
+        out = run(insp, [packet(end, PSH_ACK, second, SA + len(hrr_bytes))])[0]
         if action is Action.RESET:
             assert out.action is Action.RESET and "second ClientHello" in out.evasion
             continue
         assert out.action is Action.PASS
-        later = reply(SA + 200, PSH_ACK, server_hello(bytes(32)), ack=end + len(second))
+        later = reply(SA + len(hrr_bytes), PSH_ACK, server_hello(bytes(32)), ack=end + len(second))
         assert insp.inspect(later, None, 0.0, reply=True).action is Action.ACCEPT
 
 
@@ -885,12 +886,12 @@ def test_third_review_forged_replies_alerts_and_hidden_second_hellos() -> None:
         run(insp, [packet(ISN + 1, ACK, ack=SA)])
 
     # A LAN packet in the server's direction of a pending flow (a forged answer) is no
-    # packet of any client flow: it passes, decides nothing and changes nothing.
+    # packet of any client flow: it is dropped, decides nothing and changes nothing.
     insp = FlowInspector(Policy(), second_hello=True)
     start(insp)
     run(insp, [packet(ISN + 1, PSH_ACK, ok, SA)])
     forged = reply(SA, PSH_ACK, server_hello(bytes(32)), ack=end)
-    assert insp.inspect(forged, None, 0.0).action is Action.PASS
+    assert insp.inspect(forged, None, 0.0).action is Action.DROP
     flow = next(iter(insp.flows.values()))
     assert flow.retry is not None and flow.retry.answer is None
     # A warning alert (or any record but a handshake) before the first hello: some servers
@@ -904,13 +905,14 @@ def test_third_review_forged_replies_alerts_and_hidden_second_hellos() -> None:
         assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
     # After a HelloRetryRequest: a second hello behind a user_canceled alert is read (and
     # reset when it names another server); a flight that is no hello at all is reset.
-    hrr = reply(SA, PSH_ACK, server_hello(HRR_RANDOM), ack=end)
+    hrr_bytes = server_hello(HRR_RANDOM)
+    hrr = reply(SA, PSH_ACK, hrr_bytes, ack=end)
     for flight, why in ((USER_CANCELED + bad, "names x.bad.example"), (APP_DATA, "no second")):
         insp = FlowInspector(Policy(), second_hello=True)
         start(insp)
         run(insp, [packet(ISN + 1, PSH_ACK, ok, SA)])
         insp.inspect(hrr, None, 0.0, reply=True)
-        out = run(insp, [packet(end, PSH_ACK, flight, SA + 200)])[0]
+        out = run(insp, [packet(end, PSH_ACK, flight, SA + len(hrr_bytes))])[0]
         assert out.action is Action.RESET and why in out.evasion, out
     # Without the server's replies the alert hides nothing either.
     insp = FlowInspector(Policy(), second_hello=True)

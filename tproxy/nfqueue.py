@@ -315,6 +315,15 @@ def server_drops(flow: _Flow, seg: TcpSegment) -> str:
     if seg.discard_option:
         return "a data segment with an IPv6 option its receiver must discard it for"
     if (
+        flow.retry is not None
+        and flow.server_isn is not None
+        and seg.flags & TCP_ACK
+        and _older((flow.server_isn + 1 + flow.server_data_end) % SEQ_MOD, seg.ack)
+    ):
+        # Once the server has answered, the client may acknowledge what it sent, but no
+        # more (RFC 9293 §3.10.7.4 again); its packets all pass through the queue first.
+        return f"a data segment that acknowledges {seg.ack}, beyond what the server sent"
+    if (
         flow.retry is None
         and flow.server_next is not None
         and seg.flags & TCP_ACK
@@ -457,11 +466,18 @@ class FlowInspector:
             return Outcome(Action.DROP)
         key = (seg.src, seg.sport, seg.dst, seg.dport)
         back = (seg.dst, seg.dport, seg.src, seg.sport)
-        if back in self.flows or back in self.decided:
-            # From the LAN, yet in the direction of a flow's server: forged (to pose as the
-            # server's answer), or looped back. Not the client's stream; never a verdict.
-            return Outcome(Action.PASS)
         flags = seg.flags
+        if back in self.flows and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            # A client's SYN whose 4-tuple, reversed, is a pending "flow": that one was opened
+            # from the LAN in the server's direction (forged with the server's address; the
+            # rules drop such packets by reverse path). This client's flow is the real one.
+            del self.flows[back]
+        elif back in self.flows:
+            # From the LAN, yet in the direction of a pending flow's server: forged to pose
+            # as the server's answer. Never the client's stream, and never a verdict.
+            return Outcome(Action.DROP)
+        elif back in self.decided:
+            return Outcome(Action.PASS)
         given = self.decided.get(key)
         if given is not None and given[0] > now and key not in self.flows:
             if not flags & TCP_SYN:
@@ -704,6 +720,15 @@ class FlowInspector:
         # TCP Fast Open: a SYN's data starts one after its sequence number (RFC 7413 §2).
         seq = (seg.seq + 1) % SEQ_MOD if seg.flags & TCP_SYN else seg.seq
         resent = start is not None and (start - seq - len(seg.payload)) % SEQ_MOD < SEQ_MOD // 2
+        second_judged = retry.second_end is not None and not retry.assembler.repeats(
+            seq, seg.payload
+        )
+        if seg.payload and not decoy and second_judged:
+            what = "a segment over the second ClientHello with other bytes than the one judged"
+            del self.flows[key]
+            if self._is_evasion(seg, hw, what):
+                return self._reset(seg, None, retry.ech, what)
+            return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
         if seg.payload and not decoy and not flow.assembler.repeats(seq, seg.payload):
             # A segment over the judged hello (a retransmission, or one that runs on past its
             # end) with other bytes there: the server may have kept these.

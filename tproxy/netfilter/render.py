@@ -328,6 +328,16 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # Packets of an accepted flow, both directions (server → client first: the bulk of a
         # download), RETURN: past the queue, and past TPROXY (HTTPS ports are never intercepted
         # ones). The shaping class stays in the connmark; TPROXY-POST restores it.
+        # A SYN from the LAN to an HTTPS port on an entry that has a verdict is a new
+        # connection on a reused 4-tuple (conntrack lets such a SYN through on an old entry,
+        # e.g. one the client kept in CLOSE_WAIT): its hello is judged afresh, not waved
+        # through on the old verdict.
+        for lan in plan.lan_interfaces:
+            for ports in _port_groups(plan.https_ports):
+                add(
+                    f"-i {lan} -p tcp --syn {ports} -m connmark ! --mark {verdict} "
+                    f"-j CONNMARK --set-xmark {verdict}"
+                )
         for ports in sides:
             add(f"{ports} -m connmark --mark {accepted} -j RETURN")
         # A reset flow's packets carry the verdict in their mark, for the TPROXY-FWD REJECT.
@@ -389,6 +399,13 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         flag = f"{MARK_INVALID:#x}/{MARK_INVALID:#x}"
         invalid = f"-m conntrack --ctstate INVALID -j MARK --set-xmark {flag}"
         queued_bit = f"{MARK_QUEUED:#x}/{MARK_QUEUED:#x}"
+        for lan in plan.lan_interfaces:
+            for side in ("dport", "sport"):
+                for ports in _port_groups(plan.https_ports, side):
+                    # A LAN packet whose source the gateway would not route back out of that
+                    # interface: one posing as a server (to forge its answer, or to open the
+                    # flow in the other direction). Dropped (strict reverse path, xt_rpfilter).
+                    add(f"-i {lan} -p tcp {ports} -m rpfilter --invert -j DROP")
         for lan in plan.lan_interfaces:
             for ports in _port_groups(plan.https_ports):
                 add(
