@@ -366,7 +366,7 @@ def test_an_invalid_hello_is_queued_and_judged_on_the_wire(tls_origin: Lab) -> N
         assert marked(lab, "ctstate INVALID") >= 1  # connection tracking found it INVALID
         assert marked(lab, "ctdir REPLY") >= 2  # the SYN-ACK and the server's answer
         err = proxy.stderr()
-        assert "acknowledges" in err and "packet dropped" in err, err
+        assert "an INVALID data segment" in err and "packet dropped" in err, err
 
 
 # -- flows the daemon does not know ------------------------------------------------------------
@@ -730,7 +730,10 @@ def test_fake_hellos_the_server_would_drop_are_dropped_before_they_are_judged() 
     insp = FlowInspector(Policy(), second_hello=True)
     banner = b"SSH-2.0-OpenSSH_9.2\r\n"
     ssh = packet(ISN + 1, PSH_ACK, banner, SERVER_ISN + 40, ttl=60, opts=ts(1002))
-    assert run(insp, [syn, hs_ack, ssh])[2].action is Action.ACCEPT
+    out = run(insp, [syn, hs_ack, ssh])[2]
+    assert out.action is Action.PASS and not out.evasion  # judged; the mark waits
+    more = packet(ISN + 1 + len(banner), PSH_ACK, b"x", SERVER_ISN + 90, ttl=60, opts=ts(1003))
+    assert run(insp, [more])[0].action is Action.ACCEPT
 
 
 def test_fakes_found_in_the_second_review_are_dropped_or_wait() -> None:
@@ -902,7 +905,7 @@ def test_third_review_forged_replies_alerts_and_hidden_second_hellos() -> None:
         assert outs[-1].action is Action.RESET and "before the ClientHello" in outs[-1].evasion
         insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: False)
         outs = run(insp, [*handshake(), packet(ISN + 1, PSH_ACK, first + bad, SA)])
-        assert outs[-1].action is Action.ACCEPT and outs[-1].sni is None
+        assert outs[-1].action is Action.PASS and not outs[-1].evasion  # judged, waiting
     # After a HelloRetryRequest: a second hello behind a user_canceled alert is read (and
     # reset when it names another server); a flight that is no hello at all is reset.
     hrr_bytes = server_hello(HRR_RANDOM)
@@ -923,26 +926,75 @@ def test_third_review_forged_replies_alerts_and_hidden_second_hellos() -> None:
     assert leading_skipped(b"\x15\x03\x03\x00\x02\x02\x28" + bad) == 0  # fatal: not skipped
 
 
-def test_invalid_packets_are_judged_with_their_flow_or_pass() -> None:
+def test_fifth_review_every_accept_waits_for_the_server() -> None:
+    ok, bad = real_hello("ok.example"), real_hello("x.bad.example")
+    ccs = b"\x14\x03\x03\x00\x01\x01"
+
+    def start(insp: FlowInspector, syn: bytes) -> None:
+        insp.inspect(syn, None, 0.0)
+        insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1), None, 0.0, reply=True)
+
+    # A SYN carrying no hello (a server without Fast Open ignores it): decided by the
+    # default, but the mark waits; the real hello over those bytes is caught.
+    insp = FlowInspector(Policy(), second_hello=True)
+    start(insp, packet(ISN, SYN, b"GET / HTTP/1.1\r\n"))
+    outs = run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, bad, SA)])
+    assert outs[-1].action is Action.RESET
+    # A SYN with the first part of a hello, then pure ACKs until the budget ends: decided by
+    # the name in that part, and the mark waits the same way.
+    insp = FlowInspector(Policy(), second_hello=True)
+    start(insp, packet(ISN, SYN, ok[:300]))
+    acks = [packet(ISN + 1, ACK, ack=SA) for _ in range(DECIDE_PACKETS - 1)]
+    assert Action.ACCEPT not in [o.action for o in run(insp, acks)]
+    assert run(insp, [packet(ISN + 1, PSH_ACK, bad, SA)])[0].action is Action.RESET
+    # 0-RTT early data with the hello, then a HelloRetryRequest (which rejects it): the
+    # second hello is read after the early data, not reset for it.
+    insp = FlowInspector(Policy(), second_hello=True)
+    start(insp, packet(ISN, SYN))
+    early = ccs + APP_DATA
+    run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok + early, SA)])
+    hrr = server_hello(HRR_RANDOM)
+    end = ISN + 1 + len(ok) + len(early)
+    assert insp.inspect(reply(SA, PSH_ACK, hrr, ack=end), None, 0.0, reply=True).action is (
+        Action.PASS
+    )
+    out = run(insp, [packet(end, PSH_ACK, ok, SA + len(hrr))])[0]
+    assert out.action is Action.PASS and not out.evasion
+    answer = reply(SA + len(hrr), PSH_ACK, server_hello(bytes(32)), ack=end + len(ok))
+    assert insp.inspect(answer, None, 0.0, reply=True).action is Action.ACCEPT
+    # Packets queued behind the verdict are held to the bytes judged too.
+    insp = FlowInspector(Policy(), second_hello=True)
+    start(insp, packet(ISN, SYN))
+    run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok, SA)])
+    first = reply(SA, PSH_ACK, server_hello(bytes(32)), ack=ISN + 1 + len(ok))
+    assert insp.inspect(first, None, 0.0, reply=True).action is Action.ACCEPT
+    out = run(insp, [packet(ISN + 1, PSH_ACK, bad, SA)])[0]
+    assert out.action is Action.RESET and "after the verdict" in out.evasion
+
+
+def test_invalid_packets_are_never_evidence() -> None:
     # Found in review: packets connection tracking finds INVALID were never queued but
     # forwarded, and conntrack's window and the server's differ at the edges (in older kernels an
     # overly delayed ACK was INVALID, and a Linux server takes in-order data on its fast path
     # before it checks the ACK): a hello sent that way passed unjudged. Now they are queued,
-    # marked (inspect(invalid=True)).
+    # marked (inspect(invalid=True)). And (fifth review) a bad TCP checksum makes one INVALID
+    # too, which the server drops: judged, it was a fake hello. So INVALID data of a flow being
+    # decided is never judged: dropped for a client filtered by name, passed for others.
     hello, bad = real_hello("ok.example"), real_hello("x.bad.example")
-    old_ack = packet(ISN + 1, PSH_ACK, bad, SA - 200_000)
-    insp = FlowInspector(Policy())
-    run(insp, handshake())
-    out = insp.inspect(old_ack, None, 0.0, invalid=True)
-    assert out.action is Action.DROP and "acknowledges" in out.evasion
-    # INVALID for conntrack's own reasons but a segment the server takes: judged as any other.
-    for name, action in (("ok.example", Action.ACCEPT), ("x.bad.example", Action.RESET)):
-        insp = FlowInspector(Policy())
+    for name in ("ok.example", "x.bad.example"):
+        insp = FlowInspector(Policy(), second_hello=True)
         run(insp, handshake())
         raw = packet(ISN + 1, PSH_ACK, real_hello(name), SA)
         out = insp.inspect(raw, None, 0.0, invalid=True)
-        assert out.action is action and out.sni == name
-        assert insp.stats.invalid == 1
+        assert out.action is Action.DROP and "INVALID data segment" in out.evasion
+        assert insp.stats.invalid == 1 and insp.flows  # nothing judged
+        # The real (valid) hello is judged as usual.
+        out = insp.inspect(packet(ISN + 1, PSH_ACK, bad, SA), None, 0.0)
+        assert out.action is Action.RESET and out.sni == "x.bad.example"
+    insp = FlowInspector(Policy(), second_hello=True, evasion=lambda *a: False)
+    run(insp, handshake())
+    out = insp.inspect(packet(ISN + 1, PSH_ACK, hello, SA), None, 0.0, invalid=True)
+    assert out.action is Action.PASS and insp.flows and not insp.decided
     # No flow being decided: a decided flow's stray packet passes as before; a TLS handshake
     # record (the hello of a flow whose start was not seen) is dropped for clients filtered
     # by name, and passes for the others.

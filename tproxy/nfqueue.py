@@ -175,6 +175,9 @@ class Outcome(NamedTuple):
     ech: bool = False
     # Why the flow was reset as an evasion (empty: a policy verdict, or no verdict yet).
     evasion: str = ""
+    # The flow's first stream bytes the verdict was given on (an accepted flow): packets
+    # queued before the mark reached the connmark are held to them (FlowInspector.decided).
+    judged: ClientHelloAssembler | None = None
 
 
 # decide(client_ip, client_mac, server_ip, server_port, sni, ech, why_no_sni) -> FlowDecision
@@ -228,6 +231,7 @@ class _Flow:
     acked: bool = False
     idle_acks: int = 0
     closed: bool = False  # the client ended it with an exact FIN or RST
+    syn_data: bool = False  # bytes came on a SYN (TCP Fast Open): not yet known to be taken
     started: bool = False  # a packet after the SYN came: later SYNs are stray
     ambiguous: bool = False  # SYNs with different sequence numbers before it
     # Per ISN of the SYNs seen: their highest TTL/hop limit and their earliest TSval (None
@@ -314,15 +318,6 @@ def server_drops(flow: _Flow, seg: TcpSegment) -> str:
         return "a data segment without the ACK flag"
     if seg.discard_option:
         return "a data segment with an IPv6 option its receiver must discard it for"
-    if (
-        flow.retry is not None
-        and flow.server_isn is not None
-        and seg.flags & TCP_ACK
-        and _older((flow.server_isn + 1 + flow.server_data_end) % SEQ_MOD, seg.ack)
-    ):
-        # Once the server has answered, the client may acknowledge what it sent, but no
-        # more (RFC 9293 §3.10.7.4 again); its packets all pass through the queue first.
-        return f"a data segment that acknowledges {seg.ack}, beyond what the server sent"
     if (
         flow.retry is None
         and flow.server_next is not None
@@ -481,6 +476,15 @@ class FlowInspector:
         given = self.decided.get(key)
         if given is not None and given[0] > now and key not in self.flows:
             if not flags & TCP_SYN:
+                judged = given[1].judged
+                if seg.payload and judged is not None and not judged.repeats(seg.seq, seg.payload):
+                    # Other bytes over what the verdict was given on, just after it: the
+                    # server may read these instead.
+                    what = (
+                        "a segment over the ClientHello judged with other bytes, after the verdict"
+                    )
+                    if self._is_evasion(seg, hw, what):
+                        return self._reset(seg, None, given[1].ech, what)
                 return given[1]._replace(segment=seg, evasion="")
             del self.decided[key]  # a new connection on the same ports
         if flags & TCP_RST and seg.payload:
@@ -491,6 +495,16 @@ class FlowInspector:
             self.stats.invalid += 1
             if flow is None:
                 return self._invalid_stray(seg, hw)
+            if seg.payload:
+                # Connection tracking found it out of its window, or its checksum bad: the
+                # server may drop it (a fake hello) or take it (the windows do not agree
+                # everywhere). Neither is safe to judge: it is dropped for a client filtered
+                # by name (a real client sends it again) and passes unjudged for others.
+                what = "an INVALID data segment (connection tracking) before the verdict"
+                if self._is_evasion(seg, hw, what, reset=False):
+                    self.stats.decoys += 1
+                    return Outcome(Action.DROP, segment=seg, evasion=what)
+                return Outcome(Action.PASS, segment=seg)
         decoy = seg.ttl <= MIN_FORWARD_TTL
         if flow is not None and seg.payload and not flags & TCP_SYN and not decoy:
             if not flow.ttl:
@@ -633,6 +647,8 @@ class FlowInspector:
         flow.segments += 1
         # TCP Fast Open: a SYN's data starts one after its sequence number (RFC 7413 §2).
         seq = (seg.seq + 1) % SEQ_MOD if flags & TCP_SYN else seg.seq
+        if flags & TCP_SYN:
+            flow.syn_data = True
         info = flow.assembler.add(seq, seg.payload)
         last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= DECIDE_PACKETS
         if info.incomplete and not last:
@@ -678,19 +694,23 @@ class FlowInspector:
         if info.incomplete and not sni:
             why = f"no complete ClientHello in {flow.packets} packets ({flow.segments} with data)"
         outcome = self._verdict(seg, hw, info, sni, why)
+        judged = flow.assembler
+        if not judged.judged:
+            judged.judged = judged.contiguous()  # out of budget: what had arrived
         if (
             outcome.action is Action.ACCEPT
             and self.second_hello
-            and info.complete
+            and judged.judged
             and flow.packets < RETRY_PACKETS
-            and flow.assembler.start is not None
+            and judged.start is not None
         ):
-            # The verdict mark waits for what follows this hello (see the class docstring).
-            end = (flow.assembler.start + info.length - 1) % SEQ_MOD
+            # The verdict mark waits for what follows the bytes judged, whatever the verdict
+            # was given on: a whole hello, a name from its first part, or no hello at all
+            # (see the class docstring). Given at once, it would leave the flow's queue on the
+            # client's word, and the server may never have read those bytes.
+            end = (judged.start + len(judged.judged) - 1) % SEQ_MOD
             after = ClientHelloAssembler(end, parse=parse_second_flight)
-            flow.retry = _Retry(
-                sni, info.ech, outcome.mark, after, unconfirmed=bool(seg.flags & TCP_SYN)
-            )
+            flow.retry = _Retry(sni, info.ech, outcome.mark, after, unconfirmed=flow.syn_data)
             # Back in at the end with a fresh TTL: the table stays in expiry order (_expire).
             flow.expires = now + self.flow_ttl
             self.flows[key] = flow
@@ -728,7 +748,9 @@ class FlowInspector:
             del self.flows[key]
             if self._is_evasion(seg, hw, what):
                 return self._reset(seg, None, retry.ech, what)
-            return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+            return Outcome(
+                Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech, judged=flow.assembler
+            )
         if seg.payload and not decoy and not flow.assembler.repeats(seq, seg.payload):
             # A segment over the judged hello (a retransmission, or one that runs on past its
             # end) with other bytes there: the server may have kept these.
@@ -736,7 +758,9 @@ class FlowInspector:
             del self.flows[key]
             if self._is_evasion(seg, hw, what):
                 return self._reset(seg, None, retry.ech, what)
-            return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+            return Outcome(
+                Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech, judged=flow.assembler
+            )
         if retry.unconfirmed and not decoy and not seg.flags & TCP_SYN:
             end = (start or 0) % SEQ_MOD
             if (seq == end and not seg.payload) or (seg.payload and resent):
@@ -808,7 +832,7 @@ class FlowInspector:
             what = f"no answer from the server to the ClientHello within {RETRY_PACKETS} packets"
             if self._is_evasion(seg, hw, what):
                 return self._reset(seg, None, retry.ech, what)
-        return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech)
+        return Outcome(Action.ACCEPT, retry.mark, seg, retry.sni, retry.ech, judged=flow.assembler)
 
     def _unknown(self, seg: TcpSegment, hw: bytes | None) -> Outcome | None:
         """A packet of a flow whose start the daemon did not see (its entry expired or was
@@ -868,6 +892,18 @@ class FlowInspector:
             retry.answer = server_answer(flow.server_head)
             if retry.answer == "retry":
                 retry.retry_data_end = flow.server_data_end
+                # The second hello comes after whatever the client sent before the retry
+                # reached it (0-RTT early data, which a server that asks for a retry skips,
+                # RFC 8446 §4.2.10): read from there.
+                # The retry's ACK says how far the server read; the client's bytes held here
+                # may say more.
+                old = retry.assembler
+                if old.start is not None:
+                    sent = (old.start + len(old.contiguous() or old.judged) - 1) % SEQ_MOD
+                    if flags & TCP_ACK and _older(sent, (seg.ack - 1) % SEQ_MOD):
+                        sent = (seg.ack - 1) % SEQ_MOD
+                    retry.assembler = ClientHelloAssembler(sent, parse=parse_second_flight)
+                    retry.segments = 0
         if retry.answer is None or retry.unconfirmed:
             return Outcome(Action.PASS)
         if retry.answer == "retry":
@@ -882,7 +918,7 @@ class FlowInspector:
         if end is None or acked is None or _older(acked, end):
             return Outcome(Action.PASS)
         del self.flows[key]
-        out = Outcome(Action.ACCEPT, retry.mark, None, retry.sni, retry.ech)
+        out = Outcome(Action.ACCEPT, retry.mark, None, retry.sni, retry.ech, judged=flow.assembler)
         self.decided.pop(key, None)
         self.decided[key] = (now + DECIDED_TTL, out)
         return out

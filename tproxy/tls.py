@@ -452,7 +452,7 @@ class ClientHelloAssembler:
         self._base: int | None = (isn + 1) % SEQ_MOD if isn is not None else None
         self._known_start = isn is not None
         self._segments: dict[int, bytes] = {}  # offset from base -> payload
-        self.judged = b""  # the whole hello once complete: what the verdict was given on
+        self.judged = b""  # once decided: what the verdict was given on (repeats)
         self.first = b""  # the stream's first byte, once decided (incomplete: contiguous())
         self._result = _incomplete("no data yet")
 
@@ -565,8 +565,8 @@ class ClientHelloAssembler:
         if not info.incomplete:
             self.first = data[:1]  # what the stream starts with, kept for the verdict
             self._segments = {}  # decided: the payloads are no longer needed
-            if info.complete:
-                self.judged = data[: info.length]
+            # What the verdict is given on: the whole hello, or the bytes that are none.
+            self.judged = data[: info.length] if info.complete else data
         return info
 
 
