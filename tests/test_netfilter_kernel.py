@@ -149,6 +149,7 @@ def test_full_render_loads_and_apply_is_idempotent(ns: str) -> None:
         # Exactly one jump per hook.
         assert sorted(hook_lines(second[family])) == [
             "-A FORWARD -j TPROXY-FWD",
+            "-A FORWARD -j TPROXY-MFWD",
             "-A POSTROUTING -j TPROXY-POST",
             "-A PREROUTING -j TPROXY-PRE",
         ]

@@ -118,11 +118,18 @@ def test_rule_order_in_prerouting() -> None:
     # Every TPROXY and queue rule is limited to a LAN interface, but for the servers' replies
     # in flows a LAN client started to an HTTPS port (connmark 0x10 set on its SYN from the
     # LAN; the mark 0x20 only the rule before sets).
-    replies = [r for r in pre if "--sport 443 -m mark --mark 0x20/0x20 -j NFQUEUE" in r]
-    assert len(replies) == 1
+    # Replies are marked here and queued in mangle FORWARD, after NAT has restored their
+    # destination (the client's address, which the daemon knows the flow by).
+    mfwd = rules_of(render(full_plan(), 4), "TPROXY-MFWD")
+    replies = [r for r in mfwd if "--sport 443 -m mark --mark 0x20/0x20 -j NFQUEUE" in r]
+    assert len(replies) == 1 and mfwd[-1] == replies[0]
+    assert "CONNMARK --save-mark" in mfwd[0] and mfwd[1].endswith(
+        "-m mark ! --mark 0x0/0x6 -j RETURN"
+    )
+    assert not [r for r in pre if "--sport 443 -m mark --mark 0x20/0x20 -j NFQUEUE" in r]
     marks = [r for r in pre if "-j MARK --set-xmark 0x20/0x20" in r]
     assert len(marks) == 1 and "-m connmark --mark 0x10/0x10 -m conntrack --ctdir REPLY" in marks[0]
-    assert pre.index(marks[0]) + 1 == pre.index(replies[0])
+    assert pre.index(marks[0]) == len(pre) - 1 or "-j NFQUEUE" not in pre[pre.index(marks[0]) + 1]
     # LAN packets of HTTPS flows whose source would not be routed back out of that interface
     # (a host posing as a server) are dropped before anything is queued.
     rp = [r for r in pre if "-m rpfilter --invert -j DROP" in r]
@@ -136,7 +143,7 @@ def test_rule_order_in_prerouting() -> None:
     for rule in pre:
         if "-j CONNMARK --set-xmark 0x10/0x10" in rule:
             assert re.search(r" -i (br-lan|wlan0) -p tcp --syn --dport 443 ", rule), rule
-        if ("-j TPROXY " in rule or "-j NFQUEUE" in rule) and rule not in replies:
+        if "-j TPROXY " in rule or "-j NFQUEUE" in rule:
             assert re.search(r" -i (br-lan|wlan0) ", rule), rule
 
 

@@ -369,6 +369,45 @@ def test_an_invalid_hello_is_queued_and_judged_on_the_wire(tls_origin: Lab) -> N
         assert "an INVALID data segment" in err and "packet dropped" in err, err
 
 
+# A plain TLS client: connect, send the hello for argv[1], print how the server answered.
+PLAIN_CLIENT = HELLO_PY + textwrap.dedent(
+    """
+    name, ip = sys.argv[1], sys.argv[2]
+    s = socket.create_connection((ip, 443), timeout=5)
+    outcome(s, lambda: s.send(hello(name)))
+    """
+)
+
+
+def mfwd_counter(lab: Lab, what: str) -> int:
+    """Packets counted by the rule of the gateway's TPROXY-MFWD that contains ``what``."""
+    out = lab.run("gateway", ["iptables", "-t", "mangle", "-L", "TPROXY-MFWD", "-v", "-n", "-x"])
+    return sum(int(line.split()[0]) for line in out.stdout.splitlines() if what in line)
+
+
+@pytest.mark.lab
+def test_replies_are_matched_behind_nat_on_the_wire(tls_origin: Lab) -> None:  # noqa: F811
+    # Found in review: the servers' replies were queued in mangle PREROUTING, before NAT gives
+    # them back the client's address, so behind MASQUERADE (most IPv4 gateways) no reply
+    # matched its flow. They are queued in mangle FORWARD now. The verdict mark then goes out
+    # on a reply, which the save-mark rule of TPROXY-MFWD counts (a verdict given on a client
+    # packet is saved in TPROXY-PRE instead).
+    lab = tls_origin
+    nat = ["-t", "nat", "-A", "POSTROUTING", "-o", lab.gw_wan_if, "-j", "MASQUERADE"]
+    lab.run("gateway", ["iptables", *nat])
+    with Proxy(lab, LAB_FILTER.format(group="all", cidr="0.0.0.0/0")):
+        argv = [sys.executable, "-c", PLAIN_CLIENT, "good.example", lab.origin_v4]
+        assert lab.run("client", argv).stdout.strip() == "handshake"
+        assert mfwd_counter(lab, "NFQUEUE") >= 2  # the SYN-ACK and the answer, at least
+        assert mfwd_counter(lab, "CONNMARK save") >= 1
+        argv[3] = "bad.example"
+        assert lab.run("client", argv).stdout.strip() == "reset"
+    # Both flows were NATed (MASQUERADE counts each new connection).
+    out = lab.run("gateway", ["iptables", "-t", "nat", "-L", "POSTROUTING", "-v", "-n", "-x"])
+    masq = [line for line in out.stdout.splitlines() if "MASQUERADE" in line]
+    assert len(masq) == 1 and int(masq[0].split()[0]) >= 2, out.stdout
+
+
 # -- flows the daemon does not know ------------------------------------------------------------
 # The kernel queues every packet of a flow until it has a verdict, so a flow the daemon lost
 # (its entry expired after FLOW_TTL, was evicted, or the daemon restarted) is never waved
@@ -972,6 +1011,19 @@ def test_fifth_review_every_accept_waits_for_the_server() -> None:
     assert out.action is Action.RESET and "after the verdict" in out.evasion
 
 
+def test_a_stream_that_is_no_tls_gets_the_mark_on_the_servers_ack() -> None:
+    # Found in review: a client-first protocol on 443 whose server only acknowledges (an
+    # upload) waited for an answer that never came, and was reset after 64 packets.
+    insp = FlowInspector(Policy(), second_hello=True)
+    insp.inspect(packet(ISN, SYN), None, 0.0)
+    insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1), None, 0.0, reply=True)
+    body = b"PUT /upload HTTP/1.1\r\n"
+    outs = run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, body, SA)])
+    assert outs[-1].action is Action.PASS and not outs[-1].evasion
+    ack = reply(SA, ACK, ack=ISN + 1 + len(body))
+    assert insp.inspect(ack, None, 0.0, reply=True).action is Action.ACCEPT
+
+
 def test_invalid_packets_are_never_evidence() -> None:
     # Found in review: packets connection tracking finds INVALID were never queued but
     # forwarded, and conntrack's window and the server's differ at the edges (in older kernels an
@@ -1024,6 +1076,23 @@ def test_tcp_fast_open_hello_waits_and_its_retransmission_is_the_same_hello() ->
     )
     assert [o.action for o in outs] == [Action.PASS] * 3 + [Action.ACCEPT], outs
     assert outs[-1].sni == "ok.example" and not outs[-1].evasion
+
+
+def test_ipv4_options_mark_a_fake() -> None:
+    # Found in review: a malformed IPv4 option (record route of length 1) makes the receiving
+    # stack drop the packet after this router's queue; no TLS client sends IP options.
+    hello = real_hello("ok.example")
+    raw = packet(ISN + 1, PSH_ACK, hello, SA)
+    opt = b"\x07\x01\x00\x00"
+    head = bytearray(raw[:20])
+    head[0] = 0x46
+    head[2:4] = struct.pack("!H", len(raw) + len(opt))
+    seg = parse_ip_tcp(bytes(head) + opt + raw[20:])
+    assert seg is not None and seg.discard_option and seg.payload == hello
+    insp = FlowInspector(Policy(), second_hello=True)
+    run(insp, handshake())
+    out = insp.inspect(bytes(head) + opt + raw[20:], None, 0.0)
+    assert out.action is Action.DROP and "IP options" in out.evasion
 
 
 def test_tcp_and_ipv6_options_read_for_the_server_checks() -> None:

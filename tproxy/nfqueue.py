@@ -317,7 +317,7 @@ def server_drops(flow: _Flow, seg: TcpSegment) -> str:
         # segment".
         return "a data segment without the ACK flag"
     if seg.discard_option:
-        return "a data segment with an IPv6 option its receiver must discard it for"
+        return "a data segment with IP options (IPv4) or an IPv6 option to discard it for"
     if (
         flow.retry is None
         and flow.server_next is not None
@@ -904,6 +904,11 @@ class FlowInspector:
                         sent = (seg.ack - 1) % SEQ_MOD
                     retry.assembler = ClientHelloAssembler(sent, parse=parse_second_flight)
                     retry.segments = 0
+        if retry.answer is None and flow.assembler.judged[:1] != TLS_HANDSHAKE:
+            # No hello was judged (bytes of another protocol, under sni_default): there is no
+            # HelloRetryRequest to wait for, and the server's ACK of those bytes is enough (a
+            # server that only takes an upload answers with nothing else).
+            retry.answer = "answer"
         if retry.answer is None or retry.unconfirmed:
             return Outcome(Action.PASS)
         if retry.answer == "retry":

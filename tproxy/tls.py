@@ -596,7 +596,8 @@ class TcpSegment(NamedTuple):
     signed: bool = False
     ack: int = 0  # the acknowledgment number (meaningful with the ACK flag)
     # IPv6: a hop-by-hop or destination option that a node not knowing it must discard the
-    # packet for (RFC 8200 §4.2, action bits other than 00).
+    # packet for (RFC 8200 §4.2, action bits other than 00); IPv4: any IP option (see
+    # parse_ip_tcp).
     discard_option: bool = False
 
 
@@ -689,6 +690,9 @@ def parse_ip_tcp(packet: bytes) -> TcpSegment | None:
             socket.inet_ntop(socket.AF_INET, s),
             socket.inet_ntop(socket.AF_INET, d),
             ttl,
+            # IPv4 options: no TLS client sends any, and a malformed one makes the receiving
+            # stack drop the packet after this router's queue (ip_rcv_finish): a fake's way.
+            ihl > 20,
         )
     if version == 6:
         if n < 40:

@@ -66,7 +66,8 @@ Rule order in ``TPROXY-PRE`` (see DESIGN.md §3 for the measurements behind it):
    of connection tracking's window, say) are queued too, marked ``0x8`` first: a hello the
    server's stack takes although conntrack finds it out of window must not pass unjudged;
    the daemon judges such a packet with its flow, or lets it pass when it knows no flow.
-8. the server's replies in such a flow without a verdict yet → NFQUEUE, marked ``0x20``: the
+8. the server's replies in such a flow without a verdict yet → marked ``0x20`` here and queued in
+   ``TPROXY-MFWD`` (mangle FORWARD), where NAT has given them back the client's address: the
    daemon learns the server's ISN from its SYN-ACK and gives the flow's verdict mark once the
    server has acknowledged the hello it judged and answered it (not with a HelloRetryRequest),
    so that a fake hello the server dropped can never earn the mark for the real one.
@@ -88,6 +89,7 @@ CHAIN_PRE = "TPROXY-PRE"  # mangle, hooked from PREROUTING
 CHAIN_DIVERT = "TPROXY-DIVERT"  # mangle, called from TPROXY-PRE
 CHAIN_POST = "TPROXY-POST"  # mangle, hooked from POSTROUTING (shaping classes)
 CHAIN_FWD = "TPROXY-FWD"  # filter, hooked from FORWARD (QUIC reject, verdict resets)
+CHAIN_MFWD = "TPROXY-MFWD"  # mangle, hooked from FORWARD (servers' replies to the queue)
 
 # -- mark layout (see module docstring) ------------------------------------------------------
 
@@ -308,6 +310,8 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
     def add(rule: str) -> None:
         pre.append(f"-A {CHAIN_PRE} {rule}")
 
+    mfwd: list[str] = []
+
     if plan.nfqueue_num is not None:
         # Every packet of a forwarded flow traverses this chain, so the common case (a packet of
         # an accepted HTTPS flow) must leave after as little work as possible. iptables-nft
@@ -418,6 +422,9 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
         # above), marked for the daemon: it gives the verdict mark only once the server has
         # acknowledged the hello judged, so a fake one the server dropped cannot earn it.
         reply = f"{MARK_REPLY:#x}/{MARK_REPLY:#x}"
+        # Marked here, queued in FORWARD (TPROXY-MFWD): only there has NAT given a reply its
+        # real destination back (nat PREROUTING runs after mangle's), the client's address
+        # that the daemon knows the flow by.
         # Only replies from the WAN side: a LAN client could forge the server's answer (loose
         # reverse-path filtering lets a LAN packet carry the server's address) to earn the mark
         # early. A server on another LAN interface is not queued; the daemon then waits for the
@@ -430,8 +437,8 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
                 f"-p tcp {ports} -m connmark --mark {queued_bit} -m conntrack --ctdir REPLY "
                 f"-j MARK --set-xmark {reply}"
             )
-            add(
-                f"-p tcp {ports} -m mark --mark {reply} "
+            mfwd.append(
+                f"-A {CHAIN_MFWD} -p tcp {ports} -m mark --mark {reply} "
                 f"-j NFQUEUE --queue-num {plan.nfqueue_num} --queue-bypass"
             )
 
@@ -441,6 +448,18 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
     )
     chains = [CHAIN_PRE, CHAIN_DIVERT]
     hooks = [("PREROUTING", CHAIN_PRE)]
+    if mfwd:
+        # A reply re-injected with a verdict (NF_REPEAT runs this chain again) saves it in the
+        # connmark, as TPROXY-PRE does for the client's packets; then it leaves.
+        verdict = f"0x0/{MARK_VERDICT_MASK:#x}"
+        conn = f"--nfmask {MARK_CONN_MASK:#x} --ctmask {MARK_CONN_MASK:#x}"
+        mfwd[:0] = [
+            f"-A {CHAIN_MFWD} -m mark ! --mark {verdict} -m connmark --mark {verdict} "
+            f"-j CONNMARK --save-mark {conn}",
+            f"-A {CHAIN_MFWD} -m mark ! --mark {verdict} -j RETURN",
+        ]
+        chains.append(CHAIN_MFWD)
+        hooks.append(("FORWARD", CHAIN_MFWD))
     post: list[str] = []
     if plan.classify:
         # The class lives in the connmark (saved with the verdict); packets the daemon sends
@@ -464,7 +483,7 @@ def _mangle(plan: RulesPlan, family: int) -> TableRules:
             )
         chains.append(CHAIN_POST)
         hooks.append(("POSTROUTING", CHAIN_POST))
-    return TableRules("mangle", tuple(chains), (*pre, *divert, *post), tuple(hooks))
+    return TableRules("mangle", tuple(chains), (*pre, *divert, *mfwd, *post), tuple(hooks))
 
 
 def _filter(plan: RulesPlan, family: int) -> TableRules | None:
