@@ -24,9 +24,11 @@ import pytest
 from tests.lab import Lab
 from tests.proxy import Proxy
 from tests.test_filter_lab import HELLO_PY
+from tests.test_nfqueue_inspect import Decisions, FakePacket
 from tests.test_review_filter_hrr import tls12_hello
 from tests.test_review_filter_segments import LAB_FILTER, tls_origin  # noqa: F401 (fixture)
 from tests.test_tls_sni import _ext_offset, real_hello
+from tproxy.netfilter.render import MARK_REPLY
 from tproxy.nfqueue import (
     DECIDE_PACKETS,
     IDLE_ACKS_MAX,
@@ -35,6 +37,7 @@ from tproxy.nfqueue import (
     FlowDecision,
     FlowInspector,
     Outcome,
+    SniQueue,
 )
 from tproxy.tls import (
     HRR_RANDOM,
@@ -1022,6 +1025,47 @@ def test_a_stream_that_is_no_tls_gets_the_mark_on_the_servers_ack() -> None:
     assert outs[-1].action is Action.PASS and not outs[-1].evasion
     ack = reply(SA, ACK, ack=ISN + 1 + len(body))
     assert insp.inspect(ack, None, 0.0, reply=True).action is Action.ACCEPT
+
+
+def test_the_syn_the_server_took_places_the_stream() -> None:
+    # Found in review: a SYN that never reaches the server, a second one the server takes,
+    # then a handshake ACK and a harmless hello after the first: judged there, while the
+    # server reads the real hello after the second. The SYN-ACK's ACK says which one it took.
+    ok, bad = real_hello("ok.example"), real_hello("x.bad.example")
+    other = ISN + len(ok) + 1  # the SYN the server takes
+    insp = FlowInspector(Policy(), second_hello=True)
+    outs = [
+        insp.inspect(packet(ISN, SYN, ttl=3), None, 0.0),
+        insp.inspect(packet(other, SYN), None, 0.0),
+        insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=other + 1), None, 0.0, reply=True),
+        *run(
+            insp,
+            [
+                packet(ISN + 1, ACK, ack=SA),
+                packet(ISN + 1, PSH_ACK, ok, SA),
+                packet(other + 1, ACK, ack=SA),
+                packet(other + 1, PSH_ACK, bad, SA),
+            ],
+        ),
+        insp.inspect(
+            reply(SA, PSH_ACK, server_hello(bytes(32)), ack=other + 1 + len(bad)),
+            None,
+            0.0,
+            reply=True,
+        ),
+    ]
+    assert Action.ACCEPT not in [o.action for o in outs], outs
+    assert Action.RESET in [o.action for o in outs]
+
+
+def test_a_reply_let_pass_goes_on_through_mangle_forward() -> None:
+    # Found in review: an NF_ACCEPT verdict skips the rest of the hook's table, so an
+    # admin's rules after ours in mangle FORWARD (a TCPMSS clamp) missed the queued replies.
+    queue = SniQueue(1, Decisions())
+    pkt = FakePacket(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1))
+    pkt.mark = MARK_REPLY | 0x100
+    queue._on_packet(pkt)
+    assert pkt.verdict == "repeat" and pkt.mark == 0x100  # not queued again: no reply bit
 
 
 def test_invalid_packets_are_never_evidence() -> None:

@@ -245,6 +245,7 @@ class _Flow:
     # From the server's replies, when the rules queue them (render rule 8): its ISN (SYN-ACK),
     # the highest ACK it sent, the first bytes of its stream and where its data has reached.
     server_isn: int | None = None
+    server_took: int | None = None  # the SYN-ACK's ACK: the client's first byte the server wants
     server_acked: int | None = None
     server_head: bytes = b""
     server_data_end: int = 0
@@ -583,6 +584,7 @@ class FlowInspector:
                     )
                     if isn is not None and (
                         (flow.server_isn is not None and seg.ack != flow.server_next)
+                        or (flow.server_took is not None and seg.seq != flow.server_took)
                         or seg.ttl < syn_ttl
                         or (
                             syn_ts is not None
@@ -870,6 +872,14 @@ class FlowInspector:
             if flags & TCP_ACK:
                 flow.server_isn = seg.seq
                 flow.server_next = (seg.seq + 1) % SEQ_MOD
+                # Its ACK says which SYN the server took, and so where the client's stream
+                # starts: that, not the client's say, places the hello (two SYNs, one that
+                # never reached the server, must not let the two disagree).
+                flow.server_took = seg.ack
+                isn = flow.starts.get(seg.ack)
+                if isn is not None and not flow.started and flow.isn != isn:
+                    flow.assembler.syn(isn)
+                    flow.isn = isn
                 retry = flow.retry
                 if retry is not None and retry.unconfirmed and seg.ack == retry.assembler.start:
                     retry.unconfirmed = False  # it acknowledges the Fast Open SYN's data
@@ -1242,6 +1252,7 @@ class SniQueue:
 
     def _on_packet(self, pkt: Any) -> None:
         outcome = Outcome(Action.PASS)
+        mark = 0
         try:
             mark = pkt.get_mark()
             outcome = self.inspector.inspect(
@@ -1257,7 +1268,13 @@ class SniQueue:
         finally:
             # Always a verdict: a packet without one is stuck until the queue is unbound.
             try:
-                if outcome.action is Action.PASS:
+                if outcome.action is Action.PASS and mark & MARK_REPLY:
+                    # Through the rest of mangle FORWARD (an admin's TCPMSS clamp, say): an
+                    # accepted packet would skip it; repeated without the reply bit, it is not
+                    # queued again.
+                    pkt.set_mark(mark & ~MARK_REPLY)
+                    pkt.repeat()
+                elif outcome.action is Action.PASS:
                     pkt.accept()
                 elif outcome.action is Action.DROP:
                     pkt.drop()
