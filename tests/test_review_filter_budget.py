@@ -28,7 +28,7 @@ from tests.test_nfqueue_inspect import Decisions, FakePacket
 from tests.test_review_filter_hrr import tls12_hello
 from tests.test_review_filter_segments import LAB_FILTER, tls_origin  # noqa: F401 (fixture)
 from tests.test_tls_sni import _ext_offset, real_hello
-from tproxy.netfilter.render import MARK_REPLY
+from tproxy.netfilter.render import MARK_REPLY, MARK_VERDICT_RESET
 from tproxy.nfqueue import (
     DECIDE_PACKETS,
     IDLE_ACKS_MAX,
@@ -1056,6 +1056,31 @@ def test_the_syn_the_server_took_places_the_stream() -> None:
     ]
     assert Action.ACCEPT not in [o.action for o in outs], outs
     assert Action.RESET in [o.action for o in outs]
+
+
+def test_the_server_may_not_have_read_what_was_not_seen() -> None:
+    # Found in review: a handshake ACK (dying before the server) for a SYN the server never
+    # got, sent before the SYN-ACK of another SYN it did take: the stream is placed after the
+    # first, the real hello goes after the second. Caught twice: the SYN-ACK names another
+    # SYN, and the server's ACK covers bytes never seen in order.
+    ok, bad = real_hello("ok.example"), real_hello("x.bad.example")
+    other = ISN + len(ok) + 1000
+    insp = FlowInspector(Policy(), second_hello=True)
+    run(insp, [packet(ISN, SYN, ttl=3), packet(ISN + 1, ACK, ack=12345, ttl=3)])
+    run(insp, [packet(other, SYN)])
+    out = insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=other + 1), None, 0.0, reply=True)
+    assert out.action is Action.RESET and "another SYN" in out.evasion
+    assert out.mark == MARK_VERDICT_RESET and insp.flows == {}
+    # The ACK bound alone: the server acknowledges a hello sent beyond a gap.
+    insp = FlowInspector(Policy(), second_hello=True)
+    insp.inspect(packet(ISN, SYN), None, 0.0)
+    insp.inspect(reply(SERVER_ISN, SYN_ACK, ack=ISN + 1), None, 0.0, reply=True)
+    run(insp, [packet(ISN + 1, ACK, ack=SA), packet(ISN + 1, PSH_ACK, ok, SA)])
+    far = ISN + 1 + len(ok) + 1000
+    assert run(insp, [packet(far, PSH_ACK, bad, SA)])[0].action is Action.PASS
+    answer = reply(SA, PSH_ACK, server_hello(bytes(32)), ack=far + len(bad))
+    out = insp.inspect(answer, None, 0.0, reply=True)
+    assert out.action is Action.RESET and "did not see in order" in out.evasion
 
 
 def test_a_reply_let_pass_goes_on_through_mangle_forward() -> None:

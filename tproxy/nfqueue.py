@@ -130,6 +130,8 @@ EVASION_SEGMENT_BYTES = 536
 IDLE_ACKS_MAX = 2
 # A data segment arriving with this TTL/hop limit or less is never forwarded (see inspect).
 MIN_FORWARD_TTL = 1
+# Data segments of one flow remembered for in_order_end (a hello and its flight need a few).
+MAX_SPANS = 256
 # Kernel queue length (packets awaiting a verdict). With fail-open, packets beyond it pass
 # unfiltered, so it must absorb bursts of new flows: 8 packets × 512 flows arriving at once.
 QUEUE_MAX_LEN = 4096
@@ -246,6 +248,8 @@ class _Flow:
     # the highest ACK it sent, the first bytes of its stream and where its data has reached.
     server_isn: int | None = None
     server_took: int | None = None  # the SYN-ACK's ACK: the client's first byte the server wants
+    # Client data that went on, as (first, end) sequence numbers: what the server may have read.
+    spans: list[tuple[int, int]] = field(default_factory=list)
     server_acked: int | None = None
     server_head: bytes = b""
     server_data_end: int = 0
@@ -256,6 +260,24 @@ class _Flow:
             ts = seg.tsval
         if len(self.syns) < MAX_SYN_STARTS or seg.seq in self.syns:
             self.syns[seg.seq] = (max(ttl, seg.ttl), ts)
+
+    def sent(self, seq: int, length: int) -> None:
+        """Note client data that went on to the server (not dropped, not a decoy)."""
+        if len(self.spans) < MAX_SPANS:
+            self.spans.append((seq % SEQ_MOD, (seq + length) % SEQ_MOD))
+
+    def in_order_end(self) -> int | None:
+        """Where the client's bytes seen here run without a gap from the stream's start to."""
+        end = self.assembler.start
+        if end is None:
+            return None
+        grown = True
+        while grown:
+            grown = False
+            for a, b in self.spans:
+                if not _older(end, a) and _older(end, b):
+                    end, grown = b, True
+        return end
 
     def reference(self, seq: int) -> None:
         """TTL and timestamp references without the handshake's ACK (a client that sends its
@@ -518,6 +540,8 @@ class FlowInspector:
                 self.stats.decoys += 1
                 return Outcome(Action.DROP, segment=seg, evasion=why)
             decoy = bool(why)
+            if not decoy:
+                flow.sent(seg.seq, len(seg.payload))
         # A SYN that is not taken as the connection's start: one that dies at this router, or
         # another ISN once the connection has started (the server answers that with a
         # challenge ACK at most, RFC 5961 §4): taking it would misplace the real hello.
@@ -651,6 +675,7 @@ class FlowInspector:
         seq = (seg.seq + 1) % SEQ_MOD if flags & TCP_SYN else seg.seq
         if flags & TCP_SYN:
             flow.syn_data = True
+            flow.sent(seq, len(seg.payload))
         info = flow.assembler.add(seq, seg.payload)
         last = flow.segments >= MAX_HELLO_SEGMENTS or flow.packets >= DECIDE_PACKETS
         if info.incomplete and not last:
@@ -880,6 +905,12 @@ class FlowInspector:
                 if isn is not None and not flow.started and flow.isn != isn:
                     flow.assembler.syn(isn)
                     flow.isn = isn
+                elif flow.started and isn != flow.isn:
+                    # The stream was placed after another SYN than the one the server took
+                    # (an ACK for a SYN that never reached it): what is judged here is not
+                    # what the server will read.
+                    what = "the server took another SYN than the one the client's stream follows"
+                    return self._reset_reply(key, flow, now, what)
                 retry = flow.retry
                 if retry is not None and retry.unconfirmed and seg.ack == retry.assembler.start:
                     retry.unconfirmed = False  # it acknowledges the Fast Open SYN's data
@@ -932,8 +963,41 @@ class FlowInspector:
         acked = flow.server_acked
         if end is None or acked is None or _older(acked, end):
             return Outcome(Action.PASS)
+        seen = flow.in_order_end()
+        if seen is None or _older(seen, acked):
+            # The server has read bytes that never went past here in order: not the ones
+            # judged (a stream placed elsewhere, a hello sent beyond a gap).
+            what = "the server acknowledged client bytes the filter did not see in order"
+            return self._reset_reply(key, flow, now, what, retry.mark)
         del self.flows[key]
         out = Outcome(Action.ACCEPT, retry.mark, None, retry.sni, retry.ech, judged=flow.assembler)
+        self.decided.pop(key, None)
+        self.decided[key] = (now + DECIDED_TTL, out)
+        return out
+
+    def _reset_reply(
+        self,
+        key: tuple[str, int, str, int],
+        flow: _Flow,
+        now: float,
+        what: str,
+        mark: int | None = None,
+    ) -> Outcome:
+        """An evasion seen in the server's reply: the flow is reset (the reply carries the
+        reset verdict; the connmark then rejects both directions) for a client filtered by
+        name; for others the flow gets its verdict ``mark`` (or waits, without one)."""
+        client_ip, _, server_ip, server_port = key
+        hook = self.evasion
+        if hook is None or hook(client_ip, None, server_ip, server_port, what, True):
+            del self.flows[key]
+            self.stats.evasions += 1
+            self.stats.reset += 1
+            out = Outcome(Action.RESET, MARK_VERDICT_RESET, None, None, False, what)
+        elif mark is not None:
+            del self.flows[key]
+            out = Outcome(Action.ACCEPT, mark, None, None, False, judged=flow.assembler)
+        else:
+            return Outcome(Action.PASS)
         self.decided.pop(key, None)
         self.decided[key] = (now + DECIDED_TTL, out)
         return out
