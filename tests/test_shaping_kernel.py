@@ -382,6 +382,9 @@ def test_so_max_pacing_rate_caps_one_connection(pair: Pair) -> None:
         ShapingClass("free", rate=8_000),
     )
     with flows(pair, [0], sender_class=(plan, "capped")) as (flow,):
+        # Not from the first byte: what the connection sent before pacing took hold (its
+        # initial window) arrives at once, and measured 2.23 against 2 Mbit/s once in CI.
+        time.sleep(0.5)
         assert_rate(flow.rate_bps(2.0), 2_000_000)
         # Moving the socket to an uncapped class lifts the cap on the running connection.
         mark_socket(flow.sender, plan, "free")
