@@ -252,7 +252,14 @@ class Runner:
         pass
 
     def stop(self) -> None:
-        pass
+        """Stop the proxy (if any) and remove the interception rules: the daemon removes its
+        own on exit and the peers' are ours; the flush also covers a crash."""
+        if self.proc is None:
+            return
+        _stop(self.proc)
+        self.proc = None
+        with contextlib.suppress(subprocess.SubprocessError, LabError):
+            self.tproxy_cli("rules", "flush", "--config", str(self.rules_config()))
 
     def log_tail(self) -> str:
         return ""
@@ -313,14 +320,6 @@ class TproxyRunner(Runner):
             )
         _wait_rules(self.lab, self.proc, self.log_tail)
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
-        # The daemon removes its rules on exit; this covers a crash.
-        with contextlib.suppress(subprocess.SubprocessError, LabError):
-            self.tproxy_cli("rules", "flush", "--config", str(self.rules_config()))
-
     def log_tail(self) -> str:
         path = self.scratch / "tproxy.stderr"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
@@ -357,13 +356,6 @@ class PeerRunner(Runner):
             self.lab.wait_port("gateway", PROXY_PORT, timeout=PROXY_START_TIMEOUT)
         except LabError:
             raise LabError(f"{self.name} did not start: {self.log_tail()}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
-        with contextlib.suppress(subprocess.SubprocessError, LabError):
-            self.tproxy_cli("rules", "flush", "--config", str(self.rules_config()))
 
     def log_tail(self) -> str:
         out = []

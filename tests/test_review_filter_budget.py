@@ -243,12 +243,12 @@ def test_real_clients_are_not_evasions() -> None:
 
 # -- lab ---------------------------------------------------------------------------------------
 
-# Opens a connection, reads its sequence numbers (TCP_REPAIR, tcp(7)), sends pure ACKs that
-# acknowledge nothing new through a raw socket, then the ClientHello on the connection.
-ACKS_CLIENT = HELLO_PY + textwrap.dedent(
+# For a client script (after its argv has set ``ip``): a connection to ip:443 whose sequence
+# numbers (``seq``, ``ack``) are read with TCP_REPAIR (tcp(7)), a raw socket to send segments
+# of it from ``src``:``sport`` (``raw``, addresses ``a``, ``b``) and the TCP checksum.
+REPAIR_PY = textwrap.dedent(
     """
     import struct
-    name, ip, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
     s = socket.create_connection((ip, 443), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -269,7 +269,22 @@ ACKS_CLIENT = HELLO_PY + textwrap.dedent(
         while total >> 16:
             total = (total & 0xFFFF) + (total >> 16)
         return ~total & 0xFFFF
+    """
+)
 
+
+# Opens a connection, reads its sequence numbers (TCP_REPAIR, tcp(7)), sends pure ACKs that
+# acknowledge nothing new through a raw socket, then the ClientHello on the connection.
+ACKS_CLIENT = (
+    HELLO_PY
+    + textwrap.dedent(
+        """
+    name, ip, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    """
+    )
+    + REPAIR_PY
+    + textwrap.dedent(
+        """
     for _ in range(count):
         tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, 5 << 4, 0x10, 65535, 0, 0)
         tcp = tcp[:16] + struct.pack("!H", csum(a + b + struct.pack("!BBH", 0, 6, 20) + tcp)) + tcp[18:]
@@ -278,6 +293,7 @@ ACKS_CLIENT = HELLO_PY + textwrap.dedent(
         time.sleep(0.01)
     outcome(s, lambda: s.send(hello(name)))
     """
+    )
 )
 
 
@@ -308,31 +324,16 @@ def test_pure_acks_before_the_hello_are_reset_on_the_wire(tls_origin: Lab) -> No
 # through a raw socket with an ACK of data the server never sent (connection tracking calls
 # that INVALID: "ACK is over the upper bound"), then the ClientHello for argv[3] on the
 # connection.
-INVALID_CLIENT = HELLO_PY + textwrap.dedent(
-    """
-    import struct
+INVALID_CLIENT = (
+    HELLO_PY
+    + textwrap.dedent(
+        """
     fake_name, ip, name = sys.argv[1], sys.argv[2], sys.argv[3]
-    TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
-    s = socket.create_connection((ip, 443), timeout=5)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-    seqs = []
-    for queue in (2, 1):  # TCP_SEND_QUEUE, TCP_RECV_QUEUE
-        s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
-        seqs.append(struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0])
-    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
-    seq, ack = seqs
-    src, sport = s.getsockname()
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    a, b = socket.inet_aton(src), socket.inet_aton(ip)
-
-    def csum(data):
-        data += b"\\0" * (len(data) % 2)
-        total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-        while total >> 16:
-            total = (total & 0xFFFF) + (total >> 16)
-        return ~total & 0xFFFF
-
+    """
+    )
+    + REPAIR_PY
+    + textwrap.dedent(
+        """
     body = hello(fake_name)
     ahead = (ack + 200000) % 2**32
     tcp = struct.pack("!HHIIBBHHH", sport, 443, seq, ahead, 5 << 4, 0x18, 65535, 0, 0) + body
@@ -343,6 +344,7 @@ INVALID_CLIENT = HELLO_PY + textwrap.dedent(
     time.sleep(0.2)
     outcome(s, lambda: s.send(hello(name)))
     """
+    )
 )
 
 

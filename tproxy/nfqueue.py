@@ -462,14 +462,16 @@ class FlowInspector:
         out = self._inspect(packet, hw, now, invalid)
         seg = out.segment
         if seg is not None and out.action in (Action.ACCEPT, Action.RESET):
-            decided = self.decided
-            key = (seg.src, seg.sport, seg.dst, seg.dport)
-            decided.pop(key, None)
-            decided[key] = (now + DECIDED_TTL, out)
-            while decided and (
-                next(iter(decided.values()))[0] <= now or len(decided) > self.max_flows
-            ):
-                decided.popitem(last=False)
+            self._remember((seg.src, seg.sport, seg.dst, seg.dport), out, now)
+        return out
+
+    def _remember(self, key: tuple[str, int, str, int], out: Outcome, now: float) -> Outcome:
+        """Keep a flow's verdict for packets queued before it reached the connmark."""
+        decided = self.decided
+        decided.pop(key, None)
+        decided[key] = (now + DECIDED_TTL, out)
+        while decided and (next(iter(decided.values()))[0] <= now or len(decided) > self.max_flows):
+            decided.popitem(last=False)
         return out
 
     def _inspect(self, packet: bytes, hw: bytes | None, now: float, invalid: bool) -> Outcome:
@@ -971,9 +973,7 @@ class FlowInspector:
             return self._reset_reply(key, flow, now, what, retry.mark)
         del self.flows[key]
         out = Outcome(Action.ACCEPT, retry.mark, None, retry.sni, retry.ech, judged=flow.assembler)
-        self.decided.pop(key, None)
-        self.decided[key] = (now + DECIDED_TTL, out)
-        return out
+        return self._remember(key, out, now)
 
     def _reset_reply(
         self,
@@ -998,9 +998,7 @@ class FlowInspector:
             out = Outcome(Action.ACCEPT, mark, None, None, False, judged=flow.assembler)
         else:
             return Outcome(Action.PASS)
-        self.decided.pop(key, None)
-        self.decided[key] = (now + DECIDED_TTL, out)
-        return out
+        return self._remember(key, out, now)
 
     def _invalid_stray(self, seg: TcpSegment, hw: bytes | None) -> Outcome:
         """An INVALID packet of no flow being decided: most likely a stray packet of a flow
