@@ -116,10 +116,11 @@ def _join_authority(host: str, port: int | None) -> str:
     return f"{host}:{port}" if port else host
 
 
-def request_url(scheme: str, host_header: bytes | str | None, target: bytes | str) -> str:
-    """The target URI of a request (RFC 9112 §3.3), normalised: absolute-form wins over Host;
-    lower-case scheme and host, default port dropped, empty path → "/". "" when no host is
-    known (an HTTP/1.0 request without Host)."""
+def _target_parts(
+    scheme: str, host_header: bytes | str | None, target: bytes | str
+) -> tuple[str, str, str]:
+    """(scheme, authority, path-and-query) of a request as RFC 9112 §3.3 reconstructs it:
+    absolute-form's own authority wins over Host (§3.2.2)."""
     tgt = target.decode("latin-1") if isinstance(target, bytes) else target
     scheme = scheme.lower()
     if "://" in tgt[:SCHEME_SEPARATOR_WITHIN]:
@@ -133,6 +134,26 @@ def request_url(scheme: str, host_header: bytes | str | None, target: bytes | st
         )
         if not tgt.startswith("/"):
             tgt = "/" + tgt if tgt != "*" else tgt
+    return scheme, authority, tgt
+
+
+def request_origin(
+    scheme: str, host_header: bytes | str | None, target: bytes | str
+) -> tuple[str, int]:
+    """(host, port) the request's target URI names (the port made explicit): what a cache
+    must check against the connection's real destination before it shares a response under
+    that URI. Absolute-form's authority counts, not Host, because it is what the URI (and so
+    the cache key) is built from. ("", 0) when no host is known."""
+    scheme, authority, _ = _target_parts(scheme, host_header, target)
+    host, port = split_authority(authority, scheme)
+    return host, port if port is not None else DEFAULT_PORTS.get(scheme, 0)
+
+
+def request_url(scheme: str, host_header: bytes | str | None, target: bytes | str) -> str:
+    """The target URI of a request (RFC 9112 §3.3), normalised: absolute-form wins over Host;
+    lower-case scheme and host, default port dropped, empty path → "/". "" when no host is
+    known (an HTTP/1.0 request without Host)."""
+    scheme, authority, tgt = _target_parts(scheme, host_header, target)
     host, port = split_authority(authority, scheme)
     if not host:
         return ""

@@ -34,7 +34,7 @@ from tproxy.cache import policy
 from tproxy.cache.policy import CacheEntry, Kind
 from tproxy.cache.store import CacheConfig, CacheStore, CorruptObjectError, StoredObject
 from tproxy.config import Config
-from tproxy.uri import media_type, normalize_host
+from tproxy.uri import media_type, normalize_host, request_origin
 
 if TYPE_CHECKING:
     from tproxy.daemon import Daemon
@@ -47,8 +47,19 @@ SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 HOST_CACHE_SIZE = 10_000
 HOST_CACHE_TTL = 300.0
 RESOLVE_TIMEOUT = 2.0
-# Request fields that a conditional request of ours replaces (RFC 9111 §4.3.1).
-CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-range", b"range"})
+# Request fields that a conditional request of ours replaces (RFC 9111 §4.3.1), and that make
+# a response this client's own answer, so that its request neither leads nor joins a collapsed
+# fetch. (If-Match and If-Unmodified-Since always go to the origin: policy.decide.)
+CONDITIONALS = frozenset(
+    {
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-range",
+        b"range",
+        b"if-match",
+        b"if-unmodified-since",
+    }
+)
 # Entries in each per-request memo (Host checks, cache keys); cleared when full.
 MEMO_SIZE = 4096
 # Background revalidations (RFC 5861 stale-while-revalidate) at once, and how long each may take.
@@ -204,6 +215,7 @@ class Cache:
         # (host, target, dst ip, dst port, shared) → (cache key, URL): both are pure functions
         # of these, and a client repeats the same few requests.
         self._keys: dict[tuple[bytes | None, bytes, str, int, bool], tuple[str, str]] = {}
+        self._origins: dict[tuple[bytes | None, bytes], tuple[bytes, int]] = {}
 
     @property
     def store(self) -> CacheStore:
@@ -298,7 +310,7 @@ class Cache:
                                 self.store.delete_object(_oid(entry))  # outdated
                                 return
                             fresh = policy.refresh_entry(entry, event.headers, request_time, now)
-                            self.store.update_entry(fresh)
+                            self.keep_refreshed(fresh, headers, entry)
                             self.counters.refresh_unmodified += 1
                             return
                         ok, _ = policy.storable(b"GET", headers, event.status, event.headers)
@@ -391,7 +403,9 @@ class Cache:
             return False
         sockname = conn.sockname
         dst_ip, dst_port = str(sockname[0]), int(sockname[1])
-        shared = self.cfg.share_on_host_match and self.verifier.shared(head.host, dst_ip)
+        shared = self.cfg.share_on_host_match and self.shares(
+            head.host, head.target, dst_ip, dst_port
+        )
         key, url = self.key_of(head.host, head.target, dst_ip, dst_port, shared)
         entry, body = self.store.select_hit(key, head.headers)
         if shared and entry is None:
@@ -402,6 +416,21 @@ class Cache:
             if dest_entry is not None:
                 key, entry, body = dest_key, dest_entry, dest_body
         return self.lookup(conn, ex, key, url, entry, collapse=True, body=body)
+
+    def shares(self, host: bytes | None, target: bytes, dst_ip: str, dst_port: int) -> bool:
+        """Whether a response may be shared under its URL: the host *and port* of the URI the
+        key is built from name the address the client really connected to. The URI's
+        authority is absolute-form's when the request has one (RFC 9112 §3.2.2; it wins over
+        Host in the key, so checking Host would let `GET http://victim/ HTTP/1.1` with
+        `Host: <own server>` plant a response under victim's URL), and its port counts: a
+        name that resolves here says nothing of which service on that address answered."""
+        memo_key = (host, target)
+        origin = self._origins.get(memo_key)
+        if origin is None:
+            name, port = request_origin("http", host, target)
+            origin = (name.encode("latin-1"), port)
+            _bounded(self._origins)[memo_key] = origin
+        return origin[1] == dst_port and self.verifier.shared(origin[0], dst_ip)
 
     def key_of(
         self, host: bytes | None, target: bytes, dst_ip: str, dst_port: int, shared: bool
@@ -534,11 +563,16 @@ class Cache:
                 return self.refetch(conn, ex, lookup, stale)
             if resp.status == 304:
                 refreshed = policy.refresh_entry(stale, resp.headers, lookup.request_time, now)
-                self.store.update_entry(refreshed)
                 self.counters.refresh_unmodified += 1
                 ex.head = replace(ex.head, headers=lookup.client_headers)
                 age = policy.current_age(refreshed, now)
-                return self.serve(conn, ex, refreshed, age, None, result="TCP_REFRESH_UNMODIFIED")
+                # Stored first, because serve() answers from the store's copy; dropped after it
+                # when the update made it unshareable (a disk object is open by then, and
+                # unlinking it leaves this answer whole).
+                self.store.update_entry(refreshed)
+                served = self.serve(conn, ex, refreshed, age, None, result="TCP_REFRESH_UNMODIFIED")
+                self.keep_refreshed(refreshed, lookup.client_headers, stale, stored=True)
+                return served
             if resp.status >= 500 and policy.stale_if_error_ok(
                 stale, lookup.client_headers, resp.status, now
             ):
@@ -616,7 +650,30 @@ class Cache:
         if headers is None:
             self.store.delete_object(entry.key if not entry.vary_key else _oid(entry))
         else:
-            self.store.update_entry(replace(entry, headers=tuple(headers)))
+            self.keep_refreshed(
+                replace(entry, headers=tuple(headers)), lookup.client_headers, entry
+            )
+
+    def keep_refreshed(
+        self,
+        fresh: CacheEntry,
+        request_headers: http1.Headers,
+        old: CacheEntry,
+        stored: bool = False,
+    ) -> None:
+        """Keep a response updated by a 304 or a HEAD (RFC 9111 §4.3.4, §4.3.5) only if it is
+        still storable: the update replaces the stored fields, so a 304 that says `private` or
+        `no-store` (or carries a per-user field under it) would otherwise turn a shared copy
+        into one user's response served to everybody (§3, §5.2.2.5, §5.2.2.7). Such an update
+        answers its own request only, and the stored copy, now known to be unsuitable, goes.
+        ``stored``: the caller has already written ``fresh`` to the store."""
+        ok, reason = policy.storable(b"GET", request_headers, fresh.status, list(fresh.headers))
+        if ok:
+            if not stored:
+                self.store.update_entry(fresh)
+        else:
+            log.debug("dropping %s after its update: %s", fresh.url, reason)
+            self.store.delete_object(_oid(old))
 
     # -- serving from the store -----------------------------------------------------------
 
@@ -821,6 +878,8 @@ def _hit_head(
     (RFC 9111 §5.1) goes between the parts. serve() joins them for each hit, serve_plain()
     keeps them per entry and shape (:class:`_HitHead`)."""
     prefix = _head_start(status, reason, fields) + b"Age: "
+    if status == 204:
+        length = None  # RFC 9110 §8.6: no Content-Length in a 204; it has no content anyway
     after = [(b"X-Cache", b"HIT"), *extra] if x_cache else list(extra)
     suffix = b"\r\n" + _head_start(None, b"", after) + _head_end(length, client_version, keep_alive)
     return prefix, suffix

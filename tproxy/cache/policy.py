@@ -689,6 +689,11 @@ def decide(
         return Decision(Kind.MISS, "method")
     if entry is None:
         return miss("not-stored")
+    if b"if-match" in req_fields or b"if-unmodified-since" in req_fields:
+        # RFC 9111 §4.3.2: "The If-Match and If-Unmodified-Since conditional header fields
+        # are not applicable to a cache": they are the origin's to judge (a stored copy may
+        # be older than the state the client's precondition names), so the request goes on.
+        return miss("origin-precondition")
     if entry.method != b"GET":
         return miss("stored-method")
     if not vary_matches(entry, req_fields):
