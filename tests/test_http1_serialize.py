@@ -18,6 +18,7 @@ from tproxy.http1 import (
     encode_last_chunk,
     forward_framing,
     is_opaque,
+    max_forwards,
     serialize_request_head,
     serialize_response_head,
     sniff,
@@ -52,6 +53,25 @@ def test_request_hop_by_hop_removed() -> None:
     )
     out = serialize_request_head(head)
     assert out == b"GET /p HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize("named", [b"content-length", b"Content-Length, keep-alive", b"host"])
+def test_connection_cannot_remove_content_length_or_host(named: bytes) -> None:
+    # RFC 9110 §7.6.1: honoured, "Connection: content-length" forwarded the body without its
+    # length, so the origin read the body's bytes as a second request (smuggling past the
+    # filter and the log), and a response's ran into the next one.
+    body = b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n"
+    head = _req(
+        b"POST /x HTTP/1.1\r\nHost: origin.test\r\nConnection: " + named + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    out = serialize_request_head(head)
+    assert b"\r\nContent-Length: %d\r\n" % len(body) in out
+    assert b"\r\nHost: origin.test\r\n" in out
+    resp = _resp(b"HTTP/1.1 200 OK\r\nConnection: content-length, date\r\nContent-Length: 3\r\n"
+                 b"Date: Sun, 29 Nov 2026 16:36:44 GMT\r\n\r\n")  # fmt: skip
+    out = serialize_response_head(resp)
+    assert b"\r\nContent-Length: 3\r\n" in out and b"\r\nDate: " in out
 
 
 def test_request_framing_headers() -> None:
@@ -214,3 +234,21 @@ def test_last_chunk_drops_framing_trailers() -> None:
     trailers = [(b"Content-Length", b"5"), (b"transfer-encoding", b"chunked"), (b"X-Sum", b"1")]
     assert encode_last_chunk(trailers) == b"0\r\nX-Sum: 1\r\n\r\n"
     assert encode_last_chunk([(b"Host", b"evil")]) == LAST_CHUNK
+
+
+@pytest.mark.parametrize(
+    ("method", "value", "hops"),
+    [
+        (b"TRACE", b"0", 0),
+        (b"OPTIONS", b" 7 ", 7),
+        (b"GET", b"0", None),
+        (b"TRACE", b"-1", None),
+        (b"TRACE", b"1e3", None),
+        (b"TRACE", b"99999999999", None),
+    ],
+)
+def test_max_forwards_counts_for_trace_and_options_only(
+    method: bytes, value: bytes, hops: int | None
+) -> None:
+    head = _req(method + b" / HTTP/1.1\r\nHost: a\r\nMax-Forwards: " + value + b"\r\n\r\n")
+    assert max_forwards(head) == hops

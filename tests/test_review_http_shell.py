@@ -780,3 +780,100 @@ def test_a_response_without_date_gets_one_and_a_dated_one_keeps_its_own() -> Non
             assert status == 400 and head.count(b"\r\nDate: ") == 1, head
 
     run(main())
+
+
+def test_connection_naming_content_length_cannot_smuggle_a_request() -> None:
+    """RFC 9110 §7.6.1: `Connection: content-length` once removed the length from the
+    forwarded request, so the origin read the body as a second request the filter and the log
+    never saw. The length stays, and the origin sees one request with its body."""
+    body = b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n"
+
+    async def origin(conn: OriginConn) -> None:
+        # Framed as the forwarded head says: with its Content-Length the body is read as one;
+        # without it, as the old code sent it, the body's bytes are the next "request" here.
+        head = await conn.head()
+        lengths = [int(v) for k, v in http_fields(head) if k == b"content-length"]
+        conn.requests[-1] += await conn.reader.readexactly(lengths[0] if lengths else 0)
+        await conn.send(ok(extra=b"Connection: content-length\r\n"))
+        await conn.head()
+        await conn.send(ok(b"second"))
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(
+                b"POST /x HTTP/1.1\r\nHost: origin.test\r\nConnection: content-length\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            status, head, got = await r.response()
+            assert status == 200 and b"Content-Length: 2" in head and got == b"ok", head
+            r.send(GET % b"next")
+            assert (await r.response())[2] == b"second"
+            seen = r.origin_requests()
+            assert len(seen) == 2 and seen[0].startswith(b"POST /x "), seen
+            assert b"Content-Length: %d\r\n" % len(body) in seen[0] and seen[0].endswith(body)
+            assert seen[1].startswith(b"GET /next ")
+            assert [rec.url for rec in r.log.records][-2:] == [
+                "http://origin.test/x",
+                "http://origin.test/next",
+            ]
+
+    run(main())
+
+
+def http_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.split(b"\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (x.partition(b":") for x in lines if x)]
+
+
+def test_an_error_page_for_head_has_no_body_and_the_next_response_follows_intact() -> None:
+    """RFC 9110 §9.3.2: the 502 for a HEAD request keeps its Content-Length but sends no page,
+    which the client would otherwise read as the start of the next pipelined response."""
+
+    async def origin(conn: OriginConn) -> None:
+        while True:
+            head = await conn.head()
+            if head.startswith(b"HEAD"):
+                await conn.send(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+                )
+            else:
+                await conn.send(ok(b"next"))
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(b"HEAD /a HTTP/1.1\r\nHost: origin.test\r\n\r\n" + GET % b"b")
+            head = await asyncio.wait_for(r.reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert head.startswith(b"HTTP/1.1 502 ") and b"Content-Length: " in head, head
+            status, _, body = await r.response()
+            assert (status, body) == (200, b"next")
+
+    run(main())
+
+
+def test_max_forwards_zero_is_answered_here_and_a_positive_one_is_decremented() -> None:
+    """RFC 9110 §7.6.2: a TRACE or OPTIONS with no hop left is answered by the proxy as the
+    final recipient (TRACE reflects it, without credentials, §9.3.8); otherwise the origin
+    gets one hop fewer. Other methods carry Max-Forwards untouched."""
+
+    async def main() -> None:
+        async with rig(serve_ok) as r:
+            r.send(
+                b"TRACE /t HTTP/1.1\r\nHost: origin.test\r\nMax-Forwards: 0\r\n"
+                b"Cookie: sid=secret\r\nX-A: 1\r\n\r\n"
+            )
+            status, head, body = await r.response()
+            assert status == 200 and b"Content-Type: message/http" in head, head
+            assert body.startswith(b"TRACE /t HTTP/1.1\r\n") and b"X-A: 1\r\n" in body
+            assert b"secret" not in body
+            r.send(b"OPTIONS * HTTP/1.1\r\nHost: origin.test\r\nMax-Forwards: 0\r\n\r\n")
+            assert (await r.response())[:3:2] == (200, b"")
+            assert r.origin_requests() == []
+            r.send(b"OPTIONS * HTTP/1.1\r\nHost: origin.test\r\nMax-Forwards: 3\r\n\r\n")
+            assert (await r.response())[2] == b"ok"
+            r.send(b"GET /g HTTP/1.1\r\nHost: origin.test\r\nMax-Forwards: 0\r\n\r\n")
+            assert (await r.response())[2] == b"ok"
+            options, get = r.origin_requests()
+            assert b"\r\nMax-Forwards: 2\r\n" in options and b"Max-Forwards: 3" not in options
+            assert b"\r\nMax-Forwards: 0\r\n" in get
+
+    run(main())

@@ -301,6 +301,12 @@ _HOP_BY_HOP = frozenset(
 )
 # Fields the parser interprets or forwarding edits; collected (lower-cased) while parsing.
 _SPECIAL = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, _EXPECT, _TRAILER}
+# Fields a Connection option never removes. RFC 9110 §7.6.1: a sender "MUST NOT send a
+# connection option corresponding to a header field that is intended for all recipients of the
+# content"; honouring one would forward a body without its Content-Length (the body's bytes then
+# read as a second request upstream, or run two responses together: smuggling) or a request
+# without its Host. So these are kept whatever Connection says.
+_END_TO_END = frozenset({_CONTENT_LENGTH, _HOST_NAME, b"date"})
 # Connection options that name no field of their own to remove (RFC 9112 §9.6, §9.3).
 _PLAIN_OPTIONS = frozenset({b"keep-alive", b"close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -636,6 +642,8 @@ class _Meta:
             self.conn = frozenset((conn[0].strip(b" \t").lower(),))
         else:
             self.conn = frozenset(list_tokens(conn))
+        if conn is not None and self.conn & _END_TO_END:
+            self.conn = self.conn - _END_TO_END
         if self.te is not None:
             if self.cl is not None:
                 self.error = "both Content-Length and Transfer-Encoding"
@@ -1237,6 +1245,44 @@ def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
     """
     lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers if n.lower() not in _NOT_TRAILERS)
     return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
+
+
+# RFC 9110 §7.6.2: Max-Forwards counts hops for TRACE and OPTIONS only.
+MAX_FORWARDS_METHODS = frozenset({b"TRACE", b"OPTIONS"})
+# Fields a TRACE echo leaves out: §9.3.8 says the final recipient "SHOULD exclude any request
+# fields that are likely to contain sensitive data" from the reflected message.
+_TRACE_EXCLUDED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def max_forwards(head: RequestHead) -> int | None:
+    """The hops a TRACE or OPTIONS request may still be forwarded (RFC 9110 §7.6.2); None for
+    other methods, or without a valid ``Max-Forwards`` (a decimal integer), which leaves the
+    request as it is."""
+    if head.method not in MAX_FORWARDS_METHODS:
+        return None
+    for name, value in head.headers:
+        if name.lower() == b"max-forwards":
+            digits = value.strip()
+            if digits.isdigit() and len(digits) <= 10:  # ASCII digits only (bytes.isdigit)
+                return int(digits)
+            return None
+    return None
+
+
+def final_recipient_answer(head: RequestHead, date: bytes, keep_alive: bool) -> bytes:
+    """The answer of a proxy that a TRACE or OPTIONS request reaches with ``Max-Forwards: 0``:
+    it "MUST respond as the final recipient" (RFC 9110 §7.6.2). TRACE reflects the request
+    (``message/http``, §9.3.8); OPTIONS gets an empty 200 (§9.3.7)."""
+    body = b""
+    fields = [b"Date: " + date]
+    if head.method == b"TRACE":
+        lines = [b"%s %s HTTP/%s" % (head.method, head.target, head.version)]
+        lines += [n + b": " + v for n, v in head.headers if n.lower() not in _TRACE_EXCLUDED]
+        body = b"\r\n".join(lines) + b"\r\n\r\n"
+        fields.append(b"Content-Type: message/http")
+    fields.append(b"Content-Length: %d" % len(body))
+    fields.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
+    return b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(fields) + b"\r\n\r\n" + body
 
 
 def origin_form(target: bytes) -> tuple[bytes, bytes] | None:

@@ -146,8 +146,13 @@ def error_response(
     detail: str,
     keep_alive: bool = False,
     headers: Sequence[tuple[str, str]] = (),
+    head_only: bool = False,
 ) -> bytes:
-    """A small HTML error page. Proxies generate these for 4xx/5xx (RFC 9110 §15.5, §15.6)."""
+    """A small HTML error page. Proxies generate these for 4xx/5xx (RFC 9110 §15.5, §15.6).
+
+    ``head_only``: the answer to a HEAD request, which has no content whatever its status
+    (RFC 9110 §9.3.2, RFC 9112 §6.3 rule 1): the same head, with the Content-Length the page
+    would have, and no page. Sent, the page would be read as the start of the next response."""
     reason = ERROR_REASONS.get(status, "Error")
     body = (
         f"<!DOCTYPE html>\n<html><head><title>{status} {reason}</title></head>\n"
@@ -163,7 +168,7 @@ def error_response(
         + "".join(f"{name}: {value}\r\n" for name, value in headers)
         + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     ).encode()
-    return head + body
+    return head if head_only else head + body
 
 
 class BodySink(Protocol):
@@ -956,13 +961,24 @@ class ClientConnection(_Side):
             # RFC 6585 §4: 429 with Retry-After; closing caps a flood at the connect rate.
             ex.client_keep_alive = False
             retry = [("Retry-After", str(refusal.retry_after))]
-            data = error_response(refusal.status, refusal.reason, headers=retry)
+            data = error_response(
+                refusal.status, refusal.reason, headers=retry, head_only=head.method == b"HEAD"
+            )
             self.respond_local(ex, data, refusal.status, "TCP_DENIED")
             return
         # Policy hooks (filter, cache) may answer the request themselves.
         for hook in self.server.request_hooks:
             if hook(self, ex):
                 return
+        if head.method in http1.MAX_FORWARDS_METHODS and http1.max_forwards(head) == 0:
+            # RFC 9110 §7.6.2: no hop left, so this proxy is the final recipient.
+            done = ex.request_done or self.can_discard(ex)
+            keep = ex.client_keep_alive and done and not self.server.draining
+            data = http1.final_recipient_answer(head, http_date(), keep)
+            if head.method == b"TRACE":
+                ex.content_type = "message/http"
+            self.respond_local(ex, data, 200, "TCP_MISS")
+            return
         self.forward_request(ex)
 
     def forward_request(self, ex: Exchange, fresh: bool = False) -> None:
@@ -983,6 +999,11 @@ class ClientConnection(_Side):
         elif head.host is None:
             # RFC 9112 §3.2: an HTTP/1.1 request must carry Host; an HTTP/1.0 one may lack it.
             add.append((b"Host", bracket(str(self.sockname[0])).encode()))
+        if head.method in http1.MAX_FORWARDS_METHODS:
+            hops = http1.max_forwards(head)
+            if hops:  # RFC 9110 §7.6.2: one hop fewer for the next recipient
+                drop = (*drop, b"max-forwards")
+                add.append((b"Max-Forwards", b"%d" % (hops - 1)))
         data = http1.serialize_request_head(
             head,
             target=target,
@@ -1381,7 +1402,9 @@ class ClientConnection(_Side):
         ex.response_started = True
         keep = keep_alive and ex.head.keep_alive and ex.request_done and not self.server.draining
         ex.client_keep_alive = keep
-        data = error_response(status, detail, keep_alive=keep, headers=headers)
+        data = error_response(
+            status, detail, keep_alive=keep, headers=headers, head_only=ex.head.method == b"HEAD"
+        )
         ex.sent = len(data)
         self.write(data)
         self.log_exchange(ex)

@@ -495,7 +495,11 @@ class Cache:
             # RFC 9111 §5.2.1.7: only-if-cached and nothing usable stored.
             from tproxy.httpconn import error_response
 
-            data = error_response(504, "The response is not in the cache (only-if-cached).")
+            data = error_response(
+                504,
+                "The response is not in the cache (only-if-cached).",
+                head_only=head.method == b"HEAD",
+            )
             conn.respond_local(ex, data, 504, "TCP_MISS")
             return True
         lookup = Lookup(key, url, now, head.headers)
