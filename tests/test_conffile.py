@@ -229,6 +229,19 @@ def test_conffile_documents_every_option_with_its_default(
         )
 
 
+def test_readme_names_every_key(accepted: Accepted) -> None:
+    """The README is the admin's manual: every key a parser accepts is named in it (the
+    conffile, checked above, gives each its default and an example)."""
+    readme = (REPO / "README.md").read_text()
+    missing = [
+        f"{path}.{key}" if path else key
+        for path, keys in sorted(accepted.keys.items())
+        for key in sorted(keys)
+        if not re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", readme)
+    ]
+    assert missing == []
+
+
 def test_each_commented_default_is_the_real_default(documented: Documented) -> None:
     """``# key = value`` parsed on its own gives exactly the dataclass default (checked one key
     at a time, so a wrong value names its line)."""

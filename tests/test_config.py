@@ -150,3 +150,59 @@ def test_section_gives_the_parsed_table_or_its_defaults(tmp_path: Path) -> None:
     assert cfg.section("limits", LimitsConfig) == LimitsConfig()  # absent from the file
     # A section registered by no imported module: its defaults, of the asked type.
     assert config.Config().section("control", ControlConfig) == ControlConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # TOML's nan passes every range check (each comparison is false); it hung requests.
+        ("[proxy]\nconnect_timeout = nan\n", ":2: proxy.connect_timeout: must be a finite"),
+        ("[proxy]\ndrain_timeout = inf\n", ":2: proxy.drain_timeout: must be a finite"),
+        ("[proxy]\nidle_timeout = 1e300\n", ":2: proxy.idle_timeout: must be at most 365d"),
+        ("[cache]\nheuristic_fraction = nan\n", ":2: cache.heuristic_fraction: must be a finite"),
+        ("[limits]\nper_client_requests_per_second = inf\n", "must be a finite number"),
+        ('[cache]\nmemory_size = "0.5"\n', ":2: cache.memory_size: not a whole number of bytes"),
+        (
+            '[rules]\nbypass_clients = ["192.168.1.5/24"]\n',
+            "write '192.168.1.0/24' for the network",
+        ),
+        ('[rules]\nbypass_clients = ["fe80::1%eth0"]\n', "an address with a zone"),
+        ('[rules]\nbypass_clients = ["::ffff:10.0.0.5"]\n', "write the IPv4 form '10.0.0.5'"),
+        ('[proxy]\nlan_interfaces = ["eth1", "eth1"]\n', "lan_interfaces[1]: 'eth1' is listed"),
+        ("[proxy]\nports = [80, 8080, 80]\n", ":2: proxy.ports[2]: port 80 is listed twice"),
+        ("[rules]\nfwmark = 0x2\nfwmark_mask = 0x2\n", ":3: rules.fwmark_mask: 0x2 overlaps"),
+        ("[rules]\nfwmark = 0x20\nfwmark_mask = 0x20\n", ":3: rules.fwmark_mask: 0x20 overlaps"),
+        ("[[proxy]]\nports = [80]\n", ":1: proxy: expected a table"),
+    ],
+)
+def test_values_the_daemon_would_misuse_are_refused_with_their_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    assert any(expected in e for e in errors_of(write(tmp_path, text))), errors_of(
+        write(tmp_path, text)
+    )
+
+
+def test_shaping_slot_bits_are_refused_only_with_shaping_classes(tmp_path: Path) -> None:
+    rules = "[rules]\nfwmark = 0x10000\nfwmark_mask = 0x10000\n"
+    assert config.load(write(tmp_path, rules)).rules.fwmark_mask == 0x10000
+    shaping = '[shaping]\nenabled = true\n[[shaping.class]]\nname = "web"\nrate = "10mbit"\n'
+    errors = errors_of(write(tmp_path, rules + shaping))
+    assert any(":3: rules.fwmark_mask: 0x10000 overlaps the bits shaping" in e for e in errors)
+
+
+def test_a_duplicate_key_in_a_later_array_table_is_named_where_it_is(tmp_path: Path) -> None:
+    text = (
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["a.example"]\n\n'
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["b.example"]\n'
+        'action = "allow"\n'
+    )
+    assert errors_of(write(tmp_path, text)) == [
+        f"{tmp_path}/tproxy.toml:10: filter.rule[1].action: set twice (first on line 8); keep one"
+    ]
+
+
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_text("\ufeff[proxy]\nlisten_port = 3130\n", encoding="utf-8")
+    assert config.load(path).proxy.listen_port == 3130

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,9 @@ def locate_keys(text: str) -> dict[str, int]:
     return lines
 
 
+# The longest duration a setting takes (a year): anything longer means "never" in practice,
+# and the event loop's timers overflow long before inf.
+DURATION_MAX = 365 * 86400.0
 _DURATION = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _RATE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.I)
@@ -177,6 +181,8 @@ class Reader:
         base = re.sub(r"\[\d+\]$", "", full)
         if base in self.lines:
             return self.lines[base]
+        if f"{full}[0]" in self.lines:  # written as [[name]] where a table was due
+            return self.lines[f"{full}[0]"]
         return self.lines.get(self.prefix) if self.prefix else None
 
     def error(self, key: str, reason: str) -> None:
@@ -227,6 +233,11 @@ class Reader:
     ) -> float:
         value = self._get(key, default, (int, float), "a number")
         value = float(value)
+        if not math.isfinite(value):
+            # TOML has nan and inf; every comparison with nan is false, so it would pass the
+            # range checks below and reach the daemon (a NaN timeout hung every request).
+            self.error(key, f"must be a finite number; got {value}")
+            return default
         if lo is not None and value < lo:
             self.error(key, f"must be at least {lo}; got {value}")
             return default
@@ -256,6 +267,9 @@ class Reader:
                 self.error(key, f"not {what}: {value!r} (use e.g. {example})")
                 return None
             value = float(m.group(1)) * units[unit]
+        if not math.isfinite(value):
+            self.error(key, f"must be a finite {what[2:]}; got {value}")
+            return None
         if value < minimum:
             bound = "must not be negative" if minimum == 0 else "must be positive"
             self.error(key, f"{bound}; got {value:g}")
@@ -266,12 +280,20 @@ class Reader:
         """Seconds, from a number or a string like ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
         value = self._quantity(key, default, (int, float, str), _DURATION, _DURATION_UNITS, "s",
                                "a duration", '"500ms", "30s", "5m"', 0)  # fmt: skip
+        if value is not None and value > DURATION_MAX:
+            # Beyond any use, and beyond what the event loop's timers take (1e300 overflows).
+            self.error(key, f"must be at most 365d; got {value:g} s")
+            return default
         return default if value is None else value
 
     def size(self, key: str, default: int) -> int:
         """Bytes, from an integer or a string like ``"64MiB"``, ``"1G"``, ``"512k"``."""
         value = self._quantity(key, default, (int, str), _SIZE, _SIZE_UNITS, "",
                                "a size", '"512KiB", "64MiB", "1GB"', 0)  # fmt: skip
+        if value is not None and value != int(value):
+            # "0.5" would silently become 0 bytes; "1.5KiB" is a whole 1536 and fine.
+            self.error(key, f"not a whole number of bytes: {value:g}")
+            return default
         return default if value is None else int(value)
 
     def rate(self, key: str, default: int) -> int:
@@ -299,10 +321,33 @@ class Reader:
         """CIDRs (v4 or v6); a bare address means a single host."""
         out: list[IPNetwork] = []
         for index, text in enumerate(self.str_list(key, default)):
+            where = f"{key}[{index}]"
+            if "%" in text:
+                # Python takes "fe80::1%eth0"; iptables does not (and a rule set that fails to
+                # load is found only at start). A zone names no address the rules can match.
+                self.error(where, f"an address with a zone (%) cannot be matched: {text!r}")
+                continue
             try:
-                out.append(ipaddress.ip_network(text, strict=False))
+                net = ipaddress.ip_network(text, strict=False)
             except ValueError:
-                self.error(f"{key}[{index}]", f"not an IP address or CIDR: {text!r}")
+                self.error(where, f"not an IP address or CIDR: {text!r}")
+                continue
+            host = ipaddress.ip_interface(text.strip()).ip if "/" in text else None
+            if host is not None and host != net.network_address:
+                # "192.168.10.7/24" is a host's address with its prefix; as a network it would
+                # silently mean the whole /24. Say which of the two to write.
+                self.error(
+                    where,
+                    f"{text!r} has host bits set: write {str(net)!r} for the network "
+                    f"or {str(host)!r} for the one host",
+                )
+                continue
+            mapped = getattr(net.network_address, "ipv4_mapped", None)
+            if mapped is not None:
+                # IPv4 clients arrive as IPv4 packets: "::ffff:10.0.0.5" matches nothing.
+                self.error(where, f"write the IPv4 form {str(mapped)!r}, not {text!r}")
+                continue
+            out.append(net)
         return tuple(out)
 
     def ports(self, key: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -310,6 +355,8 @@ class Reader:
         for index, port in enumerate(self.items(key, default, int, "port numbers")):
             if not 1 <= port <= 65535:
                 self.error(f"{key}[{index}]", f"not a TCP port: {port}")
+            elif port in out:
+                self.error(f"{key}[{index}]", f"port {port} is listed twice")
             else:
                 out.append(port)
         return tuple(out)
@@ -449,6 +496,8 @@ def _parse_proxy(r: Reader) -> ProxyConfig:
     for index, name in enumerate(lan):
         if not re.fullmatch(r"[A-Za-z0-9_.:@\-+]{1,15}", name):
             r.error(f"lan_interfaces[{index}]", f"not an interface name: {name!r}")
+        elif name in lan[:index]:
+            r.error(f"lan_interfaces[{index}]", f"{name!r} is listed twice")
     cfg = ProxyConfig(
         lan_interfaces=lan,
         ports=r.ports("ports", d.ports),
@@ -494,10 +543,24 @@ def _parse_rules(r: Reader) -> RulesConfig:
     )
     if cfg.fwmark & cfg.fwmark_mask != cfg.fwmark:
         r.error("fwmark", f"mark {cfg.fwmark:#x} has bits outside fwmark_mask {cfg.fwmark_mask:#x}")
+    reserved = _reserved_marks(False)
+    if cfg.fwmark_mask & reserved:
+        # Checked here, not only when the rules are built, so that check-config (the unit's
+        # ExecStartPre) refuses it too, with the line.
+        r.error("fwmark_mask", f"{cfg.fwmark_mask:#x} overlaps the bits tproxy marks packets "
+                f"with ({reserved:#x}); pick bits outside them, e.g. 0x10000000")  # fmt: skip
     if cfg.route_table in (253, 254, 255):
         r.error("route_table", "253-255 are the kernel's default/main/local tables; pick another")
     r.finish()
     return cfg
+
+
+def _reserved_marks(shaping: bool) -> int:
+    """The packet mark bits tproxy's own rules use (netfilter.render); the shaping slot bits
+    only while shaping classes exist."""
+    from tproxy.netfilter.render import MARK_RESERVED, MARK_SLOT_MASK
+
+    return MARK_RESERVED | (MARK_SLOT_MASK if shaping else 0)
 
 
 def _parse_log(r: Reader) -> LogConfig:
@@ -520,6 +583,15 @@ def parse(data: Mapping[str, Any], path: str = "<defaults>", text: str = "") -> 
     for name, parser in SECTION_PARSERS.items():
         sub = root.table(name)
         sections[name] = parser(sub)  # each parser calls finish() on its own tables
+    shaping = sections.get("shaping")
+    if getattr(shaping, "enabled", False) and getattr(shaping, "classes", ()):
+        slots = _reserved_marks(True) & ~_reserved_marks(False)
+        if rules.fwmark_mask & slots:
+            root.table("rules").error(
+                "fwmark_mask",
+                f"{rules.fwmark_mask:#x} overlaps the bits shaping marks flows with "
+                f"({slots:#x}); pick bits outside them, e.g. 0x10000000",
+            )
     root.finish()
     if root.errors:
         raise ConfigErrors(root.errors)
@@ -540,6 +612,9 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(name, "", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(name, "", f"not UTF-8 text: {exc.reason}") from None
+    # A byte order mark (which some Windows editors write) is not TOML; it is invisible in
+    # the error tomllib gives, so it is dropped here rather than reported.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -569,10 +644,16 @@ def _syntax_hint(text: str, reason: str, line: int | None) -> tuple[str, str, in
     if reason.startswith("Cannot overwrite a value"):
         seen: dict[str, int] = {}
         prefix = ""
+        array_counts: dict[str, int] = {}
         for number, raw in enumerate(text.splitlines(), start=1):
             header = _HEADER.match(raw)
             if header:
                 prefix = _norm_key(header.group(2))
+                if header.group(1) == "[[":
+                    # Each [[x]] block is a new table: its keys start afresh (as in locate_keys).
+                    index = array_counts.get(prefix, -1) + 1
+                    array_counts[prefix] = index
+                    prefix = f"{prefix}[{index}]"
                 continue
             key = _KEY.match(raw)
             if key and not raw.lstrip().startswith("#"):
