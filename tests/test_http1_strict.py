@@ -314,6 +314,32 @@ def test_response_rejected_with_502(data: bytes) -> None:
         assert not any(isinstance(e, EndOfMessage) for e in events)
 
 
+# Content-Length with Transfer-Encoding stays a 502 even there: llhttp refuses that pair while
+# it reads the fields, and an origin that sends it is too broken to trust with the connection.
+BODILESS_CASES = [
+    (name, method, status)
+    for name in ("TE gzip", "TE gzip chunked", "TE chunked gzip", "TE in HTTP/1.0")
+    for method, status in ((b"HEAD", 200), (b"GET", 204), (b"GET", 304))
+]
+
+
+@pytest.mark.parametrize(("name", "method", "status"), BODILESS_CASES)
+def test_framing_fields_do_not_spoil_a_response_that_ends_at_its_head(
+    name: str, method: bytes, status: int
+) -> None:
+    """RFC 9112 §6.3 item 1: a response to HEAD, a 204 and a 304 end at the empty line
+    "regardless of the header fields present", so Transfer-Encoding that could frame no body
+    does not make them 502s; what follows is the next response."""
+    head = RESPONSE_CASES[name].split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    head = head.replace(b" 200 OK", b" %d X" % status)
+    nxt = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    events = responses([method, b"GET"], [head + nxt])
+    assert [type(e).__name__ for e in events] == [
+        "ResponseHead", "EndOfMessage", "ResponseHead", "Body", "EndOfMessage",
+    ], events  # fmt: skip
+    assert isinstance(events[0], ResponseHead) and events[0].status == status
+
+
 def test_response_head_errors_come_alone() -> None:
     err = only_error(responses([b"GET"], [RESPONSE_CASES["obs-fold"]]))
     assert err.status == 502

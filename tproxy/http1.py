@@ -307,6 +307,11 @@ _SPECIAL = _HOP_BY_HOP | {_CONTENT_LENGTH, _HOST_NAME, _EXPECT, _TRAILER}
 # read as a second request upstream, or run two responses together: smuggling) or a request
 # without its Host. So these are kept whatever Connection says.
 _END_TO_END = frozenset({_CONTENT_LENGTH, _HOST_NAME, b"date"})
+# A framing error that only matters where a body follows (ResponseParser: §6.3 item 1). (Both
+# Content-Length and Transfer-Encoding is refused by llhttp itself, bodiless or not.)
+_BOTH_CL_AND_TE = "both Content-Length and Transfer-Encoding"
+_TE_IN_HTTP10 = "Transfer-Encoding in HTTP/1.0"
+_TE_FRAMING_ERRORS = frozenset({_TE_IN_HTTP10})
 # Connection options that name no field of their own to remove (RFC 9112 §9.6, §9.3).
 _PLAIN_OPTIONS = frozenset({b"keep-alive", b"close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -646,10 +651,10 @@ class _Meta:
             self.conn = self.conn - _END_TO_END
         if self.te is not None:
             if self.cl is not None:
-                self.error = "both Content-Length and Transfer-Encoding"
+                self.error = _BOTH_CL_AND_TE
             elif minor == b"0":
                 # RFC 9112 §6.1: TE in HTTP/1.0 means faulty framing.
-                self.error = "Transfer-Encoding in HTTP/1.0"
+                self.error = _TE_IN_HTTP10
 
 
 class RequestParser(_Parser):
@@ -981,12 +986,16 @@ class ResponseParser(_Parser):
                 return True
             events.append(Informational(status, reason, fields, conn))
             return False
-        if meta.error:
+        # RFC 9112 §6.3 item 1: a response to HEAD, a 204 and a 304 end at their head
+        # "regardless of the header fields present", so framing fields that could not frame a
+        # body do not make them malformed (Transfer-Encoding is hop-by-hop and not forwarded).
+        bodiless = method == b"HEAD" or status == 204 or status == 304
+        if meta.error and not (bodiless and meta.error in _TE_FRAMING_ERRORS):
             events.append(self._error(502, meta.error))
             return False
         cl = meta.cl
         te = meta.te
-        if te is not None and te != [b"chunked"]:
+        if te is not None and te != [b"chunked"] and not bodiless:
             # A close-delimited TE body (§6.3 item 4) could not be re-framed faithfully.
             events.append(self._error(502, "unsupported Transfer-Encoding"))
             return False
@@ -1006,7 +1015,7 @@ class ResponseParser(_Parser):
             )
             self._state = _S_DEAD
             return True
-        if method == b"HEAD" or status == 204 or status == 304:
+        if bodiless:
             kind = BodyKind.NONE  # RFC 9112 §6.3 items 1-2; CL describes the would-be body
         elif te is not None:
             kind = BodyKind.CHUNKED
