@@ -103,19 +103,19 @@ CASES = [
 
 
 @pytest.mark.parametrize(("method", "version", "extra", "status", "body"), CASES)
-@pytest.mark.parametrize("x_cache", [False, True])
+@pytest.mark.parametrize(("x_cache", "via"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("draining", [False, True])
 @pytest.mark.parametrize("tier", ["memory", "disk"])
 def test_serve_plain_writes_what_serve_writes(
     method: bytes, version: bytes, extra: bytes, status: int, body: bytes, x_cache: bool,
-    draining: bool, tier: str, tmp_path: Path,
+    via: bool, draining: bool, tier: str, tmp_path: Path,
 ) -> None:  # fmt: skip
     if tier == "memory":
         cfg = CacheConfig(disk_dir="", disk_size=0, x_cache_header=x_cache)
     else:  # bodies above 16 bytes stay on disk only and stream from their file
         cfg = CacheConfig(disk_dir=str(tmp_path), disk_size=1 << 20, memory_size=1 << 20,
                           max_memory_object_size=16, x_cache_header=x_cache)  # fmt: skip
-    cache = Cache(cfg)
+    cache = Cache(cfg, via=via)
     raw = method + b" /a?b=1 HTTP/" + version + b"\r\nHost: example.com\r\n" + extra + b"\r\n"
     head = request(raw)
     lines = [line % len(body) if b"%d" in line else line for line in STORED]
@@ -136,6 +136,8 @@ def test_serve_plain_writes_what_serve_writes(
     assert out[2] == out[0]
     data = out[0][0][0]
     assert b"Age: 12\r\n" in data and b"Age: 7" not in data and b"MISS" not in data
+    assert (b"\r\nX-Cache: HIT\r\n" in data) == x_cache
+    assert (b"\r\nVia: 1.1 tproxy\r\n" in data) == via
     assert data.endswith(b"\r\n\r\n" + (body if method == b"GET" else b""))
     on_disk = tier == "disk" and len(body) > 16
     assert out[0][0][2] == ("TCP_HIT" if on_disk else "TCP_MEM_HIT")

@@ -1016,7 +1016,8 @@ def served_fields(e: CacheEntry, age: float, x_cache: bool) -> Fields:
     """The fields of the head the cache answers a hit with (the production builder)."""
     from tproxy.cache.component import _hit_head
 
-    prefix, suffix = _hit_head(200, b"OK", hit_fields(e), x_cache, [], 0, b"1.1", True)
+    own = ((b"X-Cache", b"HIT"),) if x_cache else ()
+    prefix, suffix = _hit_head(200, b"OK", hit_fields(e), own, [], 0, b"1.1", True)
     lines = (prefix + age_value(age) + suffix).split(b"\r\n")[1:]
     return Fields([(n, v.strip()) for n, _, v in (ln.partition(b":") for ln in lines if ln)])
 

@@ -877,3 +877,28 @@ def test_max_forwards_zero_is_answered_here_and_a_positive_one_is_decremented() 
             assert b"\r\nMax-Forwards: 0\r\n" in get
 
     run(main())
+
+
+def test_via_is_added_both_ways_only_when_asked_for() -> None:
+    """RFC 9110 §7.6.3 with `proxy.via = true`: one more Via entry on the request (after the
+    client's own) and on the response, each naming the version it was received in. Off by
+    default: origins change what they send for requests with Via (nginx's gzip_proxied)."""
+
+    async def origin(conn: OriginConn) -> None:
+        while True:
+            await conn.head()
+            await conn.send(b"HTTP/1.0 200 OK\r\nVia: 1.1 cdn\r\nContent-Length: 2\r\n\r\nok")
+
+    async def main(via: bool) -> None:
+        async with rig(origin, via=via) as r:
+            r.send(b"GET /v HTTP/1.1\r\nHost: origin.test\r\nVia: 1.0 corp\r\n\r\n")
+            status, head, _ = await r.response()
+            assert status == 200
+            (request,) = r.origin_requests()
+            vias = [v for k, v in http_fields(request) if k == b"via"]
+            assert vias == ([b"1.0 corp", b"1.1 tproxy"] if via else [b"1.0 corp"]), request
+            vias = [v for k, v in http_fields(head) if k == b"via"]
+            assert vias == ([b"1.1 cdn", b"1.0 tproxy"] if via else [b"1.1 cdn"]), head
+
+    run(main(True))
+    run(main(False))

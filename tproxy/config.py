@@ -430,6 +430,10 @@ class ProxyConfig:
     ipv6: bool = True
     # Full transparency: upstream connections keep the client's source address.
     transparent_upstream: bool = True
+    # Announce the proxy with Via (RFC 9110 §7.6.3) on what it forwards and serves from cache.
+    # Off by default: an intercepting proxy that announces itself changes what origins send
+    # (nginx's default `gzip_proxied off` stops compressing for requests that carry Via).
+    via: bool = False
     connect_timeout: float = 10.0
     # Whole request head (slow-header clients) and stalled request bodies.
     request_timeout: float = 30.0
@@ -504,6 +508,7 @@ def _parse_proxy(r: Reader) -> ProxyConfig:
         listen_port=r.integer("listen_port", d.listen_port, 1, 65535),
         ipv6=r.boolean("ipv6", d.ipv6),
         transparent_upstream=r.boolean("transparent_upstream", d.transparent_upstream),
+        via=r.boolean("via", d.via),
         connect_timeout=r.duration("connect_timeout", d.connect_timeout),
         request_timeout=r.duration("request_timeout", d.request_timeout),
         response_timeout=r.duration("response_timeout", d.response_timeout),

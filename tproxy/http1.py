@@ -1256,6 +1256,17 @@ def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
     return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
 
 
+# RFC 9110 §7.6.3: Via = received-protocol RWS received-by; "HTTP/" is left out, and a
+# pseudonym may stand for the host. One more field line appends to any Via already there
+# (§5.3: field lines of one name combine in order).
+VIA_BY = b"tproxy"
+
+
+def via_value(received_version: bytes) -> bytes:
+    """The Via entry for a message received in HTTP/``received_version``."""
+    return received_version + b" " + VIA_BY
+
+
 # RFC 9110 §7.6.2: Max-Forwards counts hops for TRACE and OPTIONS only.
 MAX_FORWARDS_METHODS = frozenset({b"TRACE", b"OPTIONS"})
 # Fields a TRACE echo leaves out: §9.3.8 says the final recipient "SHOULD exclude any request

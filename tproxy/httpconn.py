@@ -999,6 +999,8 @@ class ClientConnection(_Side):
         elif head.host is None:
             # RFC 9112 §3.2: an HTTP/1.1 request must carry Host; an HTTP/1.0 one may lack it.
             add.append((b"Host", bracket(str(self.sockname[0])).encode()))
+        if self.server.cfg.proxy.via:
+            add.append((b"Via", http1.via_value(head.version)))
         if head.method in http1.MAX_FORWARDS_METHODS:
             hops = http1.max_forwards(head)
             if hops:  # RFC 9110 §7.6.2: one hop fewer for the next recipient
@@ -1240,6 +1242,8 @@ class ClientConnection(_Side):
                 return
         if not has_date(head):
             ex.extra_headers.append((b"Date", http_date()))
+        if self.server.cfg.proxy.via:
+            ex.extra_headers.append((b"Via", http1.via_value(head.version)))
         ex.held = http1.serialize_response_head(
             head,
             peer_version=client_version,

@@ -202,8 +202,12 @@ def _without(headers: http1.Headers, names: frozenset[bytes]) -> http1.Headers:
 class Cache:
     name = "cache"
 
-    def __init__(self, cfg: CacheConfig) -> None:
+    def __init__(self, cfg: CacheConfig, via: bool = False) -> None:
         self.cfg = cfg
+        # proxy.via: hits carry Via as forwarded responses do (the stored response passed
+        # through this proxy; received-protocol is what we speak upstream).
+        self.via = via
+        self._own: tuple[tuple[bool, bool], tuple[tuple[bytes, bytes], ...]] = ((False, False), ())
         # Opened in start(): building the component (also done by `tproxy rules show`, which
         # only needs rules_extras) must not create, scan or test-write the cache directory.
         self._store: CacheStore | None = None
@@ -241,6 +245,7 @@ class Cache:
             ctl.register("cache-purge", self._cmd_purge)
 
     async def reload(self, daemon: Daemon, cfg: Config) -> None:
+        self.via = cfg.proxy.via
         new = cfg.sections.get("cache")
         if isinstance(new, CacheConfig) and new != self.cfg:
             # Limits and flags apply at once; a new directory or size needs a restart.
@@ -658,6 +663,17 @@ class Cache:
                 replace(entry, headers=tuple(headers)), lookup.client_headers, entry
             )
 
+    def own_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The fields a hit carries after Age: X-Cache (x_cache_header), Via (proxy.via)."""
+        shape = (self.cfg.x_cache_header, self.via)
+        if self._own[0] != shape:
+            x_cache = ((b"X-Cache", b"HIT"),) if shape[0] else ()
+            self._own = (
+                shape,
+                x_cache + (((b"Via", http1.via_value(b"1.1")),) if shape[1] else ()),
+            )
+        return self._own[1]
+
     def keep_refreshed(
         self,
         fresh: CacheEntry,
@@ -707,7 +723,7 @@ class Cache:
         keep = head.keep_alive and not conn.server.draining
         length = len(body) if body is not None else obj.length if obj is not None else 0
         memo = policy.hot(entry).memo
-        shape = (self.cfg.x_cache_header, keep, head.version == b"1.0", length)
+        shape = (self.own_fields(), keep, head.version == b"1.0", length)
         parts = memo.get(shape)
         if not isinstance(parts, _HitHead):
             parts = _HitHead.build(entry, shape)
@@ -748,7 +764,7 @@ class Cache:
         head = ex.head
         method = head.method
         tier_result = "TCP_MEM_HIT" if obj.tier == "memory" else "TCP_HIT"
-        x_cache = self.cfg.x_cache_header
+        own = self.own_fields()
         age_bytes = policy.age_value(age)
         fields = _hit_fields(entry)
         cond = policy.evaluate_conditionals(method, head.headers, list(entry.headers), entry.status)
@@ -763,7 +779,7 @@ class Cache:
             extra: policy.Headers,
             length: int | None,
         ) -> bytes:
-            parts = _hit_head(status, reason, fields, x_cache, extra, length, head.version, keep)
+            parts = _hit_head(status, reason, fields, own, extra, length, head.version, keep)
             return parts[0] + age_bytes + parts[1]
 
         if cond is not None:
@@ -825,10 +841,10 @@ class _HitHead:
     content_type: str
 
     @classmethod
-    def build(cls, entry: CacheEntry, shape: tuple[bool, bool, bool, int]) -> _HitHead:
-        x_cache, keep, http10, length = shape
+    def build(cls, entry: CacheEntry, shape: tuple[policy.Headers, bool, bool, int]) -> _HitHead:
+        own, keep, http10, length = shape
         prefix, suffix = _hit_head(
-            entry.status, entry.reason or b"OK", _hit_fields(entry), x_cache, (), length,
+            entry.status, entry.reason or b"OK", _hit_fields(entry), own, (), length,
             b"1.0" if http10 else b"1.1", keep,
         )  # fmt: skip
         return cls(prefix, suffix, _content_type(entry))
@@ -869,14 +885,15 @@ def _hit_head(
     status: int,
     reason: bytes,
     fields: policy.Headers,
-    x_cache: bool,
+    own: policy.Headers,
     extra: policy.Headers,
     length: int | None,
     client_version: bytes,
     keep_alive: bool,
 ) -> tuple[bytes, bytes]:
     """A head the cache answers with, split around the Age value: the status line, ``fields``
-    and ``"Age: "``; then the end of that line, X-Cache (when on), ``extra`` and the framing.
+    and ``"Age: "``; then the end of that line, ``own`` (X-Cache, Via: Cache.own_fields),
+    ``extra`` and the framing.
 
     Stored fields (:func:`policy.hit_fields`), Age, X-Cache is the order; the Age value
     (RFC 9111 §5.1) goes between the parts. serve() joins them for each hit, serve_plain()
@@ -884,7 +901,7 @@ def _hit_head(
     prefix = _head_start(status, reason, fields) + b"Age: "
     if status == 204:
         length = None  # RFC 9110 §8.6: no Content-Length in a 204; it has no content anyway
-    after = [(b"X-Cache", b"HIT"), *extra] if x_cache else list(extra)
+    after = [*own, *extra]
     suffix = b"\r\n" + _head_start(None, b"", after) + _head_end(length, client_version, keep_alive)
     return prefix, suffix
 
@@ -934,4 +951,4 @@ def create(cfg: Config) -> Cache | None:
     section = cfg.sections.get("cache")
     if not isinstance(section, CacheConfig) or not section.enabled:
         return None
-    return Cache(section)
+    return Cache(section, via=cfg.proxy.via)
