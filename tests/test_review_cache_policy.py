@@ -11,7 +11,7 @@ NOW = 1_700_000_000.0
 
 def served_fields(e: CacheEntry, age: float) -> list[tuple[bytes, bytes]]:
     """The fields of the head the cache answers a hit with (the production builder)."""
-    prefix, suffix = _hit_head(200, b"OK", policy.hit_fields(e), False, [], 0, b"1.1", True)
+    prefix, suffix = _hit_head(200, b"OK", policy.hit_fields(e), (), [], 0, b"1.1", True)
     lines = (prefix + policy.age_value(age) + suffix).split(b"\r\n")[1:]
     return [(n, v.strip()) for n, _, v in (ln.partition(b":") for ln in lines if ln)]
 

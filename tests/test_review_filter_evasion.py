@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.http1_util import requests
 from tproxy.config import Reader
 from tproxy.filter import Policy, RequestInfo, load_categories, parse_filter
 from tproxy.filter.verdict import match_url
+from tproxy.http1 import ProtocolError, RequestHead, origin_form
 from tproxy.uri import effective_url
 
 MON_10 = datetime(2024, 1, 1, 10, 0)
@@ -90,6 +92,31 @@ def test_absolute_form_names_the_host_whatever_host_says() -> None:
     assert action(b"http://blocked.example/", b"school.example") == "deny"
     assert action(b"http://school.example/", b"blocked.example") == "allow"
     assert action(b"HTTP://Blocked.Example.:80/x", b"school.example") == "deny"
+
+
+@pytest.mark.parametrize("target", [b"/?://", b"/x?u=http://a.example/", b"/a://b", b"/?:///x"])
+def test_a_scheme_separator_in_an_origin_form_target_does_not_hide_the_host(target: bytes) -> None:
+    # "/" starts origin-form whatever follows (RFC 9112 §3.2.1): "GET /?://" once made the URL
+    # empty, so no deny rule matched while the origin served blocked.example.
+    assert action(target, b"blocked.example") == "deny"
+    assert effective_url(target, b"blocked.example", "192.0.2.1").startswith(
+        "http://blocked.example/"
+    )
+
+
+@pytest.mark.parametrize(
+    "target", [b"aaaaaaaaaaaaaaaaaaaaaaaa://blocked.example/x", b"ftp://blocked.example/x"]
+)
+def test_absolute_form_with_another_scheme_is_refused_before_any_filter(target: bytes) -> None:
+    # A long scheme once made the filter judge Host while the forwarder sent the target's
+    # authority upstream; only http and https targets are taken now (anything else: 400).
+    (event,) = requests([b"GET " + target + b" HTTP/1.1\r\nHost: school.example\r\n\r\n"])
+    assert isinstance(event, ProtocolError) and event.status == 400, event
+    head = requests([b"GET HTTPS://blocked.example/x HTTP/1.1\r\nHost: s\r\n\r\n"])[0]
+    assert isinstance(head, RequestHead) and origin_form(head.target) == (
+        b"blocked.example",
+        b"/x",
+    )
 
 
 def test_http10_without_host_uses_the_destination_address() -> None:

@@ -262,7 +262,9 @@ _ANY_VERSION = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/[0-9]\.[0-9]
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]; the second SP is
 # often missing in the wild and harmless to accept.
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[\x21-\x7e]*")
+# Absolute-form for the schemes an HTTP/1.1 origin serves (RFC 9110 §4.2): a proxy in front of
+# port 80 has nothing to do with ftp:// or a made-up scheme, and the filter judges http URLs.
+_ABSOLUTE_FORM = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://[\x21-\x7e]*")
 _AUTHORITY_FORM = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]{1,5}")
 # RFC 9110 §7.2: Host = uri-host [ ":" port ]; may be empty.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.vV]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")

@@ -13,9 +13,6 @@ from urllib.parse import urlsplit
 # RFC 9110 §4.2.1/§4.2.2: the port a URI without one implies; "host:80" and "host" are the same
 # origin for http (§4.2.3), so the normal form leaves the default port out.
 DEFAULT_PORTS = {"http": 80, "https": 443}
-# How far into a target "://" may stand for it to be taken as absolute-form (a scheme name is
-# short; a "://" deep inside an origin-form query is not a scheme separator).
-SCHEME_SEPARATOR_WITHIN = 16
 # RFC 9110 §5.6.3: optional whitespace is spaces and horizontal tabs only.
 OWS = b" \t"
 
@@ -123,7 +120,11 @@ def _target_parts(
     absolute-form's own authority wins over Host (§3.2.2)."""
     tgt = target.decode("latin-1") if isinstance(target, bytes) else target
     scheme = scheme.lower()
-    if "://" in tgt[:SCHEME_SEPARATOR_WITHIN]:
+    # The form is decided by the first character, as the parser and the forwarder decide it
+    # (RFC 9112 §3.2): "/" is origin-form whatever follows ("/?://" included), anything else
+    # with "://" is absolute-form. Judging by where "://" stands made the filter and the
+    # forwarder read different hosts from one target.
+    if not tgt.startswith("/") and "://" in tgt:
         parts = urlsplit(tgt)
         scheme = parts.scheme.lower() or scheme
         authority = parts.netloc
