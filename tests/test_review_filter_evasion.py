@@ -219,3 +219,44 @@ def test_ip_literal_hosts_can_be_denied_with_a_regex() -> None:
     assert action(b"/", None, "192.0.2.9", p) == "deny"  # HTTP/1.0 without Host
     assert action(b"http://10.1.2.3/x", b"school.example", p=p) == "deny"
     assert action(b"/", b"school.example", p=p) == "allow"
+
+
+def test_an_address_entry_meets_the_address_the_client_connected_to() -> None:
+    # The proxy always forwards to the original destination, so an allowed Host (or any
+    # spelling of the address: 3232235777, 0300.0250.1.1) sent to a denied address reaches it.
+    deny_ip = make_policy(
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\ndomains = ["192.0.2.7", "2001:db8::7"]'
+    )
+
+    def verdict(host: bytes, dest: str) -> str:
+        info = RequestInfo(
+            "10.0.0.5", None, "GET", "", effective_url(b"/", host, dest), None, MON_10, dest
+        )
+        return deny_ip.request_verdict(info).action
+
+    for host in (b"school.example", b"3232235777", b"0300.0000.0002.0007", b"192.0.2.7"):
+        assert verdict(host, "192.0.2.7") == "deny", host
+    assert verdict(b"school.example", "2001:db8::7") == "deny"
+    assert verdict(b"school.example", "192.0.2.8") == "allow"
+    # HTTPS: the name in the hello, or the server's address.
+    assert (
+        deny_ip.sni_verdict("10.0.0.5", "school.example", MON_10, dest_ip="192.0.2.7").action
+        == "deny"
+    )
+    assert (
+        deny_ip.sni_verdict("10.0.0.5", "school.example", MON_10, dest_ip="192.0.2.8").action
+        == "allow"
+    )
+
+
+def test_category_address_entries_meet_the_destination_too(tmp_path: Path) -> None:
+    (tmp_path / "proxies").mkdir()
+    (tmp_path / "proxies" / "domains").write_text("198.51.100.9\nanon.example\n")
+    p = make_policy(
+        '[[filter.rule]]\ngroup = "*"\naction = "deny"\ncategories = ["proxies"]', tmp_path
+    )
+    url = effective_url(b"/", b"school.example", "198.51.100.9")
+    info = RequestInfo("10.0.0.5", None, "GET", "", url, None, MON_10, "198.51.100.9")
+    assert p.request_verdict(info).action == "deny"
+    info = RequestInfo("10.0.0.5", None, "GET", "", url, None, MON_10, "198.51.100.10")
+    assert p.request_verdict(info).action == "allow"

@@ -1332,7 +1332,7 @@ def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
     return authority, path
 
 
-def header_value(headers: Headers, name: bytes) -> bytes | None:
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """First value of field ``name`` (lower-case), or None."""
     for n, v in headers:
         if n.lower() == name:

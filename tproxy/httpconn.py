@@ -141,6 +141,13 @@ def http_date() -> bytes:
     return _http_date[1]
 
 
+# Exchange.notes key: a hook that must see every response head, whether it comes from the
+# origin or is answered here from the cache (the filter's response rules), stores a callable
+# (conn, ex, status, headers, content_length) -> bool under it; True: it has answered the
+# request itself (a block page), and the stored response must not be sent.
+RESPONSE_CHECK = "response-check"
+
+
 def error_response(
     status: int,
     detail: str,

@@ -34,6 +34,7 @@ from tproxy.cache import policy
 from tproxy.cache.policy import CacheEntry, Kind
 from tproxy.cache.store import CacheConfig, CacheStore, CorruptObjectError, StoredObject
 from tproxy.config import Config
+from tproxy.httpconn import RESPONSE_CHECK
 from tproxy.uri import media_type, normalize_host, request_origin
 
 if TYPE_CHECKING:
@@ -663,6 +664,15 @@ class Cache:
                 replace(entry, headers=tuple(headers)), lookup.client_headers, entry
             )
 
+    @staticmethod
+    def refused(conn: ClientConnection, ex: Exchange, entry: CacheEntry, length: int) -> bool:
+        """Whether a hook that judges response heads (RESPONSE_CHECK: the filter's mime and
+        size rules) refuses this stored response, and has answered the client itself. A hit
+        must meet the rules a forwarded response meets, or a video stored outside a rule's
+        window (or for another group) would be served inside it."""
+        check = ex.notes.get(RESPONSE_CHECK)
+        return check is not None and bool(check(conn, ex, entry.status, entry.headers, length))
+
     def own_fields(self) -> tuple[tuple[bytes, bytes], ...]:
         """The fields a hit carries after Age: X-Cache (x_cache_header), Via (proxy.via)."""
         shape = (self.cfg.x_cache_header, self.via)
@@ -722,6 +732,10 @@ class Cache:
         head = ex.head
         keep = head.keep_alive and not conn.server.draining
         length = len(body) if body is not None else obj.length if obj is not None else 0
+        if self.refused(conn, ex, entry, length):
+            if obj is not None:
+                obj.close()
+            return True
         memo = policy.hot(entry).memo
         shape = (self.own_fields(), keep, head.version == b"1.0", length)
         parts = memo.get(shape)
@@ -761,6 +775,9 @@ class Cache:
         if obj is None:
             return False
         entry = obj.entry
+        if self.refused(conn, ex, entry, obj.length):
+            obj.close()
+            return True
         head = ex.head
         method = head.method
         tier_result = "TCP_MEM_HIT" if obj.tier == "memory" else "TCP_HIT"

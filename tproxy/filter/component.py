@@ -25,7 +25,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from tproxy.config import Config, ConfigError, ConfigErrors
 from tproxy.filter.categories import Categories, load_categories
 from tproxy.filter.model import MAX_TEMPLATE_BYTES, FilterConfig, validate_template
 from tproxy.filter.verdict import Policy, RequestInfo, Verdict, render_block_page
-from tproxy.httpconn import http_date
+from tproxy.httpconn import RESPONSE_CHECK, http_date
 from tproxy.nfqueue import FlowDecision, SniClass, SniQueue
 from tproxy.uri import bracket
 
@@ -515,6 +515,7 @@ class FilterComponent:
             url=ex.url,
             user_agent=ua.decode("latin-1") if ua is not None else None,
             now=self.now(),
+            dest_ip=ex.dst_host or None,
         )
         verdict = policy.request_verdict(info)
         if not verdict.allowed:
@@ -523,19 +524,36 @@ class FilterComponent:
             return True
         if not verdict.final:
             ex.notes[NOTE] = (policy, info)
+            # The response rules judge every answer, the cache's included (its hits and the
+            # stored body a 304 releases never pass on_response).
+            ex.notes[RESPONSE_CHECK] = self.check_response
         return False
 
     def on_response(self, conn: ClientConnection, ex: Exchange, head: http1.ResponseHead) -> bool:
+        if NOTE not in ex.notes:
+            return False
+        return self.check_response(conn, ex, head.status, head.headers, head.content_length)
+
+    def check_response(
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]],
+        content_length: int | None,
+    ) -> bool:
+        """The response stage for a head, from the origin or from the cache: True when it is
+        denied and the block page has been sent instead."""
         pending = ex.notes.get(NOTE)
         if pending is None:
             return False
         policy, info = pending
-        ctype = http1.header_value(head.headers, b"content-type")
+        ctype = http1.header_value(headers, b"content-type")
         verdict = policy.response_verdict(
             info,
-            head.status,
+            status,
             ctype.decode("latin-1") if ctype is not None else None,
-            head.content_length,
+            content_length,
         )
         if verdict.allowed:
             return False
@@ -579,7 +597,9 @@ class FilterComponent:
         ech: bool,
         why: str,
     ) -> FlowDecision:
-        v = self.policy.sni_verdict(client_ip, sni, self.now(), client_mac=client_mac)
+        v = self.policy.sni_verdict(
+            client_ip, sni, self.now(), client_mac=client_mac, dest_ip=server_ip
+        )
         server = bracket(server_ip)
         name = sni or server
         if v.allowed:

@@ -80,6 +80,9 @@ class RequestInfo:
     url: str  # absolute http URL (RFC 9112 §3.2.2), as rebuilt by the proxy
     user_agent: str | None
     now: datetime
+    # The address the client really connected to (the proxy always forwards there): address
+    # entries in domain lists and categories match it as well as the URL's host.
+    dest_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,17 @@ class _Group:
 class _Req:
     """Per-call view of a request, computing normalised parts once and categories lazily."""
 
-    __slots__ = ("_categories", "_cats", "host", "method", "path", "path_only", "ua", "url")
+    __slots__ = (
+        "_categories",
+        "_cats",
+        "dest",
+        "host",
+        "method",
+        "path",
+        "path_only",
+        "ua",
+        "url",
+    )
 
     def __init__(
         self,
@@ -153,10 +166,14 @@ class _Req:
         path: str | None,
         method: str | None,
         ua: str | None,
+        dest: str | None = None,
     ) -> None:
         self._categories = categories
         self._cats: dict[str, str] | None = None
         self.host = host
+        # The destination address when it is not what the host already names: a Host (or SNI)
+        # of an allowed site sent to a denied site's address must meet that address's entries.
+        self.dest = dest if dest and dest != host else None
         self.url = url
         self.path = path
         self.path_only = path.split("?", 1)[0].lower() if path is not None else None
@@ -166,7 +183,10 @@ class _Req:
     @property
     def cats(self) -> dict[str, str]:
         if self._cats is None:
-            self._cats = self._categories.match(self.host, self.path)
+            cats = self._categories.match(self.host, self.path)
+            if self.dest is not None:
+                cats = {**self._categories.match(self.dest, self.path), **cats}
+            self._cats = cats
         return self._cats
 
 
@@ -209,6 +229,8 @@ def _request_match(rule: _Rule, req: _Req) -> tuple[bool, str, str | None]:
     category: str | None = None
     if rule.domains is not None:
         hit = rule.domains.match(req.host)
+        if hit is None and req.dest is not None:
+            hit = rule.domains.match(req.dest)
         if hit is None:
             return False, f"host {req.host} not in domains", None
         why.append(f"domain {hit}")
@@ -410,7 +432,8 @@ class Policy:
         # Rules see one spelling of the URL (percent-escapes, dot segments: see urlnorm).
         url, url_host, path = match_parts(info.url)
         host = match_host(info.host) if info.host else url_host
-        req = _Req(self.categories, host, url, path, info.method, info.user_agent)
+        dest = match_host(info.dest_ip) if info.dest_ip else None
+        req = _Req(self.categories, host, url, path, info.method, info.user_agent, dest)
         return self._decide(group, group.rules, req, None, info.now, trace)
 
     def response_verdict(
@@ -427,7 +450,8 @@ class Policy:
         group = self.select_group(info.client_ip, info.client_mac)
         full, url_host, path = match_parts(url if url is not None else info.url)
         host = match_host(info.host) if info.host else url_host
-        req = _Req(self.categories, host, full, path, info.method, info.user_agent)
+        dest = match_host(info.dest_ip) if info.dest_ip else None
+        req = _Req(self.categories, host, full, path, info.method, info.user_agent, dest)
         no_body = status < 200 or status in (204, 304) or info.method.upper() == "HEAD"
         # No body (RFC 9110 §6.4.1: 1xx, 204, 304, and any response to HEAD): nothing for
         # MIME or size rules to judge.
@@ -446,6 +470,7 @@ class Policy:
         *,
         client_mac: str | None = None,
         trace: Trace | None = None,
+        dest_ip: str | None = None,
     ) -> Verdict:
         group = self.select_group(client_ip, client_mac)
         if not self.https:
@@ -457,7 +482,8 @@ class Policy:
             # all browsing under it. Real ECH names the provider's public name (e.g.
             # cloudflare-ech.com): deny that name to stop hidden destinations.
             host = match_host(sni)
-            req = _Req(self.categories, host, None, None, None, None)
+            dest = match_host(dest_ip) if dest_ip else None
+            req = _Req(self.categories, host, None, None, None, None, dest)
             return self._decide(group, group.sni_rules, req, None, now, trace)
         if not group.sni_can_deny:
             return Verdict("allow", group.name, group.default_key, "group denies nothing by SNI")
