@@ -339,3 +339,33 @@ def test_a_corrupted_404_on_disk_is_never_served_complete(tmp_path: Path) -> Non
         except CorruptObjectError:
             continue
         assert all(b"X" * 20 not in data for data, _ in conn.sent)
+
+
+def test_an_orphan_whose_store_gave_up_is_closed_at_once(tmp_path: Path) -> None:
+    """A client that leaves while its response is being stored leaves the response to be read
+    on; once the store gives up (the object is too large), nothing wants the rest, so an
+    endless or trickling body no longer holds the origin's connection."""
+
+    async def endless(_: Origin, head: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        while True:
+            w.write(b"400\r\n" + b"x" * 0x400 + b"\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        async with rig(endless, tmp_path, max_object_size=4096) as r:
+            for i in range(3):
+                reader, writer = await r.client()
+                writer.write(r.get(f"/live{i}"))
+                await reader.readuntil(b"\r\n\r\n")
+                writer.transport.abort()
+            deadline = time.monotonic() + 5
+            while r.server.pool.orphans or r.server.connections:
+                assert time.monotonic() < deadline, (r.server.pool.orphans, r.server.connections)
+                await asyncio.sleep(0.05)
+            assert r.cache.counters.store_aborted == 3
+
+    run(main())

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 from tests.inproc import Records, hand_over
 from tproxy import config
 from tproxy.http1 import MAX_RESPONSE_HEADER_COUNT
-from tproxy.httpconn import LINGER_IDLE
+from tproxy.httpconn import LINGER_IDLE, WRITE_BUFFER_HIGH
 from tproxy.server import Server
 
 WAIT = 5.0
@@ -902,3 +903,85 @@ def test_via_is_added_both_ways_only_when_asked_for() -> None:
 
     run(main(True))
     run(main(False))
+
+
+def test_bytes_left_behind_a_spliced_body_are_not_the_next_response() -> None:
+    """A spliced body leaves whatever the origin sent after it in the kernel, where the parser
+    never saw it: such a connection is not pooled (Upstream.clean), so the pipelined second
+    request goes on a fresh connection and gets its own answer."""
+    size = 4 << 20  # spliced: over SPLICE_MIN
+
+    async def origin(conn: OriginConn) -> None:
+        if conn.index == 0:
+            await conn.head()
+            await conn.send(ok(b"x" * size) + ok(b"EXTRA-RESPONSE"))
+            await asyncio.sleep(5)
+        else:
+            await serve_ok(conn)
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % b"1" + GET % b"2")
+            status, _, body = await r.response()
+            assert status == 200 and len(body) == size
+            assert (await r.response())[2] == b"ok"
+            assert r.server.stats.spliced_bodies == 1 and len(r.origin_conns) == 2
+
+    run(main())
+
+
+def test_an_upload_to_an_origin_that_stops_reading_stays_paused() -> None:
+    """asyncio reports a full write buffer once (pause_writing); the client's upload once
+    resumed right after the bytes held during the connect, and then buffered without bound."""
+
+    async def main() -> None:
+        cfg = config.with_overrides(config.load(None), transparent_upstream=False)
+        server = Server(cfg, Records())  # type: ignore[arg-type]
+        client, port = await hand_over(server)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Ethernet-sized segments: loopback's 64 KiB ones would let the kernel take the bytes
+        # held during the connect, and the one pause_writing would come later, when it holds.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        listener.setblocking(False)
+        accepted: list[socket.socket] = []
+        loop = asyncio.get_running_loop()
+        acceptor = loop.create_task(loop.sock_accept(listener))
+        acceptor.add_done_callback(lambda t: accepted.append(t.result()[0]))
+        total = 64 << 20
+        stop = threading.Event()
+
+        def upload() -> None:
+            client.setblocking(True)
+            with contextlib.suppress(OSError):
+                client.sendall(b"POST /u HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\n\r\n" % total)
+                chunk = b"x" * 65536
+                while not stop.is_set():
+                    client.sendall(chunk)
+
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        try:
+            biggest = 0
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                for conn in server.connections:
+                    up = conn.upstream
+                    if up is not None and up.transport is not None:
+                        biggest = max(biggest, up.transport.get_write_buffer_size())
+            assert 0 < biggest < 4 * WRITE_BUFFER_HIGH, biggest
+        finally:
+            stop.set()
+            client.close()
+            for conn in list(server.connections):
+                conn.abort()
+            await server.stop()
+            listener.close()
+            for s in accepted:
+                s.close()
+            await asyncio.to_thread(sender.join, 5)
+
+    run(main())

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import html
 import logging
 import re
 import socket
 import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -83,6 +85,15 @@ RETRY_AFTER_RESOURCES = 1
 # Idle upstream connections kept per (destination, source) and in all.
 POOL_PER_KEY = 32
 POOL_TOTAL = 2048
+# Orphaned upstreams (a response read on after its client left or was answered elsewhere; see
+# Upstream.orphan): without a sink, a rest larger than ORPHAN_DRAIN_MAX is not worth reading to
+# reuse the connection; with one (the cache storing it), reading stops when the sink no longer
+# wants the bytes. None lives longer than ORPHAN_MAX_AGE however it trickles, and at most
+# ORPHANS_MAX exist at once: beyond that a response nobody relays is cut off at once.
+ORPHAN_DRAIN_MAX = 256 * 1024
+_INT_ZERO = struct.pack("i", 0)  # an ioctl's int argument / answer of 0
+ORPHAN_MAX_AGE = 600.0
+ORPHANS_MAX = 256
 
 # Client connection states.
 SNIFF = 0  # waiting for enough bytes to tell HTTP from anything else
@@ -184,6 +195,9 @@ class BodySink(Protocol):
     def data(self, chunk: bytes) -> None: ...
     def end(self, trailers: tuple[tuple[bytes, bytes], ...]) -> None: ...
     def abort(self) -> None: ...
+    def wanted(self) -> bool:
+        """Whether more of the body is still of use (a store that gave up is not)."""
+        ...
 
 
 class Exchange:
@@ -317,6 +331,11 @@ class Upstream(_Side):
         self.orphan = False
         self.orphan_keep = False
         self.orphan_sink: BodySink | None = None
+        self.orphan_since = 0.0
+        self.orphan_bytes = 0
+        # Between pause_writing and resume_writing: the origin is not taking what we send, so
+        # the client's upload must stay paused (ClientConnection.resume_reading).
+        self.write_paused = False
         self.fd = -1
         # The body relay in the kernel while it runs (see ClientConnection.try_splice): the
         # transport must not read meanwhile.
@@ -333,8 +352,17 @@ class Upstream(_Side):
     def orphan_events(self, events: Sequence[http1.Event]) -> None:
         for event in events:
             if isinstance(event, Body):
-                if self.orphan_sink is not None:
-                    self.orphan_sink.data(event.data)
+                sink = self.orphan_sink
+                if sink is not None:
+                    sink.data(event.data)
+                    if not sink.wanted():  # too large to store, or the store failed
+                        self.orphan_failed()
+                        return
+                else:
+                    self.orphan_bytes += len(event.data)
+                    if self.orphan_bytes > ORPHAN_DRAIN_MAX:
+                        self.orphan_failed()
+                        return
             elif isinstance(event, EndOfMessage):
                 self.orphan = False
                 if self.orphan_sink is not None:
@@ -414,12 +442,31 @@ class Upstream(_Side):
             client.upstream_lost(self, exc)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.client is not None:
             self.client.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.client is not None:
             self.client.resume_reading()
+
+    def clean(self) -> bool:
+        """Whether this connection may wait in the pool: everything we sent has left, and the
+        origin has sent nothing more. A spliced body leaves what followed it in the kernel,
+        unseen by the parser, and bytes can arrive after the last read; counted here
+        (FIONREAD, tcp(7) SIOCINQ: one ioctl), such bytes would otherwise be read as the next
+        request's response. (An origin's close is found by the retry of a stale connection.)"""
+        transport = self.transport
+        if transport is None or self.closed or transport.get_write_buffer_size():
+            return False
+        if self.fd < 0:
+            return True
+        try:
+            unread = fcntl.ioctl(self.fd, termios.FIONREAD, _INT_ZERO)
+        except OSError:
+            return False
+        return unread == _INT_ZERO
 
     def resume_reading(self) -> None:
         if self.splice is None:  # the splice resumes it when the body is through
@@ -481,7 +528,7 @@ class Pool:
 
     def put(self, up: Upstream) -> None:
         self.orphans.discard(up)
-        if up.closed or self.count >= POOL_TOTAL:
+        if up.closed or self.count >= POOL_TOTAL or not up.clean():
             up.close()
             return
         conns = self.idle.setdefault(up.key, deque())
@@ -509,8 +556,13 @@ class Pool:
                 if now - up.idle_since > idle_timeout:
                     up.close()
         for up in list(self.orphans):
-            if now - up.idle_since > idle_timeout:
-                up.orphan_failed()
+            if now - up.idle_since > idle_timeout or now - up.orphan_since > ORPHAN_MAX_AGE:
+                try:
+                    up.orphan_failed()
+                except Exception:  # a sink's abort failing must not stop the daemon's sweep
+                    log.exception("ending an orphaned upstream failed")
+                    self.orphans.discard(up)
+                    up.abort()
 
     def close_all(self) -> None:
         for key in list(self.idle):
@@ -688,6 +740,14 @@ class ClientConnection(_Side):
             self.pump()
         elif self.upstream is not None:
             self.upstream.resume_reading()
+
+    def resume_reading(self) -> None:
+        up = self.upstream
+        if up is not None and up.write_paused:
+            # The origin is not taking the upload: asyncio reports that once (pause_writing),
+            # so reading on would buffer the rest without bound. Its resume_writing resumes.
+            return
+        super().resume_reading()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -1496,11 +1556,17 @@ class ClientConnection(_Side):
         if up is None:
             return
         self.unbind_upstream(up, ex)
+        if len(up.pool.orphans) >= ORPHANS_MAX:
+            if sink is not None:
+                sink.abort()
+            up.abort()
+            return
         head = ex.response_head
         up.orphan = True
         up.orphan_keep = head is not None and head.keep_alive and ex.request_done
         up.orphan_sink = sink
-        up.idle_since = time.monotonic()
+        up.idle_since = up.orphan_since = time.monotonic()
+        up.orphan_bytes = 0
         up.pool.orphans.add(up)
         up.resume_reading()
 

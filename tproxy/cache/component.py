@@ -182,6 +182,9 @@ class StoreSink:
             self.cache.counters.store_aborted += 1
         self.cache.resolve(self.lookup)
 
+    def wanted(self) -> bool:
+        return bool(self.writer.active)
+
     def abort(self) -> None:
         self.lookup.storing = False
         self.writer.abort()
