@@ -985,3 +985,21 @@ def test_an_upload_to_an_origin_that_stops_reading_stays_paused() -> None:
             await asyncio.to_thread(sender.join, 5)
 
     run(main())
+
+
+def test_two_clients_never_share_an_upstream_connection_even_from_the_gateways_address() -> None:
+    """With transparent_upstream off every upstream connection leaves from the gateway's
+    address, but an origin's late byte of one client's answer (or state it ties to the
+    connection) must still not reach another client: the pool keeps them apart."""
+
+    class Conn:
+        def __init__(self, ip: str) -> None:
+            self.client_ip = ip
+
+    for transparent in (False, True):
+        cfg = config.with_overrides(config.load(None), transparent_upstream=transparent)
+        server = Server(cfg, Records())  # type: ignore[arg-type]
+        dst = ("192.0.2.1", 80)
+        a, b = Conn("10.0.0.5"), Conn("10.0.0.6")
+        assert server.upstream_key(a, dst) != server.upstream_key(b, dst)  # type: ignore[arg-type]
+        assert server.upstream_key(a, dst) == server.upstream_key(Conn("10.0.0.5"), dst)  # type: ignore[arg-type]

@@ -186,7 +186,10 @@ class Server:
         return conn.client_ip if self.cfg.proxy.transparent_upstream else None
 
     def upstream_key(self, conn: ClientConnection, dst: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (dst[0], dst[1], self.source_for(conn), 0)
+        # The client is part of the key even when the source address is the gateway's: a
+        # connection an origin answered one client on may still carry a late byte of that
+        # answer, and an origin may tie state to a connection; neither may reach another client.
+        return (dst[0], dst[1], self.source_for(conn), conn.client_ip)
 
     async def connect_upstream(self, conn: ClientConnection, dst: tuple[Any, ...]) -> Upstream:
         self.stats.upstream_connects += 1
