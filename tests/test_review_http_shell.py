@@ -1003,3 +1003,21 @@ def test_two_clients_never_share_an_upstream_connection_even_from_the_gateways_a
         a, b = Conn("10.0.0.5"), Conn("10.0.0.6")
         assert server.upstream_key(a, dst) != server.upstream_key(b, dst)  # type: ignore[arg-type]
         assert server.upstream_key(a, dst) == server.upstream_key(Conn("10.0.0.5"), dst)  # type: ignore[arg-type]
+
+
+def test_the_logged_size_is_the_bytes_the_client_got_for_a_chunked_response() -> None:
+    async def origin(conn: OriginConn) -> None:
+        await conn.head()
+        await conn.send(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"400\r\n" + b"x" * 0x400 + b"\r\n" + b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+        )  # fmt: skip
+
+    async def main() -> None:
+        async with rig(origin) as r:
+            r.send(GET % b"c")
+            got = await asyncio.wait_for(r.reader.readuntil(b"\r\n0\r\nX-T: 1\r\n\r\n"), WAIT)
+            await until(lambda: bool(r.log.records))
+            assert r.log.records[0].size == len(got), (r.log.records[0], len(got))
+
+    run(main())

@@ -1254,8 +1254,10 @@ class ClientConnection(_Side):
                     ex.sent += len(held)  # Squid logs head + body bytes
                     ex.held = b""
                     ex.response_started = True
-                self.write_body(held, data, ex.response_framing is Framing.CHUNKED)
-                ex.sent += len(data)
+                chunked = ex.response_framing is Framing.CHUNKED
+                self.write_body(held, data, chunked)
+                # Bytes on the wire, as Squid logs them: a chunk's size line and CRLF count.
+                ex.sent += len(data) + (len(b"%x" % len(data)) + 4 if chunked and data else 0)
                 if ex.sink is not None:
                     ex.sink.data(event.data)
             elif isinstance(event, ResponseHead):
@@ -1336,7 +1338,9 @@ class ClientConnection(_Side):
 
     def response_end(self, ex: Exchange, up: Upstream, event: EndOfMessage) -> None:
         if ex.response_framing is Framing.CHUNKED:
-            self.write(http1.encode_last_chunk(event.trailers))
+            last = http1.encode_last_chunk(event.trailers)
+            self.write(last)
+            ex.sent += len(last)
         if ex.sink is not None:
             ex.sink.end(event.trailers)
             ex.sink = None
