@@ -139,6 +139,10 @@ def test_http10_without_host_uses_the_destination_address() -> None:
         b"//secret/x",
         b"/secret%2Fx",
         b"/secret/x?y=1",
+        b"/secret;jsessionid=1/x",  # path parameters: Tomcat and Jetty drop them
+        b"/public/..;/secret/x",  # Tomcat's "..;" traversal
+        b"/public/..\\secret/x",  # IIS reads a backslash as "/"
+        b"/public/..%5Csecret/x",
     ],
 )
 def test_url_prefix_sees_through_encoding_and_dot_segments(target: bytes) -> None:
@@ -161,7 +165,9 @@ def test_url_regex_sees_the_normalised_url(target: bytes) -> None:
     assert action(target, b"regex.example") == "deny"
 
 
-@pytest.mark.parametrize("target", [b"/f.exe", b"/f.EXE", b"/f.ex%65", b"/f.exe?x=1", b"/f%2Eexe"])
+@pytest.mark.parametrize(
+    "target", [b"/f.exe", b"/f.EXE", b"/f.ex%65", b"/f.exe?x=1", b"/f%2Eexe", b"/f.exe;v=2"]
+)
 def test_extension_rule_sees_the_decoded_path(target: bytes) -> None:
     assert action(target, b"files.example") == "deny"
 

@@ -11,6 +11,9 @@ and category ``urls`` entries are all brought to one form first:
   §6.2.2.2 makes that an equivalence for unreserved characters; for ``/`` and sub-delims it is
   what servers do) — except ``%``, ``?`` and ``#``, whose decoding would change the structure;
   other escapes get upper-case hex (§6.2.2.1), and raw non-ASCII/space is percent-encoded;
+* a backslash counts as ``/`` (IIS reads ``/x/..\\secret`` as ``/secret``) and path
+  parameters (``;...`` up to the next ``/``, RFC 3986 §3.3) are dropped from each segment
+  (Tomcat and Jetty serve ``/secret;x/y`` and ``/..;/secret`` as ``/secret/y`` and ``/secret``);
 * dot segments are removed (RFC 3986 §5.2.4) and runs of ``/`` merged;
 * the query keeps its structure: only escapes of unreserved characters are decoded there.
 
@@ -80,7 +83,12 @@ def normalize_target(target: str) -> str:
     path, sep, query = target.partition("?")
     if not path.startswith("/"):
         path = "/" + path
-    path = remove_dot_segments(_decode(path, path=True))
+    path = _decode(path, path=True)
+    if "\\" in path:
+        path = path.replace("\\", "/")
+    if ";" in path:
+        path = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
+    path = remove_dot_segments(path)
     return path + (sep + _decode(query, path=False) if sep else "")
 
 
