@@ -124,3 +124,10 @@ def test_normalize_never_raises(text: str) -> None:
         name, _ = result
         assert name == name.lower() and " " not in name
     normalize_host(text)
+
+
+def test_a_url_in_a_domain_list_is_named_a_url() -> None:
+    # It once read as "not a valid IPv6 literal" (the ":" of the scheme).
+    for entry in ("http://x.example/", "x.example/path"):
+        reason = normalize_domain(entry)
+        assert isinstance(reason, str) and reason.startswith("a URL, not a domain name"), reason

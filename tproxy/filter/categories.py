@@ -241,7 +241,7 @@ def load_categories(
             failed[category] = f"no such category directory {cdir}"
             continue
         counts = {DOMAINS_FILE: 0, URLS_FILE: 0}
-        present = 0
+        present = unreadable = 0
         for kind in (DOMAINS_FILE, URLS_FILE):
             file = cdir / kind
             try:
@@ -251,6 +251,7 @@ def load_categories(
             except OSError as exc:
                 warn.add(str(file), 0, f"cannot read: {exc.strerror or exc}")
                 failed[category] = f"cannot read {file}: {exc.strerror or exc}"
+                unreadable += 1
                 continue
             present += 1
             text = _decode(data)
@@ -258,7 +259,7 @@ def load_categories(
                 counts[kind] = parse_domains(text, str(file), domain_map, (category,), warn)
             else:
                 counts[kind] = parse_urls(text, str(file), url_map, category, warn)
-        if not present:
+        if not present and not unreadable:  # one that cannot be read is reported above
             warn.add(str(cdir), 0, f"neither {DOMAINS_FILE!r} nor {URLS_FILE!r} file present")
             failed.setdefault(category, f"neither {DOMAINS_FILE!r} nor {URLS_FILE!r} in {cdir}")
         stats.append(CategoryStats(category, counts[DOMAINS_FILE], counts[URLS_FILE]))

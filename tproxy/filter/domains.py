@@ -65,6 +65,9 @@ def normalize_domain(text: str) -> tuple[str, bool] | str:
         name = name[1:]
     if name.endswith(".") and not name.endswith(".."):
         name = name[:-1]
+    if "/" in name:
+        # "http://x.example/" or "x.example/path": a URL, which a domain list cannot hold.
+        return "a URL, not a domain name (URLs go in a category's urls file, or url_prefix)"
     if ":" in name or name.startswith("["):
         inner = name[1:-1] if name.startswith("[") and name.endswith("]") else name
         try:
