@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -633,3 +634,97 @@ def test_overloaded_follows_the_connection_ceiling() -> None:
             await daemon.server.stop()
 
     run(main())
+
+
+# -- reload's lifecycle, without root: rules are not applied (apply_kernel_state is stubbed) --
+
+
+def _reloading_daemon(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> Daemon:
+    path = tmp_path / "tproxy.toml"
+    path.write_text(
+        '[log]\naccess_log = ""\n[proxy]\nlan_interfaces = ["lo"]\n'
+        "transparent_upstream = false\n" + text
+    )
+    daemon = Daemon(config_mod.load(path))
+    applied: list[Any] = []
+
+    async def apply(plan: Any) -> None:
+        applied.append(plan)
+
+    monkeypatch.setattr(daemon, "apply_kernel_state", apply)
+    return daemon
+
+
+def test_a_reload_during_start_waits_and_one_during_stop_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = _reloading_daemon(tmp_path, "", monkeypatch)
+    ran: list[str] = []
+
+    async def fake_reload() -> None:
+        ran.append("reload")
+
+    monkeypatch.setattr(daemon, "_reload", fake_reload)
+
+    async def main() -> None:
+        early = asyncio.get_running_loop().create_task(daemon.reload())
+        await asyncio.sleep(0.05)
+        assert ran == [] and not early.done()  # SIGHUP before READY waits
+        daemon.started.set()
+        await asyncio.wait_for(early, 1)
+        assert ran == ["reload"]
+        daemon.stopping.set()
+        await daemon.reload()
+        assert ran == ["reload"]  # none after the stop began
+
+    run(main())
+
+
+def test_reload_applies_the_log_level_keeps_the_access_log_flag_and_refuses_cache_toggles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = _reloading_daemon(tmp_path, "", monkeypatch)
+    daemon.access_log_override = str(tmp_path / "flag.log")
+    path = tmp_path / "tproxy.toml"
+    base = (
+        '[proxy]\nlan_interfaces = ["lo"]\ntransparent_upstream = false\n'
+        "[metrics]\nenabled = false\n[control]\nenabled = false\n"
+    )
+    root = logging.getLogger()
+    level = root.level
+
+    async def main() -> None:
+        daemon.started.set()
+        try:
+            path.write_text(base + '[log]\nlevel = "debug"\naccess_log = "/nonexistent/x.log"\n')
+            await daemon.reload()
+            assert root.level == logging.DEBUG
+            assert daemon.cfg.log.access_log == str(tmp_path / "flag.log")
+            path.write_text(base + "[cache]\nenabled = false\n")
+            with caplog.at_level(logging.ERROR):
+                await daemon.reload()
+            assert "cache.enabled: changing it needs a restart" in caplog.text
+            assert daemon.cfg.log.level == "debug"  # the refused reload changed nothing
+        finally:
+            root.setLevel(level)
+            daemon.access_log.close()
+
+    run(main())
+
+
+def test_a_group_the_daemon_cannot_give_the_socket_to_names_the_key_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tproxy import control
+
+    def eperm(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", eperm)  # as under the unit, which keeps no CAP_CHOWN
+    sock = tmp_path / "s"
+    sock.touch()
+    cfg = control.ControlConfig(group="root")
+    with pytest.raises(ConfigError) as info:
+        control._set_owner("t.toml", str(sock), cfg)
+    assert info.value.key == "control.group"
+    assert "SupplementaryGroups=root" in str(info.value)

@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(
             cfg.path, "proxy.lan_interfaces", "no LAN interface: set it or pass --lan-interface IF"
         )
-    return daemon.run(cfg, overrides)
+    return daemon.run(cfg, overrides, args.access_log)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

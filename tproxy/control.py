@@ -478,15 +478,23 @@ class Control:
 
 
 def _set_owner(cfg_path: str, path: str, cfg: ControlConfig) -> None:
-    try:
-        if cfg.group:
-            try:
-                gid = grp.getgrnam(cfg.group).gr_gid
-            except KeyError:
-                raise ConfigError(
-                    cfg_path, "control.group", f"no such group: {cfg.group!r}"
-                ) from None
+    if cfg.group:
+        try:
+            gid = grp.getgrnam(cfg.group).gr_gid
+        except KeyError:
+            raise ConfigError(cfg_path, "control.group", f"no such group: {cfg.group!r}") from None
+        try:
             os.chown(path, -1, gid)
+        except OSError as exc:
+            # The unit keeps no CAP_CHOWN: a file can go only to a group the daemon is in.
+            raise ConfigError(
+                cfg_path,
+                "control.group",
+                f"cannot give {path} to group {cfg.group!r}: {exc.strerror}; the daemon must be "
+                f"in that group (systemctl edit tproxy: [Service] SupplementaryGroups="
+                f"{cfg.group})",
+            ) from None
+    try:
         os.chmod(path, cfg.mode)
     except OSError as exc:
         raise ConfigError(

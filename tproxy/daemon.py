@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -37,6 +38,8 @@ log = logging.getLogger("tproxy.daemon")
 STATUS_INTERVAL = 5.0
 # How often the daemon checks that its access log file still exists (seconds).
 LOG_CHECK_INTERVAL = 10.0
+# How long a stop waits for a reload in flight (rules being applied) before it goes on.
+RELOAD_WAIT_AT_STOP = 30.0
 # File descriptors per client connection at the ceiling: the client's socket and the upstream's.
 FDS_PER_CONNECTION = 2
 # Descriptors besides connections: listeners, cache files, the access log, control and metrics
@@ -122,8 +125,12 @@ def make_plan(cfg: Config, components: list[component.Component]) -> netfilter.R
 
 
 class Daemon:
-    def __init__(self, cfg: Config, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, overrides: dict[str, Any] | None = None, access_log: str | None = None
+    ) -> None:
         self.overrides = overrides or {}
+        # `tproxy run --access-log`: wins over the file at every reload too.
+        self.access_log_override = access_log
         self.cfg = cfg
         self.components = component.build(cfg)
         self.plan = self.make_plan(cfg)
@@ -139,6 +146,8 @@ class Daemon:
         self.kernel_touched = False
         self.instance: socket.socket | None = None  # preflight.claim_instance's lock
         self.reload_lock = asyncio.Lock()
+        # Set once the daemon runs (listeners, components, rules, READY): reloads wait for it.
+        self.started = asyncio.Event()
 
     def make_plan(self, cfg: Config) -> netfilter.RulesPlan:
         return make_plan(cfg, self.components)
@@ -222,12 +231,19 @@ class Daemon:
                 self.plan.listen_port,
             )
             self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
+            self.started.set()
             if self.notifier.watchdog_interval:
                 self.spawn(self._watchdog(self.notifier.watchdog_interval), "watchdog")
             if self.notifier.enabled:
                 self.spawn(self._status_loop(), "status")
             self.spawn(self._log_check(), "access log check")
             await self.stopping.wait()
+            # A reload in flight finishes first: its rules must not land over the drain plan
+            # (or after the flush), and none starts after this (reload checks ``stopping``).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELOAD_WAIT_AT_STOP):
+                    async with self.reload_lock:
+                        pass
             log.info("stopping: draining %d connections", len(self.server.connections))
             self.notifier.notify("STOPPING=1")
             self.server.close_listeners()
@@ -274,9 +290,15 @@ class Daemon:
         return control.status_line(self)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config; a bad one is refused and the old one keeps running."""
+        """SIGHUP: re-read the config; a bad one is refused and the old one keeps running.
+
+        One that arrives during start waits until the daemon runs (it would otherwise apply
+        rules before the components are up, and send READY early); one during stop is
+        dropped."""
+        await self.started.wait()
         async with self.reload_lock:  # SIGHUP and the control socket's reload never overlap
-            await self._reload()
+            if not self.stopping.is_set():
+                await self._reload()
 
     async def _reload_components(self, new: Config) -> None:
         """Hand ``new`` to every component; if one refuses, the ones before it go back.
@@ -290,7 +312,7 @@ class Daemon:
             for comp in self.components:
                 await comp.reload(self, new)
                 adopted.append(comp)
-        except ConfigError:
+        except Exception:  # a refusal, or a failure halfway: either way all go back
             await self._restore_components(adopted)
             raise
 
@@ -307,6 +329,9 @@ class Daemon:
         try:
             path = None if self.cfg.path == config_mod.DEFAULTS_PATH else self.cfg.path
             new = config_mod.with_overrides(config_mod.load(path), **self.overrides)
+            if self.access_log_override is not None:
+                log_cfg = dataclasses.replace(new.log, access_log=self.access_log_override)
+                new = dataclasses.replace(new, log=log_cfg)
             if not new.proxy.lan_interfaces:
                 raise ConfigError(new.path, "proxy.lan_interfaces", "no LAN interface configured")
             for key in ("listen_port", "ipv6"):
@@ -314,6 +339,10 @@ class Daemon:
                     # The listeners are bound once; rules pointing at an unbound port would
                     # strand every new connection.
                     raise ConfigError(new.path, f"proxy.{key}", "changing it needs a restart")
+            was_on = getattr(self.cfg.sections.get("cache"), "enabled", False)
+            if getattr(new.sections.get("cache"), "enabled", False) != was_on:
+                # The cache's store is opened (or not) at start: said, not silently ignored.
+                raise ConfigError(new.path, "cache.enabled", "changing it needs a restart")
             # The plan first: a config the kernel cannot express is refused before any
             # component has adopted it. A dropped port keeps its socket divert: its open
             # connections go on.
@@ -334,14 +363,21 @@ class Daemon:
                 # `tproxy rules flush` or another tool removed them, a reload puts them back.
                 await self.apply_kernel_state(plan)
             except netfilter.RulesError:
-                # The old rules go back (below); the components must match them again.
+                # The old rules go back (below); the components must match them again, and
+                # a new route table / rule priority, if already installed, must not stay.
                 await self._restore_components(list(self.components))
+                if (old.route_table, old.rule_priority) != (plan.route_table, plan.rule_priority):
+                    with contextlib.suppress(netfilter.RulesError):
+                        await asyncio.to_thread(
+                            netfilter.flush_routing, plan.route_table, plan.rule_priority
+                        )
                 raise
             self.plan = plan
             # A new path that cannot be opened keeps the old file (one error line says so).
             self.access_log.reopen(new.log.access_log)
             self.cfg = new
             self.server.cfg = new
+            logging.getLogger().setLevel(getattr(logging, new.log.level.upper(), logging.INFO))
             self.server.apply_limits(new.section("limits", LimitsConfig), time.monotonic())
             check_fd_budget(self.server.limiter.cfg.max_connections)
             log.info("reloaded %s", new.path)
@@ -363,12 +399,12 @@ class Daemon:
             self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
 
 
-def run(cfg: Config, overrides: dict[str, Any] | None = None) -> int:
+def run(cfg: Config, overrides: dict[str, Any] | None = None, access_log: str | None = None) -> int:
     try:
         import uvloop
 
         runner: Callable[..., int] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         runner = asyncio.run
-    daemon = Daemon(cfg, overrides)
+    daemon = Daemon(cfg, overrides, access_log)
     return runner(daemon.run())
