@@ -8,6 +8,7 @@ Lab part: the real daemon in the gateway namespace, driven by curl from the clie
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -728,3 +729,21 @@ def test_a_group_the_daemon_cannot_give_the_socket_to_names_the_key_and_the_fix(
         control._set_owner("t.toml", str(sock), cfg)
     assert info.value.key == "control.group"
     assert "SupplementaryGroups=root" in str(info.value)
+
+
+def test_no_ipv6_in_the_kernel_is_one_line_naming_proxy_ipv6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tproxy import preflight
+
+    daemon = _reloading_daemon(tmp_path, "", monkeypatch)
+    monkeypatch.setattr(preflight, "check_privileges", lambda: None)
+    monkeypatch.setattr(preflight, "check", lambda *_: None)
+    monkeypatch.setattr(preflight, "claim_instance", lambda: None)
+
+    async def no_ipv6() -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(daemon.server, "start", no_ipv6)
+    with pytest.raises(preflight.PreflightError, match=r"set proxy.ipv6 = false"):
+        run(daemon.run())

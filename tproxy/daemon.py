@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import resource
@@ -214,6 +215,11 @@ class Daemon:
             try:
                 await self.server.start()
             except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    raise preflight.PreflightError(
+                        "IPv6 is not available on this host (disabled in the kernel?): set "
+                        "proxy.ipv6 = false"
+                    ) from None
                 raise preflight.PreflightError(
                     f"cannot listen on port {self.cfg.proxy.listen_port} (proxy.listen_port): "
                     f"{exc.strerror or exc}"
