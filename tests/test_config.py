@@ -206,3 +206,14 @@ def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
     path = tmp_path / "bom.toml"
     path.write_text("\ufeff[proxy]\nlisten_port = 3130\n", encoding="utf-8")
     assert config.load(path).proxy.listen_port == 3130
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4.1MB", 4_100_000), ("8.2M", 8_200_000), ("64.4k", 64_400), ("1.5KiB", 1536)],
+)
+def test_decimal_sizes_are_whole_bytes_despite_float_rounding(
+    tmp_path: Path, text: str, value: int
+) -> None:
+    cfg = config.load(write(tmp_path, f'[cache]\nmax_object_size = "{text}"\n'))
+    assert cfg.section("cache", object).max_object_size == value  # type: ignore[attr-defined]

@@ -177,3 +177,20 @@ def test_a_cached_204_has_no_content_length() -> None:
     head = conn.sent[0][0]
     assert head.startswith(b"HTTP/1.1 204 ") and b"content-length" not in head.lower()
     assert policy.storable(b"GET", [], 204, [(b"Cache-Control", b"max-age=600")])[0]
+
+
+def test_a_revalidation_for_one_client_does_not_drop_the_shared_copy() -> None:
+    # Only the response's own fields decide whether the refreshed copy stays shared: a client
+    # that sends Authorization or no-store (and no-cache, to make the cache revalidate) must
+    # not throw it away for everybody.
+    for extra in (b"Authorization: Basic eDp5\r\n", b"Cache-Control: no-store, no-cache\r\n"):
+        cache = new_cache()
+        get = b"GET /s HTTP/1.1\r\nHost: victim.example\r\n"
+        assert not exchange(cache, client(VICTIM), get + b"\r\n", ETAGGED, b"pub!")
+        fresh = b'HTTP/1.1 304 Not Modified\r\nETag: "1"\r\nCache-Control: max-age=600\r\n\r\n'
+        exchange(
+            cache, client(VICTIM), get + b"Cache-Control: no-cache\r\n" + extra + b"\r\n", fresh
+        )
+        bob = client(VICTIM)
+        assert exchange(cache, bob, get + b"\r\n"), extra
+        assert bob.sent[0][2] == "TCP_MEM_HIT"

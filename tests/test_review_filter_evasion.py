@@ -255,7 +255,10 @@ def test_an_address_entry_meets_the_address_the_client_connected_to() -> None:
     )
 
 
-def test_category_address_entries_meet_the_destination_too(tmp_path: Path) -> None:
+def test_category_address_entries_meet_only_the_urls_host(tmp_path: Path) -> None:
+    # Category lists carry addresses of shared hosts and CDNs: matched against the connected
+    # address, one entry would deny every name served there. A literal address as the host
+    # still meets them.
     (tmp_path / "proxies").mkdir()
     (tmp_path / "proxies" / "domains").write_text("198.51.100.9\nanon.example\n")
     p = make_policy(
@@ -263,6 +266,29 @@ def test_category_address_entries_meet_the_destination_too(tmp_path: Path) -> No
     )
     url = effective_url(b"/", b"school.example", "198.51.100.9")
     info = RequestInfo("10.0.0.5", None, "GET", "", url, None, MON_10, "198.51.100.9")
-    assert p.request_verdict(info).action == "deny"
-    info = RequestInfo("10.0.0.5", None, "GET", "", url, None, MON_10, "198.51.100.10")
     assert p.request_verdict(info).action == "allow"
+    url = effective_url(b"/", b"198.51.100.9", "198.51.100.9")
+    info = RequestInfo("10.0.0.5", None, "GET", "", url, None, MON_10, "198.51.100.9")
+    assert p.request_verdict(info).action == "deny"
+
+
+@pytest.mark.parametrize(
+    "target", [b"/secret/..;x/../x", b"/secret/..\\x/../x", b"/secret/..%3Bx/../x"]
+)
+def test_a_path_two_kinds_of_server_read_differently_is_denied_if_either_reading_is(
+    target: bytes,
+) -> None:
+    # nginx sees a segment "..;x" (and serves /secret/x); Tomcat drops ";x" and IIS reads "\"
+    # as "/" (and serve /x). Judged one way only, one of them was a way around the rule.
+    assert action(target, b"open.example") == "deny", target
+    assert action(b"/public/..;x/../x", b"open.example") == "allow"
+
+
+def test_an_allow_list_is_not_escaped_through_a_second_reading() -> None:
+    allow_docs = make_policy(
+        '[filter]\ndefault = "deny"\n[[filter.rule]]\ngroup = "*"\naction = "allow"\n'
+        'url_prefix = ["open.example/docs/"]'
+    )
+    assert action(b"/docs/a", b"open.example", p=allow_docs) == "allow"
+    assert action(b"/x/..;q/../docs/a", b"open.example", p=allow_docs) == "deny"
+    assert action(b"/docs;v=1/a", b"open.example", p=allow_docs) == "deny"

@@ -290,11 +290,15 @@ class Reader:
         """Bytes, from an integer or a string like ``"64MiB"``, ``"1G"``, ``"512k"``."""
         value = self._quantity(key, default, (int, str), _SIZE, _SIZE_UNITS, "",
                                "a size", '"512KiB", "64MiB", "1GB"', 0)  # fmt: skip
-        if value is not None and value != int(value):
-            # "0.5" would silently become 0 bytes; "1.5KiB" is a whole 1536 and fine.
+        if value is None:
+            return default
+        whole = round(value)
+        if abs(value - whole) > 1e-6 * max(1.0, value):
+            # "0.5" would silently become 0 bytes; "1.5KiB" is a whole 1536, and "4.1MB" is
+            # 4100000 (its float, 4099999.9999999995, is not a reason to refuse it).
             self.error(key, f"not a whole number of bytes: {value:g}")
             return default
-        return default if value is None else int(value)
+        return int(whole)
 
     def rate(self, key: str, default: int) -> int:
         """Bits per second, from a tc(8)-style string (``"2mbit"``, ``"500kbit"``, ``"1mbps"``)."""

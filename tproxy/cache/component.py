@@ -319,7 +319,7 @@ class Cache:
                                 self.store.delete_object(_oid(entry))  # outdated
                                 return
                             fresh = policy.refresh_entry(entry, event.headers, request_time, now)
-                            self.keep_refreshed(fresh, headers, entry)
+                            self.keep_refreshed(fresh, entry)
                             self.counters.refresh_unmodified += 1
                             return
                         ok, _ = policy.storable(b"GET", headers, event.status, event.headers)
@@ -584,7 +584,7 @@ class Cache:
                 # unlinking it leaves this answer whole).
                 self.store.update_entry(refreshed)
                 served = self.serve(conn, ex, refreshed, age, None, result="TCP_REFRESH_UNMODIFIED")
-                self.keep_refreshed(refreshed, lookup.client_headers, stale, stored=True)
+                self.keep_refreshed(refreshed, stale, stored=True)
                 return served
             if resp.status >= 500 and policy.stale_if_error_ok(
                 stale, lookup.client_headers, resp.status, now
@@ -663,9 +663,7 @@ class Cache:
         if headers is None:
             self.store.delete_object(entry.key if not entry.vary_key else _oid(entry))
         else:
-            self.keep_refreshed(
-                replace(entry, headers=tuple(headers)), lookup.client_headers, entry
-            )
+            self.keep_refreshed(replace(entry, headers=tuple(headers)), entry)
 
     @staticmethod
     def refused(conn: ClientConnection, ex: Exchange, entry: CacheEntry, length: int) -> bool:
@@ -687,20 +685,16 @@ class Cache:
             )
         return self._own[1]
 
-    def keep_refreshed(
-        self,
-        fresh: CacheEntry,
-        request_headers: http1.Headers,
-        old: CacheEntry,
-        stored: bool = False,
-    ) -> None:
+    def keep_refreshed(self, fresh: CacheEntry, old: CacheEntry, stored: bool = False) -> None:
         """Keep a response updated by a 304 or a HEAD (RFC 9111 §4.3.4, §4.3.5) only if it is
         still storable: the update replaces the stored fields, so a 304 that says `private` or
         `no-store` (or carries a per-user field under it) would otherwise turn a shared copy
         into one user's response served to everybody (§3, §5.2.2.5, §5.2.2.7). Such an update
         answers its own request only, and the stored copy, now known to be unsuitable, goes.
         ``stored``: the caller has already written ``fresh`` to the store."""
-        ok, reason = policy.storable(b"GET", request_headers, fresh.status, list(fresh.headers))
+        # The response's own fields decide (no-store, private, Set-Cookie...), not this
+        # client's request: one sending Authorization or no-store must not drop a shared copy.
+        ok, reason = policy.storable(b"GET", [], fresh.status, list(fresh.headers))
         if ok:
             if not stored:
                 self.store.update_entry(fresh)

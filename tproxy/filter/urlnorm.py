@@ -11,14 +11,18 @@ and category ``urls`` entries are all brought to one form first:
   §6.2.2.2 makes that an equivalence for unreserved characters; for ``/`` and sub-delims it is
   what servers do) — except ``%``, ``?`` and ``#``, whose decoding would change the structure;
   other escapes get upper-case hex (§6.2.2.1), and raw non-ASCII/space is percent-encoded;
-* a backslash counts as ``/`` (IIS reads ``/x/..\\secret`` as ``/secret``) and path
-  parameters (``;...`` up to the next ``/``, RFC 3986 §3.3) are dropped from each segment
-  (Tomcat and Jetty serve ``/secret;x/y`` and ``/..;/secret`` as ``/secret/y`` and ``/secret``);
 * dot segments are removed (RFC 3986 §5.2.4) and runs of ``/`` merged;
 * the query keeps its structure: only escapes of unreserved characters are decoded there.
 
+Servers disagree on two more things: IIS reads a backslash as ``/``, and Tomcat and Jetty drop
+path parameters (``;...`` up to the next ``/``, RFC 3986 §3.3), so they serve ``/a/..;/secret``
+and ``/a/..\\secret`` as ``/secret`` where nginx sees a segment named ``..;`` (and serves
+``/secret/..;x/../x`` as ``/secret/x``). Neither reading is the one true form, so a target that
+reads differently under them gets both (:func:`match_forms`), and the filter denies when either
+is denied.
+
 The access log, block page and upstream request keep the client's own spelling; only matching
-uses this one. The host is :func:`tproxy.uri.normalize_host` plus IDNA (RFC 5891) for a Unicode
+uses these. The host is :func:`tproxy.uri.normalize_host` plus IDNA (RFC 5891) for a Unicode
 name, so ``bücher.example`` from ``tproxy filter explain`` agrees with its ``xn--`` entry.
 """
 
@@ -78,16 +82,17 @@ def remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
-def normalize_target(target: str) -> str:
-    """The matching form of an origin-form target (path and optional query)."""
+def normalize_target(target: str, servlet: bool = False) -> str:
+    """The matching form of an origin-form target (path and optional query); ``servlet``: as
+    IIS/Tomcat read it (backslash as ``/``, path parameters dropped; see the module doc)."""
     path, sep, query = target.partition("?")
     if not path.startswith("/"):
         path = "/" + path
     path = _decode(path, path=True)
-    if "\\" in path:
+    if servlet:
         path = path.replace("\\", "/")
-    if ";" in path:
-        path = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
+        if ";" in path:
+            path = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
     path = remove_dot_segments(path)
     return path + (sep + _decode(query, path=False) if sep else "")
 
@@ -103,15 +108,27 @@ def match_host(host: str) -> str:
     return h
 
 
-def match_parts(url: str) -> tuple[str, str, str]:
+def match_parts(url: str, servlet: bool = False) -> tuple[str, str, str]:
     """``(URL, host, path+query)`` in matching form for a request URL (never raises)."""
     full, host, target = split_url(url)
     authority = full[len("http://") : len(full) - len(target)]
     mhost = match_host(host)
     if mhost != host:
         authority = authority.replace(host, mhost, 1)
-    norm = normalize_target(target)
+    norm = normalize_target(target, servlet)
     return "http://" + authority + norm, mhost, norm
+
+
+def match_forms(url: str) -> list[tuple[str, str, str]]:
+    """:func:`match_parts` of a request URL, and its servlet reading when that differs: a
+    target with a backslash or a ``;`` in its path can name two resources (module doc)."""
+    first = match_parts(url)
+    path = url.partition("?")[0]
+    upper = path.upper()
+    if ";" not in path and "\\" not in path and "%5C" not in upper and "%3B" not in upper:
+        return [first]
+    other = match_parts(url, servlet=True)
+    return [first] if other == first else [first, other]
 
 
 def match_url(url: str) -> str:

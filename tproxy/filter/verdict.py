@@ -48,7 +48,7 @@ from tproxy.filter.model import (
     WindowConfig,
     compile_re2,
 )
-from tproxy.filter.urlnorm import match_host, match_parts
+from tproxy.filter.urlnorm import match_forms, match_host
 from tproxy.filter.urlnorm import match_url as match_url
 from tproxy.uri import media_type as media_type
 from tproxy.uri import split_url as split_url
@@ -81,7 +81,7 @@ class RequestInfo:
     user_agent: str | None
     now: datetime
     # The address the client really connected to (the proxy always forwards there): address
-    # entries in domain lists and categories match it as well as the URL's host.
+    # entries in a rule's `domains` match it as well as the URL's host.
     dest_ip: str | None = None
 
 
@@ -183,10 +183,10 @@ class _Req:
     @property
     def cats(self) -> dict[str, str]:
         if self._cats is None:
-            cats = self._categories.match(self.host, self.path)
-            if self.dest is not None:
-                cats = {**self._categories.match(self.dest, self.path), **cats}
-            self._cats = cats
+            # Not the destination address: category lists carry addresses of shared hosts and
+            # CDNs, and one such entry would deny every name served there. Only the admin's
+            # own `domains` entries meet the address (_request_match).
+            self._cats = self._categories.match(self.host, self.path)
         return self._cats
 
 
@@ -219,6 +219,17 @@ def _compile_rule(cfg: RuleConfig, windows: dict[str, WindowConfig]) -> _Rule:
 
 
 # -- matching ---------------------------------------------------------------------------------
+
+
+def _strictest(verdicts: list[Verdict]) -> Verdict:
+    """One verdict for the readings of a URL (urlnorm.match_forms): a denial if any reading
+    is denied; else an allowance that still waits for the response if any does."""
+    chosen = verdicts[0]
+    for v in verdicts[1:]:
+        if (chosen.allowed and not v.allowed) or (chosen.allowed and chosen.final and not v.final):
+            chosen = v
+    return chosen
+
 
 Trace = Callable[[str], None]
 
@@ -430,11 +441,13 @@ class Policy:
     def request_verdict(self, info: RequestInfo, trace: Trace | None = None) -> Verdict:
         group = self.select_group(info.client_ip, info.client_mac)
         # Rules see one spelling of the URL (percent-escapes, dot segments: see urlnorm).
-        url, url_host, path = match_parts(info.url)
-        host = match_host(info.host) if info.host else url_host
         dest = match_host(info.dest_ip) if info.dest_ip else None
-        req = _Req(self.categories, host, url, path, info.method, info.user_agent, dest)
-        return self._decide(group, group.rules, req, None, info.now, trace)
+        verdicts = []
+        for url, url_host, path in match_forms(info.url):
+            host = match_host(info.host) if info.host else url_host
+            req = _Req(self.categories, host, url, path, info.method, info.user_agent, dest)
+            verdicts.append(self._decide(group, group.rules, req, None, info.now, trace))
+        return _strictest(verdicts)
 
     def response_verdict(
         self,
@@ -448,10 +461,7 @@ class Policy:
         """The verdict with the response head known (``status`` is informational: a 304 or
         a 1xx carries no body, so MIME/size rules do not apply to it)."""
         group = self.select_group(info.client_ip, info.client_mac)
-        full, url_host, path = match_parts(url if url is not None else info.url)
-        host = match_host(info.host) if info.host else url_host
         dest = match_host(info.dest_ip) if info.dest_ip else None
-        req = _Req(self.categories, host, full, path, info.method, info.user_agent, dest)
         no_body = status < 200 or status in (204, 304) or info.method.upper() == "HEAD"
         # No body (RFC 9110 §6.4.1: 1xx, 204, 304, and any response to HEAD): nothing for
         # MIME or size rules to judge.
@@ -460,7 +470,12 @@ class Policy:
             if no_body
             else _Response(media_type(content_type), content_length)
         )
-        return self._decide(group, group.rules, req, resp, info.now, trace)
+        verdicts = []
+        for full, url_host, path in match_forms(url if url is not None else info.url):
+            host = match_host(info.host) if info.host else url_host
+            req = _Req(self.categories, host, full, path, info.method, info.user_agent, dest)
+            verdicts.append(self._decide(group, group.rules, req, resp, info.now, trace))
+        return _strictest(verdicts)
 
     def sni_verdict(
         self,
