@@ -645,12 +645,13 @@ class _Meta:
             self.conn: frozenset[bytes] = _NO_TOKENS
         elif len(conn) == 1 and conn[0] in _COMMON_CONNECTION:
             self.conn = _COMMON_CONNECTION[conn[0]]
-        elif len(conn) == 1 and b"," not in conn[0]:
-            self.conn = frozenset((conn[0].strip(b" \t").lower(),))
         else:
-            self.conn = frozenset(list_tokens(conn))
-        if conn is not None and self.conn & _END_TO_END:
-            self.conn = self.conn - _END_TO_END
+            if len(conn) == 1 and b"," not in conn[0]:
+                self.conn = frozenset((conn[0].strip(b" \t").lower(),))
+            else:
+                self.conn = frozenset(list_tokens(conn))
+            if self.conn & _END_TO_END:  # (the common values above name none of them)
+                self.conn = self.conn - _END_TO_END
         if self.te is not None:
             if self.cl is not None:
                 self.error = _BOTH_CL_AND_TE
