@@ -662,8 +662,9 @@ def test_a_reload_during_start_waits_and_one_during_stop_is_dropped(
     daemon = _reloading_daemon(tmp_path, "", monkeypatch)
     ran: list[str] = []
 
-    async def fake_reload() -> None:
+    async def fake_reload() -> bool:
         ran.append("reload")
+        return True
 
     monkeypatch.setattr(daemon, "_reload", fake_reload)
 
@@ -675,7 +676,7 @@ def test_a_reload_during_start_waits_and_one_during_stop_is_dropped(
         await asyncio.wait_for(early, 1)
         assert ran == ["reload"]
         daemon.stopping.set()
-        await daemon.reload()
+        assert not await daemon.reload()
         assert ran == ["reload"]  # none after the stop began
 
     run(main())
@@ -698,12 +699,12 @@ def test_reload_applies_the_log_level_keeps_the_access_log_flag_and_refuses_cach
         daemon.started.set()
         try:
             path.write_text(base + '[log]\nlevel = "debug"\naccess_log = "/nonexistent/x.log"\n')
-            await daemon.reload()
+            assert await daemon.reload()
             assert root.level == logging.DEBUG
             assert daemon.cfg.log.access_log == str(tmp_path / "flag.log")
             path.write_text(base + "[cache]\nenabled = false\n")
             with caplog.at_level(logging.ERROR):
-                await daemon.reload()
+                assert not await daemon.reload()
             assert "cache.enabled: changing it needs a restart" in caplog.text
             assert daemon.cfg.log.level == "debug"  # the refused reload changed nothing
         finally:

@@ -252,3 +252,9 @@ def test_max_forwards_counts_for_trace_and_options_only(
 ) -> None:
     head = _req(method + b" / HTTP/1.1\r\nHost: a\r\nMax-Forwards: " + value + b"\r\n\r\n")
     assert max_forwards(head) == hops
+
+
+def test_trailer_fields_named_in_connection_are_not_forwarded() -> None:
+    # RFC 9110 §7.6.1 covers the trailer section too.
+    out = encode_last_chunk([(b"X-Hop", b"1"), (b"X-End", b"2")], frozenset({b"x-hop"}))
+    assert out == b"0\r\nX-End: 2\r\n\r\n"

@@ -325,9 +325,8 @@ class Control:
         if daemon is None:
             raise CommandError("the daemon is not running")
         async with self.reload_lock:
-            before = daemon.cfg
-            await daemon.reload()
-            if daemon.cfg is before:
+            # This reload's own outcome: a SIGHUP's reload may run just before or after it.
+            if not await daemon.reload():
                 # Daemon.reload logs the reason and keeps the old config running.
                 raise CommandError("reload refused, the running configuration is kept; see the log")
         return {"reloaded": True, "config": daemon.cfg.path}

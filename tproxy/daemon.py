@@ -295,16 +295,18 @@ class Daemon:
 
         return control.status_line(self)
 
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         """SIGHUP: re-read the config; a bad one is refused and the old one keeps running.
+        True when this reload took effect.
 
         One that arrives during start waits until the daemon runs (it would otherwise apply
         rules before the components are up, and send READY early); one during stop is
         dropped."""
         await self.started.wait()
         async with self.reload_lock:  # SIGHUP and the control socket's reload never overlap
-            if not self.stopping.is_set():
-                await self._reload()
+            if self.stopping.is_set():
+                return False
+            return await self._reload()
 
     async def _reload_components(self, new: Config) -> None:
         """Hand ``new`` to every component; if one refuses, the ones before it go back.
@@ -330,7 +332,7 @@ class Daemon:
             except Exception:
                 log.exception("reload: putting %s back to the running config failed", comp.name)
 
-    async def _reload(self) -> None:
+    async def _reload(self) -> bool:
         self.notifier.notify("RELOADING=1")
         try:
             path = None if self.cfg.path == config_mod.DEFAULTS_PATH else self.cfg.path
@@ -387,6 +389,7 @@ class Daemon:
             self.server.apply_limits(new.section("limits", LimitsConfig), time.monotonic())
             check_fd_budget(self.server.limiter.cfg.max_connections)
             log.info("reloaded %s", new.path)
+            return True
         except ConfigError as exc:
             errors = exc.errors if isinstance(exc, config_mod.ConfigErrors) else [exc]
             log.error(
@@ -403,6 +406,7 @@ class Daemon:
             log.exception("reload failed, keeping the running configuration")
         finally:
             self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
+        return False
 
 
 def run(cfg: Config, overrides: dict[str, Any] | None = None, access_log: str | None = None) -> int:

@@ -1249,13 +1249,20 @@ def encode_chunk(data: bytes) -> bytes:
     return b"".join(chunk_pieces(data))
 
 
-def encode_last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+def encode_last_chunk(
+    trailers: Iterable[tuple[bytes, bytes]] = (), connection: Collection[bytes] = ()
+) -> bytes:
     """The last chunk and trailer section (RFC 9112 §7.1.2).
 
     Fields that must not be trailers (framing, routing, hop-by-hop: RFC 9110 §6.5.1) are
-    dropped, so a trailer can never be mistaken for framing by the next hop.
+    dropped, so a trailer can never be mistaken for framing by the next hop; so are the ones
+    the message's ``connection`` options name (§7.6.1 covers trailer fields too).
     """
-    lines = b"".join(n + b": " + v + b"\r\n" for n, v in trailers if n.lower() not in _NOT_TRAILERS)
+    lines = b"".join(
+        n + b": " + v + b"\r\n"
+        for n, v in trailers
+        if n.lower() not in _NOT_TRAILERS and n.lower() not in connection
+    )
     return b"0\r\n" + lines + b"\r\n" if lines else LAST_CHUNK
 
 

@@ -1344,7 +1344,10 @@ class ClientConnection(_Side):
 
     def response_end(self, ex: Exchange, up: Upstream, event: EndOfMessage) -> None:
         if ex.response_framing is Framing.CHUNKED:
-            last = http1.encode_last_chunk(event.trailers)
+            head = ex.response_head
+            last = http1.encode_last_chunk(
+                event.trailers, head.connection if head is not None else ()
+            )
             self.write(last)
             ex.sent += len(last)
         if ex.sink is not None:
