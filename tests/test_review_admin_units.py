@@ -90,6 +90,26 @@ def test_deleted_log_directory_is_recreated(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_log_that_cannot_be_opened_again_is_reported_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As under the unit when /var/log/tproxy itself is gone (ProtectSystem=strict: no mkdir).
+    path = tmp_path / "logs" / "access.log"
+    log = AccessLog(str(path))
+    shutil.rmtree(tmp_path / "logs")
+    (tmp_path / "logs").write_text("")  # a file where the directory was: cannot be opened
+    with caplog.at_level(logging.WARNING, logger="tproxy.accesslog"):
+        for _ in range(5):
+            assert not log.reopen_if_deleted()
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2  # one warn+err
+    (tmp_path / "logs").unlink()
+    (tmp_path / "logs").mkdir()
+    assert log.reopen_if_deleted()
+    log.write(record("http://back/"))
+    assert path.read_text().split()[6] == "http://back/"
+    log.close()
+
+
 def test_logrotate_rename_then_reopen(tmp_path: Path) -> None:
     # What the shipped logrotate rule does: rename (no copytruncate), then SIGUSR1 → reopen.
     path = tmp_path / "access.log"

@@ -73,6 +73,8 @@ class AccessLog:
         self._lock = threading.Lock()
         self._fh: TextIO | None = None
         self.lost = 0  # lines dropped since writing last failed (0: writing works)
+        # The open file was found deleted and could not be opened again: said once.
+        self._deleted_told = False
         try:
             self._fh = self._open(path)
         except OSError as exc:
@@ -144,11 +146,25 @@ class AccessLog:
             return False
         try:
             if os.fstat(fh.fileno()).st_nlink > 0:
+                self._deleted_told = False
                 return False
         except (OSError, ValueError):
             pass
+        if self._deleted_told:
+            # Said once already; retried quietly every check until it can be opened again.
+            try:
+                new = self._open(self.path)
+            except OSError:
+                return False
+            with self._lock:
+                self._close_locked()
+                self._fh = new
+            log.warning("access log %s opened again", self.path)
+            self._deleted_told = False
+            return True
         log.warning("access log %s was deleted; opening it again", self.path)
-        return self.reopen()
+        self._deleted_told = not self.reopen()
+        return not self._deleted_told
 
     def close(self) -> None:
         with self._lock:
