@@ -173,6 +173,7 @@ def test_format_status_is_readable() -> None:
     }  # fmt: skip
     text = status_cli.format_status(st)
     assert "up 1h02m" in text
+    assert "pid 42, starting, up" in status_cli.format_status({**st, "state": "starting"})
     assert re.search(r"^connections\s+3 active, 120 total$", text, re.M)
     assert re.search(r"^requests\s+999 total, 12.3/s \(last 10 s\)$", text, re.M)
     assert "2.0 KiB from clients, 5.0 MiB to clients (4.0 MiB of it spliced)" in text
@@ -660,6 +661,7 @@ def test_a_reload_during_start_waits_and_one_during_stop_is_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     daemon = _reloading_daemon(tmp_path, "", monkeypatch)
+    assert control.snapshot(daemon, None)["state"] == "starting"
     ran: list[str] = []
 
     async def fake_reload() -> bool:
@@ -675,7 +677,9 @@ def test_a_reload_during_start_waits_and_one_during_stop_is_dropped(
         daemon.started.set()
         await asyncio.wait_for(early, 1)
         assert ran == ["reload"]
+        assert control.snapshot(daemon, None)["state"] == "running"
         daemon.stopping.set()
+        assert control.snapshot(daemon, None)["state"] == "stopping"
         assert not await daemon.reload()
         assert ran == ["reload"]  # none after the stop began
 

@@ -189,9 +189,18 @@ def snapshot(daemon: Daemon, meter: RateMeter | None, now: float | None = None) 
         except Exception as exc:  # one broken component must not hide the others' figures
             log.exception("status of %s failed", comp.name)
             components[comp.name] = {"error": repr(exc)}
+    started = getattr(daemon, "started", None)
+    stopping = getattr(daemon, "stopping", None)
+    if stopping is not None and stopping.is_set():
+        state = "stopping"
+    elif started is not None and not started.is_set():
+        state = "starting"  # the control socket is up before the rules: not intercepting yet
+    else:
+        state = "running"
     return {
         "version": __version__,
         "pid": os.getpid(),
+        "state": state,
         "config": daemon.cfg.path,
         "started": s.started,
         "uptime": max(time.time() - s.started, 0.0),

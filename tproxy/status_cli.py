@@ -133,7 +133,11 @@ def format_status(st: Mapping[str, Any]) -> str:
     else:
         state = "running"
     rows = [
-        ("tproxy", f"{st['version']} pid {st['pid']}, up {control.human_duration(st['uptime'])}"),
+        (
+            "tproxy",
+            f"{st['version']} pid {st['pid']}, {st.get('state', 'running')}, "
+            f"up {control.human_duration(st['uptime'])}",
+        ),
         ("config", str(st["config"])),
         ("state", state),
         ("connections", f"{conns['active']} active, {conns['total']} total"),
