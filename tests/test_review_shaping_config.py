@@ -150,3 +150,38 @@ def test_fair_slots_that_cannot_each_get_the_minimum_rate_are_refused() -> None:
 def test_selector_without_criteria_catches_everything_like_a_default() -> None:
     cfg = parse({**BASE, "class": [{"name": "a", "rate": "1mbit"}], "select": [{"class": "a"}]})
     assert select_class(cfg, FlowFacts(host="x.org", cache="miss")) == "a"
+
+
+def test_metrics_publish_each_class_with_its_interface_and_name() -> None:
+    # The README promises shaping figures in /metrics; per-class counters are lists in the
+    # status, which the generic flattening skips, so the component publishes them labelled.
+    from tproxy.shaping.component import ShapingComponent
+    from tproxy.shaping.model import ClassCounters
+
+    config.load(None)
+    cfg = config.parse(
+        {
+            "proxy": {"lan_interfaces": ["eth1"]},
+            "shaping": {
+                **BASE,
+                "class": [{"name": "web", "rate": "4mbit"}, {"name": "kids", "rate": "2mbit"}],
+            },
+        }
+    )
+    comp = ShapingComponent(cfg)
+    ip = comp.plan.interfaces[0]
+    web = next(rec for rec in ip.classes if rec.name == "web")
+    comp.counters = {(ip.iface, web.classid): ClassCounters(1500, 3, 1, 0, 8000.0)}
+    comp.marked = 7
+    families = {f.name: f for f in comp.metrics()}
+    assert [s.value for s in families["tproxy_shaping_requests_marked"].samples] == [7]
+    assert families["tproxy_shaping_requests_marked"].type == "counter"
+    samples = {
+        (s.name, s.labels["interface"], s.labels["class"]): s.value
+        for key in ("bytes", "packets", "drops", "rate_bps")
+        for s in families[f"tproxy_shaping_class_{key}"].samples
+    }
+    assert samples[("tproxy_shaping_class_bytes_total", "eth1", "web")] == 1500
+    assert samples[("tproxy_shaping_class_drops_total", "eth1", "web")] == 1
+    assert samples[("tproxy_shaping_class_rate_bps", "eth1", "web")] == 8000.0
+    assert ("tproxy_shaping_class_bytes_total", "eth1", "kids") not in samples  # no counters yet

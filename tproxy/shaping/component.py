@@ -39,7 +39,7 @@ import ipaddress
 import logging
 import time
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,8 @@ from tproxy.shaping.model import (
 from tproxy.uri import media_type, normalize_host, split_url
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from tproxy.daemon import Daemon
     from tproxy.httpconn import ClientConnection, Exchange, Upstream
     from tproxy.server import Server
@@ -241,6 +243,8 @@ def judge_kernel(
 
 class ShapingComponent:
     name = NAME
+    # Status figures that only grow: Prometheus counters, not gauges (metrics()).
+    metric_counters = ("requests_marked", "reclassified")
 
     def __init__(self, cfg: Config) -> None:
         self.config = shaping_config(cfg)
@@ -331,6 +335,39 @@ class ShapingComponent:
             else None,
             "classes": classes,
         }
+
+    def metrics(self) -> Iterator[Metric]:
+        """Prometheus families: the flat figures of :meth:`status`, and per class (labelled by
+        interface and class name) its bytes, packets and drops from the kernel's counters and
+        its current rate. The label values come from the config, so the series are bounded."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from tproxy.metrics import PREFIX, component_families
+
+        status = self.status()
+        flat = {k: v for k, v in status.items() if k != "classes"}
+        yield from component_families(self.name, flat, set(), frozenset(self.metric_counters))
+        labels = ["interface", "class"]
+        families = {
+            key: CounterMetricFamily(f"{PREFIX}_shaping_class_{key}", doc, labels=labels)
+            for key, doc in (
+                ("bytes", "Bytes sent through the class (tc counters)"),
+                ("packets", "Packets sent through the class"),
+                ("drops", "Packets the class dropped"),
+            )
+        }
+        rate = GaugeMetricFamily(
+            f"{PREFIX}_shaping_class_rate_bps", "The class's current rate, bits/s", labels=labels
+        )
+        for row in status["classes"]:
+            values = [str(row["interface"]), str(row["class"])]
+            for key, family in families.items():
+                if row[key] is not None:
+                    family.add_metric(values, row[key])
+            if row["rate_bps"] is not None:
+                rate.add_metric(values, row["rate_bps"])
+        yield from families.values()
+        yield rate
 
     # -- hooks on the server ------------------------------------------------------------------
 
