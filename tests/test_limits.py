@@ -41,7 +41,7 @@ def test_defaults() -> None:
     assert c.per_client_connections == 256
     assert (c.per_client_new_per_second, c.per_client_new_burst) == (100.0, 200)
     assert (c.per_client_requests_per_second, c.per_client_requests_burst) == (200.0, 400)
-    assert c.ipv6_prefix == 64
+    assert c.ipv6_prefix == 128  # per address: the hosts of a LAN segment share its /64
     assert c.log_interval == 60.0
 
 
@@ -94,10 +94,12 @@ def test_client_key_ipv4_is_the_address() -> None:
 
 
 def test_client_key_ipv6_prefix() -> None:
-    a = client_key("2001:db8:1:2:aaaa::1")
-    b = client_key("2001:db8:1:2:ffff:1:2:3")
+    a = client_key("2001:db8:1:2:aaaa::1", 64)
+    b = client_key("2001:db8:1:2:ffff:1:2:3", 64)
     assert a == b == "2001:db8:1:2::/64"
-    assert client_key("2001:db8:1:3::1") != a
+    assert client_key("2001:db8:1:3::1", 64) != a
+    # By default each address is its own client (one LAN segment is one /64).
+    assert client_key("2001:db8:1:2:aaaa::1") != client_key("2001:db8:1:2:ffff:1:2:3")
     assert client_key("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
     assert client_key("2001:db8::1", 128) == "2001:db8::1"
     assert Limiter(cfg(ipv6_prefix=56)).client_key("2001:db8:0:ff12::9") == "2001:db8:0:ff00::/56"
@@ -105,7 +107,8 @@ def test_client_key_ipv6_prefix() -> None:
 
 def test_client_key_mapped_and_zoned() -> None:
     assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
-    assert client_key("fe80::1%eth0") == client_key("fe80::2") == "fe80::/64"
+    assert client_key("fe80::1%eth0") == client_key("fe80::1") == "fe80::1"
+    assert client_key("fe80::1%eth0", 64) == client_key("fe80::2", 64) == "fe80::/64"
     assert client_key("not-an-address:") == "not-an-address:"
     assert client_key("") == ""
 

@@ -49,8 +49,8 @@ def test_exempt_is_parsed_as_networks_and_defaults_to_none() -> None:
     ("table", "key", "words"),
     [
         ({"exempt": ["10.0.0.300"]}, "limits.exempt[0]", "not an IP address"),
-        # Limits count per /64: one address inside a group cannot be exempt on its own.
-        ({"exempt": ["2001:db8::10"]}, "limits.exempt[0]", "/64"),
+        # Counted per /64: one address inside a group cannot be exempt on its own.
+        ({"exempt": ["2001:db8::10"], "ipv6_prefix": 64}, "limits.exempt[0]", "/64"),
         ({"exempt": ["2001:db8::/96"], "ipv6_prefix": 64}, "limits.exempt[0]", "/64"),
     ],
 )
@@ -107,7 +107,7 @@ def test_reload_adds_and_removes_an_exemption_for_known_clients() -> None:
 
 
 def test_many_clients_each_limited_alone_with_bounded_memory() -> None:
-    lim = Limiter(strict(max_connections=2_000, max_clients=2_000))
+    lim = Limiter(strict(max_connections=2_000, max_clients=2_000, ipv6_prefix=64))
     keys = [lim.client_key(f"2001:db8:{i:x}::{j}") for i in range(500) for j in (1, 2)]
     admitted = [k for k in keys if lim.on_accept(k, 0.0) is None]
     assert len(admitted) == 1000  # two addresses of one /64 share its per-client budget of 2

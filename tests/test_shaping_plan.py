@@ -400,7 +400,7 @@ def test_client_slot_is_stable_and_spreads() -> None:
     # Pinned values: a change would silently move every client to another slot on upgrade,
     # and the NFQUEUE handler and the daemon must agree.
     assert client_slot("10.0.0.1", 16) == 14
-    assert client_slot("fd00::1234", 7) == 2  # the /64 fd00::/64 (test_review_shaping_config)
+    assert client_slot("fd00::1234", 7) == 6  # the whole address (test_review_shaping_config)
     lan = ipaddress.ip_network("192.168.1.0/24")
     used = {client_slot(str(h), 16) for h in list(lan.hosts())[:64]}
     assert len(used) >= 12  # 64 clients cover most of 16 slots

@@ -17,9 +17,12 @@ What is limited, and why here and not only in the kernel:
   not read or answer: that would be the work we refuse to do); request refusals become
   ``429 Too Many Requests`` with ``Retry-After`` (RFC 6585 §4, RFC 9110 §10.2.3).
 
-A "client" is an IPv4 address, or an IPv6 prefix (``ipv6_prefix``, default /64): one IPv6 host
-holds a whole /64 (RFC 7421) and can pick a new source address per connection, so limiting per
-address would limit nothing.
+A "client" is an IPv4 address, or an IPv6 prefix (``ipv6_prefix``, default /128: one address).
+On a LAN segment every host's addresses lie in the segment's one /64 (SLAAC, RFC 4862), so
+counting per /64 would make all of a segment's IPv6 clients one client, sharing one budget. A
+host can take several addresses of that /64 (temporary addresses, RFC 8981) and so several
+budgets; the daemon's ceiling still holds, and ``ipv6_prefix`` can be narrowed where each host
+has a prefix of its own (e.g. /64 per host from DHCPv6-PD).
 
 Memory stays bounded under a flood from many sources. TCP limits what a spoofed source can do —
 only a completed handshake reaches ``accept()``, and SYN floods are the kernel's business
@@ -88,8 +91,8 @@ DEFAULT_NEW_BURST = 200
 #: Requests per second per client, sustained, and the burst.
 DEFAULT_REQUESTS_PER_SECOND = 200.0
 DEFAULT_REQUESTS_BURST = 400
-#: Limits hold per IPv6 /64 (RFC 7421: the usual end-site subnet and SLAAC boundary).
-DEFAULT_IPV6_PREFIX = 64
+#: Limits hold per IPv6 address: the hosts of a LAN segment share its /64 (see the module doc).
+DEFAULT_IPV6_PREFIX = 128
 #: At most one log line per client and kind of refusal per this many seconds.
 DEFAULT_LOG_INTERVAL = 60.0
 #: Most clients tracked at once (about 300 bytes each: 65,536 entries ≈ 20 MB at worst).

@@ -74,8 +74,9 @@ UNSHAPED_MARK = UNSHAPED_NUMBER << MARK_SHIFT
 UNSHAPED_CLASSID = QDISC_HANDLE
 DEFAULT_FAIR_SLOTS = 16
 MAX_FAIR_SLOTS = 255  # slot s uses leaf minor low byte s+1, which must fit in 8 bits
-# An IPv6 client is its /64 (8 bytes) in a fair class, as in tproxy.limits (RFC 7421).
-FAIR_IPV6_PREFIX_BYTES = 8
+# An IPv6 client is its address in a fair class, as in tproxy.limits: the hosts of a LAN
+# segment share its /64, which would put them all in one slot.
+FAIR_IPV6_PREFIX_BYTES = 16
 
 # HTB's tree depth limit is TC_HTB_MAXDEPTH = 8 levels (include/uapi/linux/pkt_sched.h).
 # The root class and a fair class's slot leaves take two of them.
@@ -500,14 +501,14 @@ def class_minor(number: int, slot: int | None = None) -> int:
 
 
 def client_slot(client: str, slots: int) -> int:
-    """Stable slot of a client in a fair class: CRC-32 of the packed address (IPv4) or of its
-    /64 prefix (IPv6).
+    """Stable slot of a client in a fair class: CRC-32 of the packed address.
 
     Stable across processes and restarts (unlike ``hash()``), so the daemon and the NFQUEUE
     handler agree without sharing state. An IPv4-mapped address (a dual-stack socket's view,
-    RFC 4291 §2.5.5.2) is the IPv4 client, so both see the same slot. An IPv6 host owns its
-    whole /64 (RFC 7421) and picks a new temporary address at will (RFC 8981): hashed per
-    address, one host would spread its connections over many slots and take many shares.
+    RFC 4291 §2.5.5.2) is the IPv4 client, so both see the same slot. An IPv6 client is its
+    whole address: the hosts of a LAN segment share its /64 (SLAAC), so hashing the /64 put
+    every one of them in one slot. (A host with several temporary addresses, RFC 8981, may
+    land in several slots.)
     """
     try:
         addr = ipaddress.ip_address(client.split("%", 1)[0])
