@@ -185,3 +185,41 @@ def test_metrics_publish_each_class_with_its_interface_and_name() -> None:
     assert samples[("tproxy_shaping_class_drops_total", "eth1", "web")] == 1
     assert samples[("tproxy_shaping_class_rate_bps", "eth1", "web")] == 8000.0
     assert ("tproxy_shaping_class_bytes_total", "eth1", "kids") not in samples  # no counters yet
+
+
+def test_selectors_name_groups_and_windows_that_exist_and_that_shaping_can_see() -> None:
+    config.load(None)
+
+    def errs(shaping: dict[str, Any], filt: dict[str, Any], lan: list[str] | None = None) -> str:
+        data: dict[str, Any] = {"shaping": shaping, "filter": filt}
+        if lan is not None:
+            data["proxy"] = {"lan_interfaces": lan}
+        with pytest.raises((ConfigError, ConfigErrors)) as info:
+            config.parse(data)
+        return str(info.value)
+
+    classes = {**BASE, "class": [{"name": "a", "rate": "1mbit"}]}
+    text = errs({**classes, "select": [{"class": "a", "group": "kisd"}]}, {})
+    assert "shaping.select[0].group: no [[filter.group]] named 'kisd'" in text
+    text = errs({**classes, "select": [{"class": "a", "window": "nite"}]}, {})
+    assert "shaping.select[0].window: no [[filter.window]] named 'nite'" in text
+    # The filter finds MAC groups through the neighbour table; shaping marks by address only.
+    macs = {"group": [{"name": "kids", "macs": ["02:00:00:00:00:01"]}]}
+    text = errs({**classes, "select": [{"class": "a", "group": "kids"}]}, macs)
+    assert "shaping.select[0].group: group 'kids' uses macs, which shaping cannot see" in text
+    # A wildcard LAN interface has no HTB tree: downloads would silently go unshaped.
+    assert "shaping needs named LAN interfaces" in errs(classes, {}, ["br+"])
+
+
+def test_children_are_held_to_their_parents_guaranteed_rate_not_its_ceiling() -> None:
+    text = error_of(
+        {
+            **BASE,
+            "class": [
+                {"name": "p", "rate": "5mbit", "ceil": "10mbit"},
+                {"name": "x", "rate": "3mbit", "parent": "p"},
+                {"name": "y", "rate": "3mbit", "parent": "p"},
+            ],
+        }
+    )
+    assert "class[0].rate" in text and "sum to 6mbit, more than 5mbit of class 'p'" in text

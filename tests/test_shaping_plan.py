@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tproxy import http1
-from tproxy.config import ConfigError, ConfigErrors, parse
+from tproxy.config import ConfigError, ConfigErrors, load, parse
 from tproxy.shaping.component import response_facts
 from tproxy.shaping.model import (
     MARK_MASK,
@@ -59,15 +59,24 @@ EXAMPLE: dict[str, Any] = {
 }
 
 
+# The client group and time window EXAMPLE's selectors name, defined where they live.
+FILTER: dict[str, Any] = {
+    "group": [{"name": "staff", "cidrs": ["10.0.1.0/24"]}],
+    "window": [{"name": "night", "hours": "22:00-06:00"}],
+}
+
+
 def shaping(section: dict[str, Any]) -> ShapingConfig:
-    cfg = parse({"shaping": section}).sections["shaping"]
+    load(None)  # registers every section, [filter] included
+    cfg = parse({"shaping": section, "filter": FILTER}).sections["shaping"]
     assert isinstance(cfg, ShapingConfig)
     return cfg
 
 
 def errors(section: dict[str, Any]) -> dict[str, str]:
+    load(None)
     with pytest.raises(ConfigError) as info:
-        parse({"shaping": section})
+        parse({"shaping": section, "filter": FILTER})
     err = info.value
     found = err.errors if isinstance(err, ConfigErrors) else [err]
     return {e.key: e.reason for e in found}
@@ -172,7 +181,7 @@ def test_example_parses() -> None:
                 {"name": "x", "rate": "6mbit", "parent": "p"},
                 {"name": "y", "rate": "5mbit", "parent": "p"},
             ),
-            "shaping.class[0].ceil",
+            "shaping.class[0].rate",
             "guaranteed rates of x, y sum to 11mbit, more than 10mbit of class 'p'",
         ),
         (

@@ -564,6 +564,34 @@ def _parse_rules(r: Reader) -> RulesConfig:
     return cfg
 
 
+def _check_shaping_against(root: Reader, proxy: ProxyConfig, shaping: Any, filt: Any) -> None:
+    """What [shaping] names from other sections must exist there and be usable by it."""
+    r = root.table("shaping")
+    wild = [i for i in proxy.lan_interfaces if i.endswith("+")]
+    if wild:
+        r.error(
+            "enabled",
+            f"shaping needs named LAN interfaces (an HTB tree on each): proxy.lan_interfaces "
+            f"has {', '.join(map(repr, wild))}",
+        )
+    groups = {g.name: g for g in getattr(filt, "groups", ())}
+    windows = {w.name for w in getattr(filt, "windows", ())}
+    for i, sel in enumerate(getattr(shaping, "selectors", ())):
+        group = groups.get(sel.group) if sel.group else None
+        if sel.group and sel.group != "default" and group is None:
+            r.error(f"select[{i}].group", f"no [[filter.group]] named {sel.group!r}")
+        elif group is not None and group.macs:
+            # The filter finds MAC groups through the neighbour table; shaping marks flows by
+            # address only, so such a group would silently match nothing (or only its cidrs).
+            r.error(
+                f"select[{i}].group",
+                f"group {sel.group!r} uses macs, which shaping cannot see: select by its cidrs "
+                "in a group without macs",
+            )
+        if sel.window and sel.window not in windows:
+            r.error(f"select[{i}].window", f"no [[filter.window]] named {sel.window!r}")
+
+
 def _reserved_marks(shaping: bool) -> int:
     """The packet mark bits tproxy's own rules use (netfilter.render); the shaping slot bits
     only while shaping classes exist."""
@@ -593,6 +621,8 @@ def parse(data: Mapping[str, Any], path: str = "<defaults>", text: str = "") -> 
         sub = root.table(name)
         sections[name] = parser(sub)  # each parser calls finish() on its own tables
     shaping = sections.get("shaping")
+    if getattr(shaping, "enabled", False):
+        _check_shaping_against(root, proxy, shaping, sections.get("filter"))
     if getattr(shaping, "enabled", False) and getattr(shaping, "classes", ()):
         slots = _reserved_marks(True) & ~_reserved_marks(False)
         if rules.fwmark_mask & slots:

@@ -331,7 +331,9 @@ def _validate(r: Reader, cfg: ShapingConfig) -> None:
         if parent is None:
             limit, key = cfg.lan_interface_rate, "lan_interface_rate"
         else:
-            limit, key = ceils[parent], f"class[{names[parent]}].ceil"
+            # The parent's guaranteed rate, not its ceil: children guaranteed more than the
+            # parent is guaranteed are promised what it may never get.
+            limit, key = cfg.classes[names[parent]].rate, f"class[{names[parent]}].rate"
         if total > limit:
             listed = ", ".join(cfg.classes[k].name for k in kids)
             whose = f"class {parent!r}" if parent else "the LAN link"
