@@ -29,6 +29,7 @@ from tproxy.shaping.apply import (
     apply_plan,
     mark_socket,
     read_counters,
+    remove_everywhere,
     remove_plan,
     translate_error,
     update_plan,
@@ -335,6 +336,23 @@ def test_apply_twice_is_idempotent_and_remove_leaves_nothing(pair: Pair) -> None
     kind, handle = root_qdisc(pair)
     assert handle == 0 and kind != "htb"  # back to the kernel's default (noqueue on veth)
     assert remove_plan([pair.if_a], pair.ns_a) == []
+
+
+def test_trees_left_behind_are_found_by_their_signature_and_removed(pair: Pair) -> None:
+    # What a crash leaves: our HTB tree on A, a foreign one on B. `tproxy rules flush` (the
+    # unit's ExecStopPost) and the daemon's start remove ours wherever it is, and only ours.
+    apply_plan(plan_for(pair, ShapingClass("c", rate=2_000_000), default="c"), pair.ns_a)
+    pair.run(pair.ns_b, "tc", "qdisc", "add", "dev", pair.if_b, "root", "handle", "1:", "htb")
+    assert remove_everywhere([pair.if_a], pair.ns_a) == []  # kept when asked
+    assert remove_everywhere(netns=pair.ns_a) == [pair.if_a]
+    kind, handle = root_qdisc(pair)
+    assert handle == 0 and kind != "htb"
+    assert remove_everywhere(netns=pair.ns_b) == []  # htb 1: without our r2q is not ours
+    out = subprocess.run(
+        ["ip", "netns", "exec", pair.ns_b, "tc", "qdisc", "show", "dev", pair.if_b],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "qdisc htb 1: root" in out
 
 
 def test_foreign_qdisc_is_left_alone(pair: Pair) -> None:

@@ -95,6 +95,17 @@ def cmd_rules(args: argparse.Namespace) -> int:
         netfilter.flush()
         netfilter.flush_routing(plan.route_table, plan.rule_priority)
         forget_timewait(cfg.proxy.ports)
+        from tproxy.shaping.apply import ShapingError, remove_everywhere
+
+        try:
+            # A crashed daemon's HTB trees: without the rules that classified into them, a
+            # default class would cap all of an interface's traffic.
+            gone = remove_everywhere()
+        except ShapingError as exc:
+            print(f"warning: removing tproxy's shaping qdiscs failed: {exc}", file=sys.stderr)
+        else:
+            if gone:
+                print(f"tproxy shaping qdiscs removed from {', '.join(gone)}")
         print("tproxy rules and routes removed")
         from tproxy import preflight
 

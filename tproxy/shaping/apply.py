@@ -335,6 +335,23 @@ def remove_plan(plan_or_ifaces: ShapingPlan | Iterable[str], netns: str | None =
         return [iface for iface in ifaces if _remove(ipr, iface)]
 
 
+def remove_everywhere(keep: Iterable[str] = (), netns: str | None = None) -> list[str]:
+    """Delete our root qdisc from every interface but ``keep``; returns those done.
+
+    What a crash (or a start that failed halfway) left behind is found by its signature
+    (:data:`SIGNATURE_R2Q`), not by a plan: `tproxy rules flush` (the unit's ExecStopPost) and
+    the daemon's start run it, so no HTB tree of ours outlives the daemon and caps traffic
+    that no rule classifies any more."""
+    skip = set(keep)
+    done: list[str] = []
+    with _ipr(netns) as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name and name not in skip and _remove(ipr, name):
+                done.append(name)
+    return done
+
+
 def _sample(ipr: Any, ifaces: Iterable[str]) -> dict[tuple[str, int], ClassCounters]:
     out: dict[tuple[str, int], ClassCounters] = {}
     for iface in ifaces:

@@ -311,7 +311,7 @@ class ShapingComponent:
             self._task.cancel()
             self._task = None
         self._unhook()
-        if self.plan.interfaces and self.applied:
+        if self.plan.interfaces:  # applied or not: only trees carrying our signature go
             from tproxy.shaping.apply import ShapingError, remove_plan
 
             try:
@@ -406,7 +406,20 @@ class ShapingComponent:
     # -- kernel -------------------------------------------------------------------------------
 
     async def _apply(self, old: ShapingPlan, new: ShapingPlan) -> None:
-        """Start: a plan that cannot be applied leaves the proxy running unshaped, loudly."""
+        """Start: a plan that cannot be applied leaves the proxy running unshaped, loudly.
+
+        Trees of ours on interfaces outside the plan (a crash's, or shaping since turned off)
+        go first; a plan that fails halfway takes back the interfaces it had done, so nothing
+        caps traffic while the daemon says shaping is off."""
+        from tproxy.shaping.apply import ShapingError, remove_everywhere, remove_plan
+
+        try:
+            stale = await asyncio.to_thread(remove_everywhere, [i.iface for i in new.interfaces])
+        except ShapingError as exc:
+            stale = []
+            log.warning("shaping: looking for qdiscs left behind failed: %s", exc)
+        if stale:
+            log.warning("shaping: removed qdiscs left behind on %s", ", ".join(stale))
         if not new.interfaces:
             self.applied = True
             return
@@ -416,6 +429,10 @@ class ShapingComponent:
             self.error = str(exc)
             self.applied = False
             log.error("shaping disabled: %s", exc)
+            try:
+                await asyncio.to_thread(remove_plan, new)
+            except ShapingError as again:
+                log.error("shaping: removing the partly applied qdiscs failed: %s", again)
             return
         self.applied = True
 
