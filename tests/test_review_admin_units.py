@@ -171,8 +171,12 @@ def test_instance_lock_admits_one_daemon_per_namespace(tmp_path: Path) -> None:
 # -- limits with IPv6 clients --------------------------------------------------------------------
 
 
-def test_ipv6_clients_are_limited_per_64() -> None:
-    lim = Limiter(LimitsConfig(per_client_connections=2, max_clients=100, max_connections=50))
+def test_ipv6_clients_are_limited_per_64_when_asked() -> None:
+    # ipv6_prefix = 64: for networks that give each host a /64 of its own (the default, 128,
+    # counts per address: on a LAN segment every host is in the one /64).
+    lim = Limiter(
+        LimitsConfig(per_client_connections=2, max_clients=100, max_connections=50, ipv6_prefix=64)
+    )
     same = ["2001:db8:1:2::10", "2001:db8:1:2:aaaa::1", "2001:db8:1:2:ffff:ffff:ffff:ffff"]
     keys = {lim.client_key(ip) for ip in same}
     assert keys == {"2001:db8:1:2::/64"}

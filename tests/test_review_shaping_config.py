@@ -206,9 +206,20 @@ def test_selectors_name_groups_and_windows_that_exist_and_that_shaping_can_see()
     # The filter finds MAC groups through the neighbour table; shaping marks by address only.
     macs = {"group": [{"name": "kids", "macs": ["02:00:00:00:00:01"]}]}
     text = errs({**classes, "select": [{"class": "a", "group": "kids"}]}, macs)
-    assert "shaping.select[0].group: group 'kids' uses macs, which shaping cannot see" in text
-    # A wildcard LAN interface has no HTB tree: downloads would silently go unshaped.
-    assert "shaping needs named LAN interfaces" in errs(classes, {}, ["br+"])
+    assert "shaping.select[0].group: group 'kids' has only macs, which shaping cannot see" in text
+    # A wildcard LAN interface has no HTB tree: with only wildcards, downloads would silently
+    # go unshaped.
+    assert "shaping needs a named LAN interface" in errs(classes, {}, ["br+"])
+    # Named interfaces beside a wildcard are shaped; a group with cidrs too is selected by them.
+    both = {"group": [{"name": "kids", "cidrs": ["10.0.0.0/24"], "macs": ["02:00:00:00:00:01"]}]}
+    ok = config.parse(
+        {
+            "proxy": {"lan_interfaces": ["eth1", "wg+"]},
+            "shaping": {**classes, "select": [{"class": "a", "group": "kids"}]},
+            "filter": both,
+        }
+    )
+    assert ok.sections["shaping"].selectors[0].group == "kids"
 
 
 def test_children_are_held_to_their_parents_guaranteed_rate_not_its_ceiling() -> None:

@@ -568,11 +568,13 @@ def _check_shaping_against(root: Reader, proxy: ProxyConfig, shaping: Any, filt:
     """What [shaping] names from other sections must exist there and be usable by it."""
     r = root.table("shaping")
     wild = [i for i in proxy.lan_interfaces if i.endswith("+")]
-    if wild:
+    if wild and len(wild) == len(proxy.lan_interfaces):
+        # A wildcard has no HTB tree (named interfaces beside it are shaped; README): with
+        # only wildcards, downloads would go unshaped while shaping says it is on.
         r.error(
             "enabled",
-            f"shaping needs named LAN interfaces (an HTB tree on each): proxy.lan_interfaces "
-            f"has {', '.join(map(repr, wild))}",
+            f"shaping needs a named LAN interface (an HTB tree on each): proxy.lan_interfaces "
+            f"has only {', '.join(map(repr, wild))}",
         )
     groups = {g.name: g for g in getattr(filt, "groups", ())}
     windows = {w.name for w in getattr(filt, "windows", ())}
@@ -580,13 +582,12 @@ def _check_shaping_against(root: Reader, proxy: ProxyConfig, shaping: Any, filt:
         group = groups.get(sel.group) if sel.group else None
         if sel.group and sel.group != "default" and group is None:
             r.error(f"select[{i}].group", f"no [[filter.group]] named {sel.group!r}")
-        elif group is not None and group.macs:
+        elif group is not None and group.macs and not group.cidrs and sel.group != "default":
             # The filter finds MAC groups through the neighbour table; shaping marks flows by
-            # address only, so such a group would silently match nothing (or only its cidrs).
+            # address only (a group's cidrs), so a group of MACs alone would match nothing.
             r.error(
                 f"select[{i}].group",
-                f"group {sel.group!r} uses macs, which shaping cannot see: select by its cidrs "
-                "in a group without macs",
+                f"group {sel.group!r} has only macs, which shaping cannot see: give it cidrs",
             )
         if sel.window and sel.window not in windows:
             r.error(f"select[{i}].window", f"no [[filter.window]] named {sel.window!r}")

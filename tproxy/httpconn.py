@@ -464,7 +464,8 @@ class Upstream(_Side):
         transport = self.transport
         if transport is None or self.closed or transport.get_write_buffer_size():
             return False
-        if not self.spliced or self.fd < 0:
+        if not (self.spliced or self.paused) or self.fd < 0:
+            # (Paused for back-pressure, the transport did not read what came in meanwhile.)
             return True
         self.spliced = False
         try:
@@ -1176,7 +1177,7 @@ class ClientConnection(_Side):
         if ex.result == "TCP_DENIED":
             return
         if ex.upstream_framing is Framing.CHUNKED:
-            self.to_upstream(http1.encode_last_chunk(event.trailers))
+            self.to_upstream(http1.encode_last_chunk(event.trailers, ex.head.connection))
         if ex.upstream is not None and ex.response_head is None and not ex.response_started:
             self.arm_exchange_deadline(ex)
 

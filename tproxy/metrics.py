@@ -243,7 +243,7 @@ class TproxyCollector(Collector):
             refused.add_metric([kind], count)
         yield refused
         yield GaugeMetricFamily(
-            f"{PREFIX}_limits_active_clients", "Clients (IPv4 or IPv6 /64) with connections",
+            f"{PREFIX}_limits_active_clients", "Clients with connections",
             limits.get("active_clients", 0),
         )  # fmt: skip
         seen: set[str] = set()

@@ -27,6 +27,7 @@ left alone with a :class:`ShapingError`.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
@@ -64,6 +65,8 @@ KERNEL_OPTIONS = {
     "fq_codel": "CONFIG_NET_SCH_FQ_CODEL",
     "cake": "CONFIG_NET_SCH_CAKE",
 }
+
+log = logging.getLogger("tproxy.shaping")
 
 
 class ShapingError(Exception):
@@ -345,10 +348,20 @@ def remove_everywhere(keep: Iterable[str] = (), netns: str | None = None) -> lis
     skip = set(keep)
     done: list[str] = []
     with _ipr(netns) as ipr:
-        for link in ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME")
-            if name and name not in skip and _remove(ipr, name):
-                done.append(name)
+        # One dump of each (a qdisc dump is not filtered by interface in the kernel): per-link
+        # lookups grew with the square of the links, inside ExecStopPost's time limit.
+        names = {int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for q in ipr.get_qdiscs():
+            index = int(q["index"])
+            name = names.get(index)
+            if not name or name in skip or q["parent"] != TC_H_ROOT or not _is_ours(q):
+                continue
+            try:
+                _tc(ipr, "del", name, index=index, handle=QDISC_HANDLE, parent=TC_H_ROOT)
+            except ShapingError as exc:  # a link that vanished meanwhile: go on with the rest
+                log.warning("shaping: removing the qdisc of %s failed: %s", name, exc)
+                continue
+            done.append(name)
     return done
 
 

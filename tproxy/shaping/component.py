@@ -413,11 +413,13 @@ class ShapingComponent:
         caps traffic while the daemon says shaping is off."""
         from tproxy.shaping.apply import ShapingError, remove_everywhere, remove_plan
 
-        try:
-            stale = await asyncio.to_thread(remove_everywhere, [i.iface for i in new.interfaces])
-        except ShapingError as exc:
-            stale = []
-            log.warning("shaping: looking for qdiscs left behind failed: %s", exc)
+        stale: list[str] = []
+        if self.config.enabled:  # (with shaping off, `rules flush` at the last stop cleaned up)
+            try:
+                keep = [i.iface for i in new.interfaces]
+                stale = await asyncio.to_thread(remove_everywhere, keep)
+            except (ShapingError, OSError) as exc:
+                log.warning("shaping: looking for qdiscs left behind failed: %s", exc)
         if stale:
             log.warning("shaping: removed qdiscs left behind on %s", ", ".join(stale))
         if not new.interfaces:

@@ -34,7 +34,7 @@ SFQ and fq_codel are not built on the target kernel, so fairness is built from H
 rate = class rate / slots, same ceil = class ceil, same quantum). HTB serves active leaves
 round-robin by quantum and lends the parent's spare rate to them equally (Documentation in
 tc-htb(8), "sharing hierarchy"), so K active clients in distinct slots each get 1/K of the
-class. A client's slot is a stable hash of its address (of its /64 for IPv6, :func:`client_slot`),
+class. A client's slot is a stable hash of its address (:func:`client_slot`),
 computed the same way by the daemon and the NFQUEUE handler, so no per-client state or
 on-demand tc changes are needed; two clients that collide share one slot, as flows share an
 SFQ bucket. All rules and classes are static, so a reload never has to track which clients
