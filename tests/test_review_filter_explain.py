@@ -21,7 +21,7 @@ cidrs = ["192.168.10.0/24", "fd00:10::/64"]
 [[filter.rule]]
 group = "pupils"
 action = "deny"
-domains = ["blocked.example", "bücher.example"]
+domains = ["blocked.example", "bücher.example", "192.0.2.66"]
 
 [[filter.rule]]
 group = "pupils"
@@ -75,3 +75,26 @@ def test_explain_without_sni_uses_sni_default(
     rc = main(["filter", "explain", "x", "--sni", "", "--client", "192.168.10.5", "-c", conf])
     out = capsys.readouterr().out
     assert rc == 1 and "verdict: DENY by sni_default: no SNI in ClientHello" in out, out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "words"),
+    [
+        # An allowed name at a denied address: what the daemon decides, since it forwards to
+        # the address the client connected to.
+        (["http://school.example/", "--dest", "192.0.2.66"], 1, "to 192.0.2.66"),
+        (["http://school.example/", "--dest", "192.0.2.67"], 0, "verdict: ALLOW"),
+        (["x", "--sni", "school.example", "--dest", "192.0.2.66"], 1, "at 192.0.2.66"),
+        # Two readings of one path: both shown, denied if either is.
+        (["http://open.example/secret/..;x/../x"], 1, "and as http://open.example/x"),
+    ],
+)
+def test_explain_knows_the_destination_and_both_readings_of_a_path(
+    conf: str, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, words: str
+) -> None:
+    rc = main(
+        ["filter", "explain", *argv, "--client", "192.168.10.5", "-c", conf, "--time", "10:00"]
+    )
+    out = capsys.readouterr().out
+    assert rc == code, out
+    assert words in out, out

@@ -59,8 +59,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if sni is None and url.lower().startswith("https://"):
         sni = url[8:].split("/", 1)[0].split("?", 1)[0]
     if sni is not None:
-        print(explain_sni(policy, args.client, sni or None, now, client_mac=args.mac))
-        verdict = policy.sni_verdict(args.client, sni or None, now, client_mac=args.mac)
+        print(
+            explain_sni(
+                policy, args.client, sni or None, now, client_mac=args.mac, dest_ip=args.dest
+            )
+        )
+        verdict = policy.sni_verdict(
+            args.client, sni or None, now, client_mac=args.mac, dest_ip=args.dest
+        )
         return 0 if verdict.allowed else 1
     if "://" not in url:
         url = "http://" + url
@@ -72,6 +78,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         url=url,
         user_agent=args.user_agent,
         now=now,
+        dest_ip=args.dest,
     )
     response = None
     if args.response_type is not None or args.response_length is not None:
@@ -114,6 +121,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ex.add_argument("url", help="http://host/path, host/path, or https://host (SNI)")
     ex.add_argument("--client", required=True, help="client IP address")
     ex.add_argument("--mac", help="client MAC address (for MAC-based groups)")
+    ex.add_argument(
+        "--dest", help="the server address the client connects to (matched by address entries)"
+    )
     ex.add_argument("--time", help='"2025-01-06T09:30", "09:30" or "mon 09:30" (default: now)')
     ex.add_argument("--config", "-c", help="TOML config (default /etc/tproxy/tproxy.toml)")
     ex.add_argument("--method", default="GET")

@@ -526,11 +526,14 @@ class Policy:
             days = ",".join(DAYS[d] for d in sorted(w.days))
             hours = ",".join(str(h) for h in w.hours)
             lines.append(f"window {w.name} ({days} {hours}): {state}")
-        lines.append(f"request {info.method} {info.url} host={info.host}")
-        matched = match_url(info.url)
-        if matched != split_url(info.url)[0]:
+        to = f" to {info.dest_ip}" if info.dest_ip else ""
+        lines.append(f"request {info.method} {info.url} host={info.host}{to}")
+        forms = [form[0] for form in match_forms(info.url)]
+        if forms[0] != split_url(info.url)[0]:
             # The client's spelling differs from the one rules see (escapes, dot segments).
-            lines.append(f"matched as {matched}")
+            lines.append(f"matched as {forms[0]}")
+        for other in forms[1:]:
+            lines.append(f"and as {other} (as IIS/Tomcat read it; denied if either is)")
         lines.append(f"rules of group {group.name}:")
         if response is None:
             v = self.request_verdict(info, trace=lines.append)
@@ -554,17 +557,25 @@ def explain_sni(
     *,
     ech: bool = False,
     client_mac: str | None = None,
+    dest_ip: str | None = None,
 ) -> str:
-    """Like :meth:`Policy.explain`, for a TLS flow known only by its SNI."""
+    """Like :meth:`Policy.explain`, for a TLS flow known only by its SNI (and its server's
+    address, which address entries in a rule's domains also match)."""
     group = policy.select_group(client_ip, client_mac)
-    lines = [f"client {client_ip}: group {group.name}", f"TLS server name {sni or '(none)'}"]
+    server = f" at {dest_ip}" if dest_ip else ""
+    lines = [
+        f"client {client_ip}: group {group.name}",
+        f"TLS server name {sni or '(none)'}{server}",
+    ]
     if ech:
         lines.append(
             "ClientHello has an ECH extension (GREASE or real): decided by this outer name;"
             " real ECH names only the provider's public name"
         )
     lines.append(f"rules of group {group.name} that apply to SNI (domains, categories, window):")
-    v = policy.sni_verdict(client_ip, sni, now, client_mac=client_mac, trace=lines.append)
+    v = policy.sni_verdict(
+        client_ip, sni, now, client_mac=client_mac, trace=lines.append, dest_ip=dest_ip
+    )
     lines.append(f"verdict: {v.action.upper()} by {v.rule}: {v.reason}")
     return "\n".join(lines)
 
