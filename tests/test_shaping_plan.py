@@ -318,6 +318,7 @@ def test_error_carries_the_line() -> None:
 # -- plan -----------------------------------------------------------------------------------
 
 GOLDEN = """\
+# CLASSIFY rules live in tproxy's mangle chain TPROXY-POST (from POSTROUTING), for iptables and ip6tables; `tproxy rules show` prints the whole chain
 # lan0 (lan, link 100mbit)
 tc qdisc replace dev lan0 root handle 1: htb default 400 r2q 29808
 tc class replace dev lan0 parent 1: classid 1:1 htb rate 100000000bit ceil 100000000bit burst 62500b cburst 62500b quantum 200000 prio 0  # root
@@ -329,13 +330,13 @@ tc class replace dev lan0 parent 1:300 classid 1:302 htb rate 2500000bit ceil 10
 tc class replace dev lan0 parent 1:300 classid 1:303 htb rate 2500000bit ceil 100000000bit burst 3028b cburst 62500b quantum 31250 prio 3  # hd#2 mark 0x20300
 tc class replace dev lan0 parent 1:300 classid 1:304 htb rate 2500000bit ceil 100000000bit burst 3028b cburst 62500b quantum 31250 prio 3  # hd#3 mark 0x30300
 tc class replace dev lan0 parent 1:1 classid 1:400 htb rate 5000000bit ceil 100000000bit burst 3125b cburst 62500b quantum 62500 prio 6  # bulk mark 0x400
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x100/0xffff00 -j CLASSIFY --set-class 1:100
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x300/0xffff00 -j CLASSIFY --set-class 1:301
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x10300/0xffff00 -j CLASSIFY --set-class 1:302
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x20300/0xffff00 -j CLASSIFY --set-class 1:303
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x30300/0xffff00 -j CLASSIFY --set-class 1:304
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0x400/0xffff00 -j CLASSIFY --set-class 1:400
-iptables -t mangle -A POSTROUTING -o lan0 -m mark --mark 0xff00/0xffff00 -j CLASSIFY --set-class 1:0
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x100/0xffff00 -j CLASSIFY --set-class 1:100
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x300/0xffff00 -j CLASSIFY --set-class 1:301
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x10300/0xffff00 -j CLASSIFY --set-class 1:302
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x20300/0xffff00 -j CLASSIFY --set-class 1:303
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x30300/0xffff00 -j CLASSIFY --set-class 1:304
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0x400/0xffff00 -j CLASSIFY --set-class 1:400
+iptables -t mangle -A TPROXY-POST -o lan0 -m mark --mark 0xff00/0xffff00 -j CLASSIFY --set-class 1:0
 # wan0 (wan, link 20mbit)
 tc qdisc replace dev wan0 root handle 1: htb default 400 r2q 29808
 tc class replace dev wan0 parent 1: classid 1:1 htb rate 20000000bit ceil 20000000bit burst 12500b cburst 12500b quantum 200000 prio 0  # root
@@ -347,13 +348,13 @@ tc class replace dev wan0 parent 1:300 classid 1:302 htb rate 909090bit ceil 200
 tc class replace dev wan0 parent 1:300 classid 1:303 htb rate 909090bit ceil 20000000bit burst 3028b cburst 12500b quantum 11363 prio 3  # hd#2 mark 0x20300
 tc class replace dev wan0 parent 1:300 classid 1:304 htb rate 909090bit ceil 20000000bit burst 3028b cburst 12500b quantum 11363 prio 3  # hd#3 mark 0x30300
 tc class replace dev wan0 parent 1:1 classid 1:400 htb rate 1818181bit ceil 20000000bit burst 3028b cburst 12500b quantum 22727 prio 6  # bulk mark 0x400
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x100/0xffff00 -j CLASSIFY --set-class 1:100
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x300/0xffff00 -j CLASSIFY --set-class 1:301
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x10300/0xffff00 -j CLASSIFY --set-class 1:302
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x20300/0xffff00 -j CLASSIFY --set-class 1:303
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x30300/0xffff00 -j CLASSIFY --set-class 1:304
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0x400/0xffff00 -j CLASSIFY --set-class 1:400
-iptables -t mangle -A POSTROUTING -o wan0 -m mark --mark 0xff00/0xffff00 -j CLASSIFY --set-class 1:0
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x100/0xffff00 -j CLASSIFY --set-class 1:100
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x300/0xffff00 -j CLASSIFY --set-class 1:301
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x10300/0xffff00 -j CLASSIFY --set-class 1:302
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x20300/0xffff00 -j CLASSIFY --set-class 1:303
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x30300/0xffff00 -j CLASSIFY --set-class 1:304
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0x400/0xffff00 -j CLASSIFY --set-class 1:400
+iptables -t mangle -A TPROXY-POST -o wan0 -m mark --mark 0xff00/0xffff00 -j CLASSIFY --set-class 1:0
 # per-connection caps (SO_MAX_PACING_RATE, bytes/s)
 pacing video 500000
 """

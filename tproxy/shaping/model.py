@@ -667,9 +667,17 @@ def format_rate(bits: float) -> str:
 def render_plan(plan: ShapingPlan) -> str:
     """The plan as the ``tc`` and ``iptables`` commands it amounts to (golden tests, --dry-run).
 
-    Rates are exact integers in bit/s so the text is stable.
+    Rates are exact integers in bit/s so the text is stable (the kernel keeps whole bytes/s).
+    The CLASSIFY rules are shown in the chain the daemon puts them in, ``TPROXY-POST``, which
+    also restores marks from the connmark and exists for ip6tables alike (`tproxy rules show`
+    prints it whole): rules copied by hand elsewhere would outlive `tproxy rules flush`.
     """
-    lines: list[str] = []
+    from tproxy.netfilter.render import CHAIN_POST
+
+    lines: list[str] = [
+        f"# CLASSIFY rules live in tproxy's mangle chain {CHAIN_POST} (from POSTROUTING), for"
+        " iptables and ip6tables; `tproxy rules show` prints the whole chain"
+    ]
     rules = classify_rules(plan)
     for ip in plan.interfaces:
         lines.append(f"# {ip.iface} ({ip.role}, link {format_rate(ip.link_rate)})")
@@ -690,7 +698,7 @@ def render_plan(plan: ShapingPlan) -> str:
         for mark, mask, iface, classid in rules:
             if iface == ip.iface:
                 lines.append(
-                    f"iptables -t mangle -A POSTROUTING -o {iface} -m mark --mark"
+                    f"iptables -t mangle -A {CHAIN_POST} -o {iface} -m mark --mark"
                     f" {mark:#x}/{mask:#x} -j CLASSIFY --set-class {classid}"
                 )
     if plan.pacing:
