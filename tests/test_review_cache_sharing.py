@@ -194,3 +194,18 @@ def test_a_revalidation_for_one_client_does_not_drop_the_shared_copy() -> None:
         bob = client(VICTIM)
         assert exchange(cache, bob, get + b"\r\n"), extra
         assert bob.sent[0][2] == "TCP_MEM_HIT"
+
+
+def test_a_reload_changes_the_fields_hits_carry() -> None:
+    import asyncio
+    import dataclasses
+
+    from tproxy import config
+
+    cache = new_cache()
+    assert cache.own == ()
+    cfg = config.with_overrides(config.load(None), via=True)
+    section = CacheConfig(disk_dir="", disk_size=0, x_cache_header=True)
+    cfg = dataclasses.replace(cfg, sections={**cfg.sections, "cache": section})
+    asyncio.run(cache.reload(None, cfg))  # type: ignore[arg-type]
+    assert cache.own == ((b"X-Cache", b"HIT"), (b"Via", b"1.1 tproxy"))

@@ -313,7 +313,6 @@ _END_TO_END = frozenset({_CONTENT_LENGTH, _HOST_NAME, b"date"})
 # Content-Length and Transfer-Encoding is refused by llhttp itself, bodiless or not.)
 _BOTH_CL_AND_TE = "both Content-Length and Transfer-Encoding"
 _TE_IN_HTTP10 = "Transfer-Encoding in HTTP/1.0"
-_TE_FRAMING_ERRORS = frozenset({_TE_IN_HTTP10})
 # Connection options that name no field of their own to remove (RFC 9112 §9.6, §9.3).
 _PLAIN_OPTIONS = frozenset({b"keep-alive", b"close"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -993,7 +992,7 @@ class ResponseParser(_Parser):
         # "regardless of the header fields present", so framing fields that could not frame a
         # body do not make them malformed (Transfer-Encoding is hop-by-hop and not forwarded).
         bodiless = method == b"HEAD" or status == 204 or status == 304
-        if meta.error and not (bodiless and meta.error in _TE_FRAMING_ERRORS):
+        if meta.error and not (bodiless and meta.error == _TE_IN_HTTP10):
             events.append(self._error(502, meta.error))
             return False
         cl = meta.cl

@@ -210,8 +210,7 @@ class Cache:
         self.cfg = cfg
         # proxy.via: hits carry Via as forwarded responses do (the stored response passed
         # through this proxy; received-protocol is what we speak upstream).
-        self.via = via
-        self._own: tuple[tuple[bool, bool], tuple[tuple[bytes, bytes], ...]] = ((False, False), ())
+        self.own = own_fields(cfg.x_cache_header, via)
         # Opened in start(): building the component (also done by `tproxy rules show`, which
         # only needs rules_extras) must not create, scan or test-write the cache directory.
         self._store: CacheStore | None = None
@@ -249,7 +248,6 @@ class Cache:
             ctl.register("cache-purge", self._cmd_purge)
 
     async def reload(self, daemon: Daemon, cfg: Config) -> None:
-        self.via = cfg.proxy.via
         new = cfg.sections.get("cache")
         if isinstance(new, CacheConfig) and new != self.cfg:
             # Limits and flags apply at once; a new directory or size needs a restart.
@@ -265,6 +263,7 @@ class Cache:
                 disk_size=self.cfg.disk_size,
                 memory_size=self.cfg.memory_size,
             )
+        self.own = own_fields(self.cfg.x_cache_header, cfg.proxy.via)
 
     def refresh_later(
         self,
@@ -319,7 +318,8 @@ class Cache:
                                 self.store.delete_object(_oid(entry))  # outdated
                                 return
                             fresh = policy.refresh_entry(entry, event.headers, request_time, now)
-                            self.keep_refreshed(fresh, entry)
+                            self.store.update_entry(fresh)
+                            self.drop_if_unshareable(fresh)
                             self.counters.refresh_unmodified += 1
                             return
                         ok, _ = policy.storable(b"GET", headers, event.status, event.headers)
@@ -584,7 +584,7 @@ class Cache:
                 # unlinking it leaves this answer whole).
                 self.store.update_entry(refreshed)
                 served = self.serve(conn, ex, refreshed, age, None, result="TCP_REFRESH_UNMODIFIED")
-                self.keep_refreshed(refreshed, stale, stored=True)
+                self.drop_if_unshareable(refreshed)
                 return served
             if resp.status >= 500 and policy.stale_if_error_ok(
                 stale, lookup.client_headers, resp.status, now
@@ -661,9 +661,11 @@ class Cache:
             return
         headers = policy.freshen_from_head(list(entry.headers), resp.headers)
         if headers is None:
-            self.store.delete_object(entry.key if not entry.vary_key else _oid(entry))
+            self.store.delete_object(_oid(entry))
         else:
-            self.keep_refreshed(replace(entry, headers=tuple(headers)), entry)
+            fresh = replace(entry, headers=tuple(headers))
+            self.store.update_entry(fresh)
+            self.drop_if_unshareable(fresh)
 
     @staticmethod
     def refused(conn: ClientConnection, ex: Exchange, entry: CacheEntry, length: int) -> bool:
@@ -674,33 +676,18 @@ class Cache:
         check = ex.notes.get(RESPONSE_CHECK)
         return check is not None and bool(check(conn, ex, entry.status, entry.headers, length))
 
-    def own_fields(self) -> tuple[tuple[bytes, bytes], ...]:
-        """The fields a hit carries after Age: X-Cache (x_cache_header), Via (proxy.via)."""
-        shape = (self.cfg.x_cache_header, self.via)
-        if self._own[0] != shape:
-            x_cache = ((b"X-Cache", b"HIT"),) if shape[0] else ()
-            self._own = (
-                shape,
-                x_cache + (((b"Via", http1.via_value(b"1.1")),) if shape[1] else ()),
-            )
-        return self._own[1]
-
-    def keep_refreshed(self, fresh: CacheEntry, old: CacheEntry, stored: bool = False) -> None:
-        """Keep a response updated by a 304 or a HEAD (RFC 9111 §4.3.4, §4.3.5) only if it is
-        still storable: the update replaces the stored fields, so a 304 that says `private` or
-        `no-store` (or carries a per-user field under it) would otherwise turn a shared copy
-        into one user's response served to everybody (§3, §5.2.2.5, §5.2.2.7). Such an update
-        answers its own request only, and the stored copy, now known to be unsuitable, goes.
-        ``stored``: the caller has already written ``fresh`` to the store."""
+    def drop_if_unshareable(self, fresh: CacheEntry) -> None:
+        """After a 304 or a HEAD updated a stored response (RFC 9111 §4.3.4, §4.3.5): drop it
+        if it is no longer storable. The update replaces the stored fields, so a 304 that says
+        `private` or `no-store` (or carries a per-user field under it) would otherwise turn a
+        shared copy into one user's response served to everybody (§3, §5.2.2.5, §5.2.2.7);
+        such an update answers its own request only."""
         # The response's own fields decide (no-store, private, Set-Cookie...), not this
         # client's request: one sending Authorization or no-store must not drop a shared copy.
         ok, reason = policy.storable(b"GET", [], fresh.status, list(fresh.headers))
-        if ok:
-            if not stored:
-                self.store.update_entry(fresh)
-        else:
+        if not ok:
             log.debug("dropping %s after its update: %s", fresh.url, reason)
-            self.store.delete_object(_oid(old))
+            self.store.delete_object(_oid(fresh))
 
     # -- serving from the store -----------------------------------------------------------
 
@@ -734,7 +721,7 @@ class Cache:
                 obj.close()
             return True
         memo = policy.hot(entry).memo
-        shape = (self.own_fields(), keep, head.version == b"1.0", length)
+        shape = (self.own, keep, head.version == b"1.0", length)
         parts = memo.get(shape)
         if not isinstance(parts, _HitHead):
             parts = _HitHead.build(entry, shape)
@@ -778,7 +765,7 @@ class Cache:
         head = ex.head
         method = head.method
         tier_result = "TCP_MEM_HIT" if obj.tier == "memory" else "TCP_HIT"
-        own = self.own_fields()
+        own = self.own
         age_bytes = policy.age_value(age)
         fields = _hit_fields(entry)
         cond = policy.evaluate_conditionals(method, head.headers, list(entry.headers), entry.status)
@@ -864,6 +851,16 @@ class _HitHead:
         return cls(prefix, suffix, _content_type(entry))
 
 
+def own_fields(x_cache: bool, via: bool) -> tuple[tuple[bytes, bytes], ...]:
+    """The fields a hit carries after Age: X-Cache (cache.x_cache_header), Via (proxy.via)."""
+    fields: list[tuple[bytes, bytes]] = []
+    if x_cache:
+        fields.append((b"X-Cache", b"HIT"))
+    if via:
+        fields.append((b"Via", http1.via_value(b"1.1")))
+    return tuple(fields)
+
+
 def _oid(entry: CacheEntry) -> str:
     from tproxy.cache.store import object_id
 
@@ -906,7 +903,7 @@ def _hit_head(
     keep_alive: bool,
 ) -> tuple[bytes, bytes]:
     """A head the cache answers with, split around the Age value: the status line, ``fields``
-    and ``"Age: "``; then the end of that line, ``own`` (X-Cache, Via: Cache.own_fields),
+    and ``"Age: "``; then the end of that line, ``own`` (X-Cache, Via: :func:`own_fields`),
     ``extra`` and the framing.
 
     Stored fields (:func:`policy.hit_fields`), Age, X-Cache is the order; the Age value

@@ -74,9 +74,6 @@ UNSHAPED_MARK = UNSHAPED_NUMBER << MARK_SHIFT
 UNSHAPED_CLASSID = QDISC_HANDLE
 DEFAULT_FAIR_SLOTS = 16
 MAX_FAIR_SLOTS = 255  # slot s uses leaf minor low byte s+1, which must fit in 8 bits
-# An IPv6 client is its address in a fair class, as in tproxy.limits: the hosts of a LAN
-# segment share its /64, which would put them all in one slot.
-FAIR_IPV6_PREFIX_BYTES = 16
 
 # HTB's tree depth limit is TC_HTB_MAXDEPTH = 8 levels (include/uapi/linux/pkt_sched.h).
 # The root class and a fair class's slot leaves take two of them.
@@ -518,7 +515,7 @@ def client_slot(client: str, slots: int) -> int:
         return zlib.crc32(client.encode()) % slots
     if isinstance(addr, ipaddress.IPv6Address):
         mapped = addr.ipv4_mapped
-        packed = mapped.packed if mapped is not None else addr.packed[:FAIR_IPV6_PREFIX_BYTES]
+        packed = mapped.packed if mapped is not None else addr.packed
     else:
         packed = addr.packed
     return zlib.crc32(packed) % slots
